@@ -1,0 +1,1 @@
+//! ckpt-0 → native conversion (to be written).

@@ -1,0 +1,1 @@
+//! Deterministic random weights (to be written).

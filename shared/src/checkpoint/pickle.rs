@@ -1,0 +1,1 @@
+//! The pickle interpreter (to be written).

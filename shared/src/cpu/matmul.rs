@@ -1,0 +1,393 @@
+//! Matrix products on the CPU. Int8 weights are dequantised on the fly, per tile, inside the
+//! product: a few activation rows (decode) stream the int8 bytes once through a SIMD kernel;
+//! many rows (prefill) dequantise a cache-sized tile and hand it to the `gemm` crate.
+
+use crate::model::QMatrix;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Up to this many activation rows take the streaming kernel (bound by weight bytes);
+/// above it the tile + gemm path (bound by arithmetic) wins.
+pub const STREAM_MAX_ROWS: usize = 8;
+/// Columns per task in the streaming kernel: wide enough for long contiguous reads of each
+/// weight row, narrow enough that the per-row accumulators stay in L1.
+const STREAM_COLS: usize = 512;
+/// Tile of the prefill path: `TILE_K × TILE_N` f32 (256 KiB) stays in L2.
+const TILE_K: usize = 256;
+const TILE_N: usize = 256;
+
+/// `out[m, n] = Σ_k x[m, k] · w[k, n]`; `x` is `[m, w.k]`, `out` is `[m, w.n]` (overwritten).
+pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
+    assert_eq!(x.len(), m * w.k, "qmatmul: activation shape");
+    assert_eq!(out.len(), m * w.n, "qmatmul: output shape");
+    if m == 0 || w.n == 0 {
+        return;
+    }
+    if m <= STREAM_MAX_ROWS {
+        qmatmul_stream(x, m, w, out)
+    } else {
+        qmatmul_tiled(x, m, w, out)
+    }
+}
+
+fn qmatmul_stream(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
+    let n = w.n;
+    // Enough tasks to balance the threads, each at least a cache line of every weight row.
+    let threads = rayon::current_num_threads().max(1);
+    let cols = STREAM_COLS.min(n.div_ceil(threads * 4).next_multiple_of(64)).max(64);
+    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(cols))
+        .into_par_iter()
+        .map(|b| {
+            let n0 = b * cols;
+            let nb = cols.min(n - n0);
+            let mut acc = vec![0f32; m * nb];
+            stream_block_dispatch(x, m, w, n0, nb, &mut acc);
+            (n0, acc)
+        })
+        .collect();
+    for (n0, acc) in blocks {
+        let nb = acc.len() / m;
+        for r in 0..m {
+            out[r * n + n0..r * n + n0 + nb].copy_from_slice(&acc[r * nb..(r + 1) * nb]);
+        }
+    }
+}
+
+fn stream_block_dispatch(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { stream_block_avx512(x, m, w, n0, nb, acc) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { stream_block_avx2(x, m, w, n0, nb, acc) };
+        }
+    }
+    stream_block(x, m, w, n0, nb, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,fma")]
+unsafe fn stream_block_avx512(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
+    stream_block(x, m, w, n0, nb, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn stream_block_avx2(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
+    stream_block(x, m, w, n0, nb, acc)
+}
+
+/// Columns `n0..n0+nb` of `x · w` into `acc` (`[m, nb]`). Inlined into each
+/// `target_feature` wrapper so the loops are vectorised for that instruction set.
+#[inline(always)]
+fn stream_block(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
+    let (k, n, gr) = (w.k, w.n, w.group_rows);
+    let wq = w.weight_i8();
+    let mut part = vec![0f32; m * nb];
+    let mut row = vec![0f32; nb];
+    for g in 0..k / gr {
+        part.fill(0.0);
+        for kk in g * gr..(g + 1) * gr {
+            let src = &wq[kk * n + n0..kk * n + n0 + nb];
+            for (d, &s) in row.iter_mut().zip(src) {
+                *d = s as f32;
+            }
+            for r in 0..m {
+                let xv = x[r * k + kk];
+                for (p, &v) in part[r * nb..(r + 1) * nb].iter_mut().zip(&row) {
+                    *p = xv.mul_add(v, *p);
+                }
+            }
+        }
+        let scale = &w.scales[g * n + n0..g * n + n0 + nb];
+        for r in 0..m {
+            for ((a, &p), &s) in acc[r * nb..(r + 1) * nb].iter_mut().zip(&part[r * nb..]).zip(scale) {
+                *a = p.mul_add(s, *a);
+            }
+        }
+    }
+}
+
+/// Raw output pointer shared by tasks that write disjoint column ranges.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column blocks of the output, and the caller's `&mut` outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+fn qmatmul_tiled(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
+    let (k, n, gr) = (w.k, w.n, w.group_rows);
+    let wq = w.weight_i8();
+    let dst = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(TILE_N)).into_par_iter().for_each(|b| {
+        let dst = dst;
+        let n0 = b * TILE_N;
+        let nb = TILE_N.min(n - n0);
+        let mut tile = vec![0f32; TILE_K * nb];
+        let mut k0 = 0;
+        while k0 < k {
+            // Tiles never straddle a scale group, so each tile row has one scale row.
+            let kt = TILE_K.min(k - k0).min(gr - k0 % gr);
+            dequant_tile_dispatch(wq, &w.scales, n, gr, k0, kt, n0, nb, &mut tile);
+            // SAFETY: all pointers and strides describe in-bounds row-major matrices:
+            // dst `[m, n]` at column n0 (width nb), lhs `x[:, k0..k0+kt]`, rhs the tile
+            // `[kt, nb]`; this task alone writes columns n0..n0+nb.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    nb,
+                    kt,
+                    dst.0.add(n0),
+                    1,
+                    n as isize,
+                    k0 > 0,
+                    x.as_ptr().add(k0),
+                    1,
+                    k as isize,
+                    tile.as_ptr(),
+                    1,
+                    nb as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            k0 += kt;
+        }
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dequant_tile_dispatch(
+    wq: &[i8],
+    scales: &[f32],
+    n: usize,
+    gr: usize,
+    k0: usize,
+    kt: usize,
+    n0: usize,
+    nb: usize,
+    tile: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2.
+        return unsafe { dequant_tile_avx2(wq, scales, n, gr, k0, kt, n0, nb, tile) };
+    }
+    dequant_tile(wq, scales, n, gr, k0, kt, n0, nb, tile)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dequant_tile_avx2(
+    wq: &[i8],
+    scales: &[f32],
+    n: usize,
+    gr: usize,
+    k0: usize,
+    kt: usize,
+    n0: usize,
+    nb: usize,
+    tile: &mut [f32],
+) {
+    dequant_tile(wq, scales, n, gr, k0, kt, n0, nb, tile)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn dequant_tile(
+    wq: &[i8],
+    scales: &[f32],
+    n: usize,
+    gr: usize,
+    k0: usize,
+    kt: usize,
+    n0: usize,
+    nb: usize,
+    tile: &mut [f32],
+) {
+    let s = &scales[(k0 / gr) * n + n0..(k0 / gr) * n + n0 + nb];
+    for r in 0..kt {
+        let src = &wq[(k0 + r) * n + n0..(k0 + r) * n + n0 + nb];
+        for ((d, &q), &sc) in tile[r * nb..(r + 1) * nb].iter_mut().zip(src).zip(s) {
+            *d = q as f32 * sc;
+        }
+    }
+}
+
+/// `out[m, n] = x[m, k] · bᵀ` where `b` is `[n, k]` row-major (the tied output head).
+pub fn matmul_bt(x: &[f32], m: usize, k: usize, b: &[f32], n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "matmul_bt: lhs shape");
+    assert_eq!(b.len(), n * k, "matmul_bt: rhs shape");
+    assert_eq!(out.len(), m * n, "matmul_bt: output shape");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if m == 1 {
+        // One row: dot products over contiguous rows of b, split across threads.
+        out.par_chunks_mut(1024).enumerate().for_each(|(c, o)| {
+            for (j, v) in o.iter_mut().enumerate() {
+                let row = &b[(c * 1024 + j) * k..(c * 1024 + j + 1) * k];
+                *v = dot(x, row);
+            }
+        });
+        return;
+    }
+    // SAFETY: shapes checked above; b viewed as `[k, n]` with row stride 1, column stride k.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// `out[m, n] = x[m, k] · b[k, n]`, all f32 row-major (the gemm crate, all threads).
+pub fn matmul_f32(x: &[f32], m: usize, k: usize, b: &[f32], n: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), m * k, "matmul_f32: lhs shape");
+    assert_eq!(b.len(), k * n, "matmul_f32: rhs shape");
+    assert_eq!(out.len(), m * n, "matmul_f32: output shape");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: shapes checked above; all three are row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+}
+
+/// Dot product with eight independent accumulators so it vectorises without `-ffast-math`.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bytes::ByteView;
+
+    fn lcg(seed: &mut u64) -> u64 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed >> 33
+    }
+
+    pub(crate) fn random_qmatrix(k: usize, n: usize, groups: usize, seed: u64) -> QMatrix {
+        let mut s = seed;
+        let w: Vec<u8> = (0..k * n).map(|_| (lcg(&mut s) % 255) as u8).collect();
+        let scales = (0..groups * n)
+            .map(|_| 0.001 + (lcg(&mut s) % 1000) as f32 * 1e-5)
+            .collect();
+        QMatrix {
+            k,
+            n,
+            group_rows: k / groups,
+            weight: ByteView::from_vec(w),
+            scales,
+        }
+    }
+
+    fn reference(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
+        let d = w.dequantize();
+        let mut out = vec![0f64; m * w.n];
+        for r in 0..m {
+            for kk in 0..w.k {
+                for j in 0..w.n {
+                    out[r * w.n + j] += x[r * w.k + kk] as f64 * d[kk * w.n + j] as f64;
+                }
+            }
+        }
+        out.into_iter().map(|v| v as f32).collect()
+    }
+
+    #[test]
+    fn both_paths_match_dequantised_reference() {
+        let mut s = 7u64;
+        for &(m, k, n, g) in &[(1, 64, 40, 1), (3, 344, 256, 8), (8, 256, 1000, 1), (9, 344, 130, 8), (40, 520, 300, 8)] {
+            let w = random_qmatrix(k, n, g, m as u64);
+            let x: Vec<f32> = (0..m * k).map(|_| (lcg(&mut s) % 2000) as f32 / 1000.0 - 1.0).collect();
+            let mut out = vec![f32::NAN; m * n];
+            qmatmul(&x, m, &w, &mut out);
+            let want = reference(&x, m, &w);
+            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "m={m} k={k} n={n} at {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_bt_matches_naive() {
+        let (k, n) = (37, 2100);
+        let b: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        for m in [1, 5] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+            let mut out = vec![0f32; m * n];
+            matmul_bt(&x, m, k, &b, n, &mut out);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|kk| x[r * k + kk] * b[j * k + kk]).sum();
+                    assert!((out[r * n + j] - want).abs() < 1e-4, "{r},{j}");
+                }
+            }
+        }
+    }
+}

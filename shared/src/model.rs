@@ -1,0 +1,1 @@
+//! Model (to be written).

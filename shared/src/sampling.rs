@@ -1,0 +1,208 @@
+//! Choosing the next token from logits: greedy, or temperature with top-k and top-p
+//! (nucleus), driven by a per-request seeded generator so the same seed gives the same tokens.
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SamplingError {
+    #[error("temperature must be a finite number >= 0, got {0}")]
+    Temperature(f32),
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("logits are empty")]
+    Empty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    /// 1 means no nucleus cut.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), SamplingError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplingError::Temperature(self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// SplitMix64: tiny, fast and fully specified, so a seed means the same stream forever.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Index of the largest logit (lowest index on ties).
+pub fn argmax(logits: &[f32]) -> Option<usize> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in logits.iter().enumerate() {
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// A sampler for one request: its params and its own random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self, SamplingError> {
+        params.validate()?;
+        Ok(Sampler {
+            params,
+            rng: Rng::new(params.seed),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
+        let p = &self.params;
+        if p.temperature == 0.0 {
+            return argmax(logits).map(|i| i as u32).ok_or(SamplingError::Empty);
+        }
+        // Candidates sorted by logit (ties: lower id first), then the top-k cut.
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_nan())
+            .map(|(i, &v)| (i as u32, v))
+            .collect();
+        if cand.is_empty() {
+            return Err(SamplingError::Empty);
+        }
+        let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            cand.truncate(k);
+        }
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        // Softmax at the temperature, in f64 for a stable cumulative sum.
+        let max = cand[0].1 as f64;
+        let t = p.temperature as f64;
+        let mut probs: Vec<f64> = cand.iter().map(|&(_, v)| ((v as f64 - max) / t).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        // Nucleus: the smallest prefix whose mass reaches top_p.
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let mass: f64 = probs[..keep].iter().sum();
+        let mut r = self.rng.next_f64() * mass;
+        for (i, q) in probs[..keep].iter().enumerate() {
+            if r < *q {
+                return Ok(cand[i].0);
+            }
+            r -= q;
+        }
+        Ok(cand[keep - 1].0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p, seed }
+    }
+
+    #[test]
+    fn greedy_takes_argmax() {
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_seeds_differ() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let run = |seed| {
+            let mut s = Sampler::new(params(1.0, 0, 1.0, seed)).unwrap();
+            (0..64).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_support() {
+        let logits = [5.0, 4.0, 3.0, 0.0, -1.0];
+        let mut s = Sampler::new(params(1.0, 2, 1.0, 1)).unwrap();
+        for _ in 0..200 {
+            assert!(s.sample(&logits).unwrap() < 2);
+        }
+        // p(0) ≈ 0.66, p(0)+p(1) ≈ 0.91: top_p 0.8 keeps exactly two.
+        let mut s = Sampler::new(params(1.0, 0, 0.8, 1)).unwrap();
+        let seen: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits).unwrap()).collect();
+        assert_eq!(seen, [0, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 9)).unwrap();
+        let ones = (0..20000).filter(|_| s.sample(&logits).unwrap() == 1).count();
+        assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.02, "{ones}");
+    }
+
+    #[test]
+    fn rejects_bad_params() {
+        assert!(Sampler::new(params(-1.0, 0, 1.0, 0)).is_err());
+        assert!(Sampler::new(params(f32::NAN, 0, 1.0, 0)).is_err());
+        assert!(Sampler::new(params(1.0, 0, 0.0, 0)).is_err());
+        assert!(Sampler::new(params(1.0, 0, 1.5, 0)).is_err());
+        let mut s = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(s.sample(&[]), Err(SamplingError::Empty));
+    }
+}

@@ -1,0 +1,179 @@
+//! The CPU engine against the release's own outputs on the `grok1-tiny-a` fixture, loaded
+//! from its `ckpt-0/` as shipped.
+
+use grok_shared::checkpoint::open_model;
+use grok_shared::cpu::CpuModel;
+use grok_shared::generate::generate;
+use grok_shared::model::{Forward, LogitsMode, ModelWeights, SeqStep};
+use grok_shared::sampling::{Sampler, SamplingParams};
+use grok_shared::test_support::tiny_a_dir;
+use safetensors::SafeTensors;
+
+struct Expected {
+    b: usize,
+    t: usize,
+    vocab: usize,
+    tokens: Vec<u32>,
+    logits_bf16: Vec<f32>,
+    greedy: Vec<u32>,
+    logits_f32: Vec<f32>,
+    stable: Vec<u8>,
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap();
+    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn i32s(st: &SafeTensors, name: &str) -> Vec<u32> {
+    let t = st.tensor(name).unwrap();
+    t.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+}
+
+fn expected() -> Expected {
+    let bytes = std::fs::read(tiny_a_dir().join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let shape = st.tensor("tokens").unwrap().shape().to_vec();
+    let vocab = *st.tensor("logits").unwrap().shape().last().unwrap();
+    Expected {
+        b: shape[0],
+        t: shape[1],
+        vocab,
+        tokens: i32s(&st, "tokens"),
+        logits_bf16: f32s(&st, "logits"),
+        greedy: i32s(&st, "greedy_tokens"),
+        logits_f32: f32s(&st, "logits_f32_reference"),
+        stable: st.tensor("stable").unwrap().data().to_vec(),
+    }
+}
+
+pub fn check_model_against_fixture(model: &dyn Forward) {
+    let e = expected();
+    let tg = e.t + 6;
+    let v = e.vocab;
+    // Full causal forward of each greedy row, all rows in one batch.
+    let mut caches: Vec<_> = (0..e.b).map(|_| model.new_cache()).collect();
+    let rows: Vec<&[u32]> = (0..e.b).map(|b| &e.greedy[b * tg..(b + 1) * tg]).collect();
+    let mut batch: Vec<SeqStep> = rows
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(r, c)| SeqStep { tokens: r, cache: c })
+        .collect();
+    let out = model.forward(&mut batch, LogitsMode::All).unwrap();
+    let mut worst = 0f32;
+    for b in 0..e.b {
+        for t in 0..tg {
+            if e.stable[b * tg + t] != 1 {
+                continue;
+            }
+            let ours = &out[b][t * v..(t + 1) * v];
+            let want = &e.logits_f32[(b * tg + t) * v..(b * tg + t + 1) * v];
+            for (a, w) in ours.iter().zip(want) {
+                worst = worst.max((a - w).abs());
+            }
+        }
+        // The release's bf16 logits over the prompt: close on average.
+        let mut sum = 0f64;
+        for t in 0..e.t {
+            let ours = &out[b][t * v..(t + 1) * v];
+            let want = &e.logits_bf16[(b * e.t + t) * v..(b * e.t + t + 1) * v];
+            sum += ours.iter().zip(want).map(|(a, w)| (a - w).abs() as f64).sum::<f64>();
+        }
+        let mean = sum / (e.t * v) as f64;
+        eprintln!("row {b}: mean |ours - release bf16| = {mean:.5}");
+        assert!(mean < 0.1, "row {b}: mean abs diff to the release's bf16 logits {mean}");
+    }
+    eprintln!("max |ours - logits_f32_reference| over stable positions = {worst:.3e}");
+    assert!(worst <= 2e-3, "max abs diff to logits_f32_reference {worst}");
+
+    // Greedy decoding with the KV cache from each prompt.
+    for b in 0..e.b {
+        let prompt = &e.tokens[b * e.t..(b + 1) * e.t];
+        let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+        let g = generate(model, prompt, 6, &mut sampler, None, |_| {}).unwrap();
+        assert_eq!(g.tokens, &e.greedy[b * tg + e.t..(b + 1) * tg], "row {b}");
+    }
+}
+
+fn load_fixture() -> CpuModel {
+    let dir = open_model(&tiny_a_dir()).unwrap();
+    CpuModel::new(ModelWeights::load(dir.source.as_ref(), &dir.config).unwrap())
+}
+
+#[test]
+fn ckpt0_matches_release_logits_and_greedy_tokens() {
+    check_model_against_fixture(&load_fixture());
+}
+
+#[test]
+fn incremental_decoding_equals_full_forward() {
+    let model = load_fixture();
+    let e = expected();
+    let tg = e.t + 6;
+    let v = e.vocab;
+    let row = &e.greedy[..tg];
+    let mut full_cache = model.new_cache();
+    let full = model
+        .forward(&mut [SeqStep { tokens: row, cache: &mut full_cache }], LogitsMode::All)
+        .unwrap()
+        .remove(0);
+    // prefill 5 tokens, then chunks of 1, 3, 1, ...
+    let mut cache = model.new_cache();
+    let mut pos = 0;
+    let mut chunk = 5;
+    let mut worst = 0f32;
+    while pos < tg {
+        let end = (pos + chunk).min(tg);
+        let out = model
+            .forward(&mut [SeqStep { tokens: &row[pos..end], cache: &mut cache }], LogitsMode::All)
+            .unwrap()
+            .remove(0);
+        for (a, b) in out.iter().zip(&full[pos * v..end * v]) {
+            worst = worst.max((a - b).abs());
+        }
+        pos = end;
+        chunk = if chunk == 1 { 3 } else { 1 };
+    }
+    assert_eq!(cache.len(), tg);
+    assert!(worst <= 1e-4, "incremental vs full: {worst}");
+}
+
+#[test]
+fn batch_of_unequal_sequences_equals_each_alone() {
+    let model = load_fixture();
+    let e = expected();
+    let tg = e.t + 6;
+    let seqs: Vec<&[u32]> = vec![&e.greedy[..tg], &e.greedy[tg..tg + 3], &e.greedy[2 * tg..2 * tg + 11]];
+    let alone: Vec<Vec<f32>> = seqs
+        .iter()
+        .map(|s| {
+            let mut c = model.new_cache();
+            model.forward(&mut [SeqStep { tokens: s, cache: &mut c }], LogitsMode::All).unwrap().remove(0)
+        })
+        .collect();
+    let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
+    let mut batch: Vec<SeqStep> =
+        seqs.iter().zip(caches.iter_mut()).map(|(s, c)| SeqStep { tokens: s, cache: c }).collect();
+    let together = model.forward(&mut batch, LogitsMode::All).unwrap();
+    for (a, b) in together.iter().zip(&alone) {
+        assert_eq!(a.len(), b.len());
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "batched vs alone: {worst}");
+    }
+    // Then a batched decode step of one token each continues each cache correctly.
+    let next: Vec<u32> = vec![5, 6, 7];
+    let mut batch: Vec<SeqStep> = next
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(t, c)| SeqStep { tokens: std::slice::from_ref(t), cache: c })
+        .collect();
+    let step = model.forward(&mut batch, LogitsMode::Last).unwrap();
+    for (i, s) in seqs.iter().enumerate() {
+        let mut full: Vec<u32> = s.to_vec();
+        full.push(next[i]);
+        let mut c = model.new_cache();
+        let want = model.forward(&mut [SeqStep { tokens: &full, cache: &mut c }], LogitsMode::Last).unwrap();
+        let worst = step[i].iter().zip(&want[0]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-4, "batched decode vs alone: {worst}");
+    }
+}
