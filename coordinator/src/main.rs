@@ -1,1 +1,54 @@
-fn main() {}
+//! `grok`: the Grok-1 command line. Model tools (generate, logits, tokenize, convert, init)
+//! run in this process; the cluster coordinator builds on the same commands.
+
+mod commands;
+mod model_args;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "grok", version, about = "Grok-1 inference: generate, convert checkpoints, tokenize")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt.
+    Generate(commands::generate::Args),
+    /// Compute the logits of every position of token sequences (one causal forward per row).
+    Logits(commands::logits::Args),
+    /// Tokenize JSON lines `{"text": ...}` from stdin into `{"ids": [...]}` lines on stdout.
+    Tokenize(commands::tokenize::Args),
+    /// Convert the release's ckpt-0 directory into the native safetensors format.
+    Convert(commands::convert::Args),
+    /// Write a model with deterministic random weights for a preset shape.
+    Init(commands::init::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Logits(a) => commands::logits::run(a),
+        Command::Tokenize(a) => commands::tokenize::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+        Command::Init(a) => commands::init::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

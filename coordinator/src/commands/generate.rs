@@ -1,0 +1,102 @@
+use crate::model_args::{ModelArgs, TokenizerArgs};
+use anyhow::{bail, Context, Result};
+use grok_shared::generate::generate;
+use grok_shared::model::Forward;
+use grok_shared::sampling::{Sampler, SamplingParams};
+use std::io::Write;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub tokenizer: TokenizerArgs,
+    /// Prompt text (encoded with the tokenizer, no BOS added, as the release does).
+    #[arg(long, env = "GROK_PROMPT", conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 1,2,3.
+    #[arg(long, env = "GROK_PROMPT_IDS", value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Maximum number of tokens to generate.
+    #[arg(long, env = "GROK_MAX_TOKENS", default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, env = "GROK_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, env = "GROK_TOP_P", default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Keep only the K most likely tokens (0: no limit).
+    #[arg(long, env = "GROK_TOP_K", default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed of the sampler: the same seed gives the same tokens.
+    #[arg(long, env = "GROK_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Print the generated token ids (space-separated, one line) instead of text.
+    #[arg(long, env = "GROK_PRINT_IDS")]
+    pub print_ids: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let mut sampler = Sampler::new(params).context("invalid sampling flags (--temperature >= 0, 0 < --top-p <= 1)")?;
+    // The tokenizer is needed for text in or out; a model without one can use ids both ways.
+    let tokenizer = if args.prompt.is_some() || !args.print_ids {
+        Some(args.tokenizer.load()?)
+    } else {
+        None
+    };
+    let prompt: Vec<u32> = match (&args.prompt, &args.prompt_ids, &tokenizer) {
+        (Some(text), _, Some(tok)) => tok.encode(text),
+        (None, Some(ids), _) => ids.clone(),
+        _ => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+    };
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give a non-empty --prompt or --prompt-ids");
+    }
+    let model = args.model.load_cpu()?;
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
+    }
+    if let Some(tok) = &tokenizer {
+        if tok.vocab_size() > vocab && !args.print_ids {
+            tracing::warn!(
+                "the tokenizer has {} pieces but the model only {vocab}: use --print-ids for this model",
+                tok.vocab_size()
+            );
+        }
+    }
+    let eos = Some(model.config().eos_token_id);
+    let mut stdout = std::io::stdout().lock();
+    if args.print_ids {
+        let g = generate(&model, &prompt, args.max_tokens, &mut sampler, eos, |_| {})?;
+        let line: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
+        writeln!(stdout, "{}", line.join(" "))?;
+        return Ok(());
+    }
+    let tok = tokenizer.as_ref().context("a tokenizer is needed to print text")?;
+    let mut stream = tok.decode_stream();
+    let mut failed = None;
+    generate(&model, &prompt, args.max_tokens, &mut sampler, eos, |id| match stream.step(id) {
+        Ok(Some(text)) => {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+        Ok(None) => {}
+        Err(e) => {
+            failed.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e).context("decoding generated tokens (use --print-ids for a model whose vocabulary differs from the tokenizer's)");
+    }
+    write!(stdout, "{}", stream.finish())?;
+    writeln!(stdout)?;
+    Ok(())
+}

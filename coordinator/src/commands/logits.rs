@@ -1,0 +1,71 @@
+use crate::model_args::ModelArgs;
+use anyhow::{bail, Context, Result};
+use grok_shared::model::{Forward, LogitsMode, SeqStep};
+use safetensors::{Dtype, SafeTensors};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// safetensors file with an int32 tensor `tokens` of shape [B, T].
+    #[arg(long, env = "GROK_LOGITS_INPUT")]
+    pub input: PathBuf,
+    /// Where to write the f32 tensor `logits` of shape [B, T, V].
+    #[arg(long, env = "GROK_LOGITS_OUTPUT")]
+    pub output: PathBuf,
+}
+
+/// Reads `tokens` [B, T] int32 from a safetensors file, with errors that say what is wrong.
+pub fn read_tokens(path: &std::path::Path) -> Result<(usize, usize, Vec<u32>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let t = st
+        .tensor("tokens")
+        .with_context(|| format!("{}: needs a tensor named `tokens`", path.display()))?;
+    if t.dtype() != Dtype::I32 {
+        bail!("{}: `tokens` must be int32, found {:?}", path.display(), t.dtype());
+    }
+    let &[b, len] = t.shape() else {
+        bail!("{}: `tokens` must have shape [B, T], found {:?}", path.display(), t.shape());
+    };
+    let mut ids = Vec::with_capacity(b * len);
+    for c in t.data().chunks_exact(4) {
+        let v = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let id = u32::try_from(v).map_err(|_| anyhow::anyhow!("{}: negative token id {v}", path.display()))?;
+        ids.push(id);
+    }
+    Ok((b, len, ids))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (b, t, ids) = read_tokens(&args.input)?;
+    if b == 0 || t == 0 {
+        bail!("{}: `tokens` is empty ({b} x {t})", args.input.display());
+    }
+    let model = args.model.load_cpu()?;
+    let c = model.config().clone();
+    if t > c.max_seq_len {
+        bail!("{}: rows of {t} tokens exceed the model's context of {}", args.input.display(), c.max_seq_len);
+    }
+    let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
+    let mut batch: Vec<SeqStep> = ids
+        .chunks_exact(t)
+        .zip(caches.iter_mut())
+        .map(|(row, cache)| SeqStep { tokens: row, cache })
+        .collect();
+    let rows = model
+        .forward(&mut batch, LogitsMode::All)
+        .with_context(|| format!("running {}", args.input.display()))?;
+    let mut data = Vec::with_capacity(b * t * c.vocab_size * 4);
+    for r in rows {
+        for v in r {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![b, t, c.vocab_size], &data)?;
+    safetensors::serialize_to_file([("logits", view)], None, &args.output)
+        .with_context(|| format!("writing {}", args.output.display()))?;
+    Ok(())
+}

@@ -1,0 +1,5 @@
+pub mod convert;
+pub mod generate;
+pub mod init;
+pub mod logits;
+pub mod tokenize;
