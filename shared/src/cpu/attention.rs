@@ -45,7 +45,7 @@ pub fn attend(c: &ModelConfig, q: &[f32], batch: &[SeqStep<'_>], l: usize) -> Ve
                 for (j, &p) in scores[..visible].iter().enumerate() {
                     let vrow = &values[j * kvd + kvh * hd..][..hd];
                     for (ov, &vv) in o.iter_mut().zip(vrow) {
-                        *ov = p.mul_add(vv, *ov);
+                        *ov += p * vv;
                     }
                 }
             }

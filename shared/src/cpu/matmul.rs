@@ -9,9 +9,6 @@ use rayon::prelude::*;
 /// Up to this many activation rows take the streaming kernel (bound by weight bytes);
 /// above it the tile + gemm path (bound by arithmetic) wins.
 pub const STREAM_MAX_ROWS: usize = 8;
-/// Columns per task in the streaming kernel: wide enough for long contiguous reads of each
-/// weight row, narrow enough that the per-row accumulators stay in L1.
-const STREAM_COLS: usize = 512;
 /// Tile of the prefill path: `TILE_K × TILE_N` f32 (256 KiB) stays in L2.
 const TILE_K: usize = 256;
 const TILE_N: usize = 256;
@@ -31,84 +28,111 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
 }
 
 fn qmatmul_stream(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
-    let n = w.n;
-    // Enough tasks to balance the threads, each at least a cache line of every weight row.
-    let threads = rayon::current_num_threads().max(1);
-    let cols = STREAM_COLS.min(n.div_ceil(threads * 4).next_multiple_of(64)).max(64);
-    let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(cols))
+    // Each task takes a contiguous range of weight rows, so every thread reads one sequential
+    // stream of int8 bytes; the tasks' partial sums are added at the end.
+    let tasks = rayon::current_num_threads().max(1);
+    let k = w.k;
+    let partials: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
-        .map(|b| {
-            let n0 = b * cols;
-            let nb = cols.min(n - n0);
-            let mut acc = vec![0f32; m * nb];
-            stream_block_dispatch(x, m, w, n0, nb, &mut acc);
-            (n0, acc)
+        .map(|t| {
+            let (ka, kb) = (t * k / tasks, (t + 1) * k / tasks);
+            let mut acc = vec![0f32; m * w.n];
+            stream_rows_dispatch(x, m, w, ka, kb, &mut acc);
+            acc
         })
         .collect();
-    for (n0, acc) in blocks {
-        let nb = acc.len() / m;
-        for r in 0..m {
-            out[r * n + n0..r * n + n0 + nb].copy_from_slice(&acc[r * nb..(r + 1) * nb]);
+    out.fill(0.0);
+    for p in partials {
+        for (o, v) in out.iter_mut().zip(&p) {
+            *o += v;
         }
     }
 }
 
-fn stream_block_dispatch(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
+fn stream_rows_dispatch(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { stream_block_avx512(x, m, w, n0, nb, acc) };
+            return unsafe { stream_rows_avx512(x, m, w, ka, kb, acc) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
-            return unsafe { stream_block_avx2(x, m, w, n0, nb, acc) };
+            return unsafe { stream_rows_avx2(x, m, w, ka, kb, acc) };
         }
     }
-    stream_block(x, m, w, n0, nb, acc)
+    stream_rows(x, m, w, ka, kb, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,fma")]
-unsafe fn stream_block_avx512(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
-    stream_block(x, m, w, n0, nb, acc)
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn stream_rows_avx512(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut [f32]) {
+    stream_rows(x, m, w, ka, kb, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn stream_block_avx2(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
-    stream_block(x, m, w, n0, nb, acc)
+#[target_feature(enable = "avx2")]
+unsafe fn stream_rows_avx2(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut [f32]) {
+    stream_rows(x, m, w, ka, kb, acc)
 }
 
-/// Columns `n0..n0+nb` of `x · w` into `acc` (`[m, nb]`). Inlined into each
-/// `target_feature` wrapper so the loops are vectorised for that instruction set.
+/// Columns per tile of the streaming kernel: the per-row partial sums (`m × STREAM_TILE` f32)
+/// stay in L1 while each weight row is read in long contiguous runs.
+const STREAM_TILE: usize = 2048;
+
+/// `acc[m, n] += x[:, ka..kb] · w[ka..kb, :]`. Inlined into each `target_feature` wrapper so
+/// the loops are vectorised for that instruction set.
 #[inline(always)]
-fn stream_block(x: &[f32], m: usize, w: &QMatrix, n0: usize, nb: usize, acc: &mut [f32]) {
+fn stream_rows(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut [f32]) {
     let (k, n, gr) = (w.k, w.n, w.group_rows);
     let wq = w.weight_i8();
-    let mut part = vec![0f32; m * nb];
-    let mut row = vec![0f32; nb];
-    for g in 0..k / gr {
-        part.fill(0.0);
-        for kk in g * gr..(g + 1) * gr {
-            let src = &wq[kk * n + n0..kk * n + n0 + nb];
-            for (d, &s) in row.iter_mut().zip(src) {
-                *d = s as f32;
+    let tile = STREAM_TILE.min(n);
+    let mut part = vec![0f32; m * tile];
+    let mut c0 = 0;
+    while c0 < n {
+        let tw = tile.min(n - c0);
+        let mut g0 = ka;
+        while g0 < kb {
+            // rows g0..g1 share one scale row
+            let g1 = kb.min((g0 / gr + 1) * gr);
+            part.fill(0.0);
+            let mut kk = g0;
+            while kk + 4 <= g1 {
+                let r0 = &wq[kk * n + c0..][..tw];
+                let r1 = &wq[(kk + 1) * n + c0..][..tw];
+                let r2 = &wq[(kk + 2) * n + c0..][..tw];
+                let r3 = &wq[(kk + 3) * n + c0..][..tw];
+                for r in 0..m {
+                    let xr = &x[r * k + kk..][..4];
+                    let (x0, x1, x2, x3) = (xr[0], xr[1], xr[2], xr[3]);
+                    let p = &mut part[r * tw..(r + 1) * tw];
+                    for j in 0..tw {
+                        p[j] += x0 * r0[j] as f32 + x1 * r1[j] as f32 + x2 * r2[j] as f32 + x3 * r3[j] as f32;
+                    }
+                }
+                kk += 4;
             }
+            while kk < g1 {
+                let r0 = &wq[kk * n + c0..][..tw];
+                for r in 0..m {
+                    let x0 = x[r * k + kk];
+                    let p = &mut part[r * tw..(r + 1) * tw];
+                    for j in 0..tw {
+                        p[j] += x0 * r0[j] as f32;
+                    }
+                }
+                kk += 1;
+            }
+            let scale = &w.scales[(g0 / gr) * n + c0..][..tw];
             for r in 0..m {
-                let xv = x[r * k + kk];
-                for (p, &v) in part[r * nb..(r + 1) * nb].iter_mut().zip(&row) {
-                    *p = xv.mul_add(v, *p);
+                let a = &mut acc[r * n + c0..][..tw];
+                for ((av, &pv), &sv) in a.iter_mut().zip(&part[r * tw..(r + 1) * tw]).zip(scale) {
+                    *av += pv * sv;
                 }
             }
+            g0 = g1;
         }
-        let scale = &w.scales[g * n + n0..g * n + n0 + nb];
-        for r in 0..m {
-            for ((a, &p), &s) in acc[r * nb..(r + 1) * nb].iter_mut().zip(&part[r * nb..]).zip(scale) {
-                *a = p.mul_add(s, *a);
-            }
-        }
+        c0 += tw;
     }
 }
 
@@ -301,12 +325,31 @@ pub fn matmul_f32(x: &[f32], m: usize, k: usize, b: &[f32], n: usize, out: &mut 
     }
 }
 
-/// Dot product with eight independent accumulators so it vectorises without `-ffast-math`.
+/// Dot product, vectorised for the CPU it runs on.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_body(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_body(a, b)
+}
+
+/// Sixteen independent accumulators so the loop vectorises without `-ffast-math`.
+/// (No `mul_add`: without hardware FMA it becomes a slow library call.)
+#[inline(always)]
+fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    const W: usize = 16;
+    let mut acc = [0f32; W];
+    let ca = a.chunks_exact(W);
+    let cb = b.chunks_exact(W);
     let tail: f32 = ca
         .remainder()
         .iter()
@@ -314,8 +357,8 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+        for i in 0..W {
+            acc[i] += x[i] * y[i];
         }
     }
     acc.iter().sum::<f32>() + tail

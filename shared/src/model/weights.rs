@@ -7,6 +7,50 @@ use crate::checkpoint::layout::{layer_tensor, EMBEDDINGS, FINAL_NORM};
 use crate::checkpoint::{DType, RawTensor, StoredTensor, TensorSource};
 use crate::config::ModelConfig;
 
+/// f32 values viewing mapped little-endian bytes in place when they are 4-byte aligned (the
+/// native format's large embedding matrix), or owned (converted from bf16, or unaligned as in
+/// the release's pickles) otherwise: either way one copy of the weights in memory.
+pub enum F32Data {
+    Mapped(ByteView),
+    Owned(Vec<f32>),
+}
+
+impl F32Data {
+    pub fn from_raw(t: &RawTensor) -> Self {
+        let bytes = t.data.as_slice();
+        let aligned = bytes.as_ptr().align_offset(std::mem::align_of::<f32>()) == 0;
+        if t.dtype == DType::F32 && aligned && cfg!(target_endian = "little") {
+            F32Data::Mapped(t.data.clone())
+        } else {
+            F32Data::Owned(t.to_f32_vec())
+        }
+    }
+}
+
+impl std::ops::Deref for F32Data {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self {
+            F32Data::Mapped(b) => {
+                let bytes = b.as_slice();
+                // SAFETY: `from_raw` checked 4-byte alignment and the f32 dtype; the length is
+                // a multiple of 4 (RawTensor::new checked it); little-endian f32 is native.
+                unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) }
+            }
+            F32Data::Owned(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for F32Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            F32Data::Mapped(b) => write!(f, "F32Data::Mapped({} values)", b.len() / 4),
+            F32Data::Owned(v) => write!(f, "F32Data::Owned({} values)", v.len()),
+        }
+    }
+}
+
 /// An int8 matrix `[k, n]` (row-major) with scales `[k / group_rows, n]`:
 /// `w[k][n] = weight[k][n] * scales[k / group_rows][n]`.
 #[derive(Debug, Clone)]
@@ -104,11 +148,11 @@ pub struct LayerWeights {
     pub experts: Vec<ExpertWeights>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ModelWeights {
     pub config: ModelConfig,
     /// `[vocab, d]`, tied with the output head.
-    pub embeddings: Vec<f32>,
+    pub embeddings: F32Data,
     pub final_norm: Vec<f32>,
     pub layers: Vec<LayerWeights>,
 }
@@ -116,16 +160,19 @@ pub struct ModelWeights {
 impl ModelWeights {
     /// Loads every tensor of `cfg` from `source` (which the caller has validated).
     pub fn load(source: &dyn TensorSource, cfg: &ModelConfig) -> Result<Self, ModelError> {
-        let plain = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ModelError> {
+        let plain_data = |name: &str, shape: &[usize]| -> Result<F32Data, ModelError> {
             match source.load(name)? {
                 StoredTensor::Plain(t) if t.shape == shape && t.dtype.is_float() => {
-                    Ok(t.to_f32_vec())
+                    Ok(F32Data::from_raw(&t))
                 }
                 other => Err(ModelError::BadTensor {
                     name: name.to_string(),
                     msg: format!("expected a float array of shape {shape:?}, got {:?}", other.shape()),
                 }),
             }
+        };
+        let plain = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ModelError> {
+            plain_data(name, shape).map(|d| d.to_vec())
         };
         let quantized = |name: &str| -> Result<(RawTensor, RawTensor), ModelError> {
             match source.load(name)? {
@@ -173,7 +220,7 @@ impl ModelWeights {
         }
         Ok(ModelWeights {
             config: cfg.clone(),
-            embeddings: plain(EMBEDDINGS, &[cfg.vocab_size, d])?,
+            embeddings: plain_data(EMBEDDINGS, &[cfg.vocab_size, d])?,
             final_norm: plain(FINAL_NORM, &[d])?,
             layers,
         })
@@ -182,7 +229,7 @@ impl ModelWeights {
     /// Weight bytes as stored (int8 + bf16 scales + f32 arrays).
     pub fn stored_bytes(&self) -> usize {
         let f32s = |v: &Vec<f32>| v.len() * 4;
-        let mut total = f32s(&self.embeddings) + f32s(&self.final_norm);
+        let mut total = self.embeddings.len() * 4 + f32s(&self.final_norm);
         for l in &self.layers {
             total += f32s(&l.attn_norm)
                 + f32s(&l.post_attn_norm)
