@@ -6,7 +6,10 @@ use std::process::{Command, Output};
 fn grok(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_grok"))
         .args(args)
-        .env("GROK_CACHE_DIR", Path::new(env!("CARGO_TARGET_TMPDIR")).join("grok-cache"))
+        .env(
+            "GROK_CACHE_DIR",
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join("grok-cache"),
+        )
         .output()
         .expect("running grok")
 }
@@ -24,7 +27,10 @@ fn fails(args: &[&str]) -> String {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(!o.status.success(), "grok {args:?} should fail");
     assert!(!err.contains("panicked"), "grok {args:?} panicked: {err}");
-    assert!(err.contains("error"), "grok {args:?}: no error message: {err}");
+    assert!(
+        err.contains("error"),
+        "grok {args:?}: no error message: {err}"
+    );
     err
 }
 
@@ -57,20 +63,30 @@ fn expected() -> Expected {
     let tok = st.tensor("tokens").unwrap();
     let greedy = st.tensor("greedy_tokens").unwrap();
     let f32s = |n: &str| -> Vec<f32> {
-        st.tensor(n).unwrap().data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        st.tensor(n)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     };
     Expected {
         b: tok.shape()[0],
         t: tok.shape()[1],
         v: st.tensor("logits").unwrap().shape()[2],
-        greedy: greedy.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect(),
+        greedy: greedy
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
         logits_f32: f32s("logits_f32_reference"),
     }
 }
 
 fn write_tokens(path: &Path, b: usize, t: usize, ids: &[i32]) {
     let data: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![b, t], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![b, t], &data).unwrap();
     safetensors::serialize_to_file([("tokens", view)], None, path).unwrap();
 }
 
@@ -79,7 +95,13 @@ fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("logits").unwrap();
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    (t.shape().to_vec(), t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+    (
+        t.shape().to_vec(),
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    )
 }
 
 /// `grok logits` and `grok generate --print-ids` on `model` reproduce the fixture.
@@ -90,15 +112,45 @@ fn check_model_dir(model: &Path, tag: &str) -> Vec<f32> {
     let output = tmp(&format!("{tag}-logits.safetensors"));
     write_tokens(&input, e.b, tg, &e.greedy);
     let m = model.to_str().unwrap();
-    ok(&["logits", "--model", m, "--input", input.to_str().unwrap(), "--output", output.to_str().unwrap()]);
+    ok(&[
+        "logits",
+        "--model",
+        m,
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
     let (shape, logits) = read_logits(&output);
     assert_eq!(shape, vec![e.b, tg, e.v]);
-    let worst = logits.iter().zip(&e.logits_f32).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-    assert!(worst <= 2e-3, "{tag}: max |logits - logits_f32_reference| = {worst}");
+    let worst = logits
+        .iter()
+        .zip(&e.logits_f32)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 2e-3,
+        "{tag}: max |logits - logits_f32_reference| = {worst}"
+    );
     for b in 0..e.b {
-        let prompt: Vec<String> = e.greedy[b * tg..b * tg + e.t].iter().map(|v| v.to_string()).collect();
-        let out = ok(&["generate", "--model", m, "--prompt-ids", &prompt.join(","), "--max-tokens", "6", "--print-ids"]);
-        let want: Vec<String> = e.greedy[b * tg + e.t..(b + 1) * tg].iter().map(|v| v.to_string()).collect();
+        let prompt: Vec<String> = e.greedy[b * tg..b * tg + e.t]
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
+        let out = ok(&[
+            "generate",
+            "--model",
+            m,
+            "--prompt-ids",
+            &prompt.join(","),
+            "--max-tokens",
+            "6",
+            "--print-ids",
+        ]);
+        let want: Vec<String> = e.greedy[b * tg + e.t..(b + 1) * tg]
+            .iter()
+            .map(|v| v.to_string())
+            .collect();
         assert_eq!(out.trim(), want.join(" "), "{tag}: greedy row {b}");
     }
     logits
@@ -108,23 +160,50 @@ fn check_model_dir(model: &Path, tag: &str) -> Vec<f32> {
 fn fixture_through_cli_from_ckpt0_and_after_convert() {
     let from_ckpt = check_model_dir(&fixture(), "ckpt0");
     let native = tmp("tiny-a-native");
-    ok(&["convert", "--from", fixture().to_str().unwrap(), "--out", native.to_str().unwrap()]);
+    ok(&[
+        "convert",
+        "--from",
+        fixture().to_str().unwrap(),
+        "--out",
+        native.to_str().unwrap(),
+    ]);
     let from_native = check_model_dir(&native, "native");
-    assert_eq!(from_ckpt, from_native, "converted model must compute identical logits");
+    assert_eq!(
+        from_ckpt, from_native,
+        "converted model must compute identical logits"
+    );
     // Converting into a non-empty directory is refused.
-    let err = fails(&["convert", "--from", fixture().to_str().unwrap(), "--out", native.to_str().unwrap()]);
+    let err = fails(&[
+        "convert",
+        "--from",
+        fixture().to_str().unwrap(),
+        "--out",
+        native.to_str().unwrap(),
+    ]);
     assert!(err.contains(native.to_str().unwrap()), "{err}");
 }
 
 #[test]
 fn tiny_preset_generates_text_reproducibly() {
-    let args = ["generate", "--preset", "tiny", "--prompt", "The answer to life", "--max-tokens", "12"];
+    let args = [
+        "generate",
+        "--preset",
+        "tiny",
+        "--prompt",
+        "The answer to life",
+        "--max-tokens",
+        "12",
+    ];
     let a = ok(&[&args[..], &["--temperature", "0.8", "--seed", "7"]].concat());
     let b = ok(&[&args[..], &["--temperature", "0.8", "--seed", "7"]].concat());
     assert_eq!(a, b, "same seed, same text");
     assert!(!a.trim().is_empty());
     let ids = ok(&[&args[..], &["--print-ids"]].concat());
-    let n = ids.split_whitespace().map(|t| t.parse::<u32>().expect("an id")).count();
+    let parsed: Vec<u32> = ids
+        .split_whitespace()
+        .map(|t| t.parse::<u32>().expect("an id"))
+        .collect();
+    let n = parsed.len();
     assert!((1..=12).contains(&n), "{ids}");
 }
 
@@ -132,20 +211,31 @@ fn tiny_preset_generates_text_reproducibly() {
 fn tokenize_matches_reference_vectors() {
     let text = std::fs::read_to_string(reference().join("grok1/tokenizer-vectors.jsonl")).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_grok"))
-        .args(["tokenize", "--tokenizer", reference().join("grok1/tokenizer.model").to_str().unwrap()])
+        .args([
+            "tokenize",
+            "--tokenizer",
+            reference().join("grok1/tokenizer.model").to_str().unwrap(),
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let input = text.clone();
-    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, input.as_bytes()));
+    let writer =
+        std::thread::spawn(move || std::io::Write::write_all(&mut stdin, input.as_bytes()));
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap().unwrap();
     assert!(out.status.success());
-    let got: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let want: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(&want) {
         assert_eq!(g["ids"], w["ids"], "text {:?}", w["text"]);
@@ -156,13 +246,44 @@ fn tokenize_matches_reference_vectors() {
 fn bad_input_gets_clear_errors() {
     let f = fixture();
     let m = f.to_str().unwrap();
-    let err = fails(&["generate", "--model", m, "--prompt-ids", "1,2", "--top-p", "1.5", "--print-ids"]);
+    let err = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        "1,2",
+        "--top-p",
+        "1.5",
+        "--print-ids",
+    ]);
     assert!(err.contains("top_p"), "{err}");
-    let err = fails(&["generate", "--model", m, "--prompt-ids", "1,2", "--temperature=-1", "--print-ids"]);
+    let err = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        "1,2",
+        "--temperature=-1",
+        "--print-ids",
+    ]);
     assert!(err.contains("temperature"), "{err}");
-    let err = fails(&["generate", "--model", m, "--prompt-ids", "1,99999", "--print-ids"]);
+    let err = fails(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        "1,99999",
+        "--print-ids",
+    ]);
     assert!(err.contains("99999"), "{err}");
-    let err = fails(&["generate", "--model", "/nonexistent/model", "--prompt-ids", "1", "--print-ids"]);
+    let err = fails(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt-ids",
+        "1",
+        "--print-ids",
+    ]);
     assert!(err.contains("/nonexistent/model"), "{err}");
     // Both or neither of --model / --preset: clap's own usage error.
     let o = grok(&["generate", "--prompt", "x"]);
@@ -170,13 +291,30 @@ fn bad_input_gets_clear_errors() {
     // logits: wrong dtype and missing tensor in the input file.
     let bad = tmp("bad-tokens.safetensors");
     let data = vec![0u8; 8];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 2], &data).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 2], &data).unwrap();
     safetensors::serialize_to_file([("tokens", view)], None, &bad).unwrap();
     let out = tmp("bad-out.safetensors");
-    let err = fails(&["logits", "--model", m, "--input", bad.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let err = fails(&[
+        "logits",
+        "--model",
+        m,
+        "--input",
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(err.contains("int32"), "{err}");
     std::fs::write(&bad, b"not a safetensors file").unwrap();
-    let err = fails(&["logits", "--model", m, "--input", bad.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+    let err = fails(&[
+        "logits",
+        "--model",
+        m,
+        "--input",
+        bad.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
     assert!(err.contains("safetensors"), "{err}");
     // tokenize: a line that is not the expected JSON names the line.
     let mut child = Command::new(env!("CARGO_BIN_EXE_grok"))
@@ -186,7 +324,11 @@ fn bad_input_gets_clear_errors() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"{\"text\": \"ok\"}\n{\"txt\": 1}\n").unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        b"{\"text\": \"ok\"}\n{\"txt\": 1}\n",
+    )
+    .unwrap();
     let o = child.wait_with_output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("line 2"));
@@ -204,6 +346,13 @@ fn truncated_checkpoint_file_is_named_in_the_error() {
     let victim = dir.join("ckpt-0/tensor00003_000");
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
-    let err = fails(&["generate", "--model", dir.to_str().unwrap(), "--prompt-ids", "1", "--print-ids"]);
+    let err = fails(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1",
+        "--print-ids",
+    ]);
     assert!(err.contains("tensor00003_000"), "{err}");
 }

@@ -8,7 +8,11 @@ mod progress;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "grok", version, about = "Grok-1 inference: generate, convert checkpoints, tokenize")]
+#[command(
+    name = "grok",
+    version,
+    about = "Grok-1 inference: generate, convert checkpoints, tokenize"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

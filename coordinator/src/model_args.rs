@@ -13,7 +13,12 @@ use std::path::PathBuf;
 pub struct ModelArgs {
     /// Model directory: native (config.json + safetensors + checksums.json) or the release's
     /// ckpt-0 (or a folder holding ckpt-0/ and config.json).
-    #[arg(long, env = "GROK_MODEL", required_unless_present = "preset", conflicts_with = "preset")]
+    #[arg(
+        long,
+        env = "GROK_MODEL",
+        required_unless_present = "preset",
+        conflicts_with = "preset"
+    )]
     pub model: Option<PathBuf>,
     /// A built-in model with deterministic random weights (no download).
     #[arg(long, env = "GROK_PRESET", value_parser = ["tiny"])]
@@ -30,7 +35,8 @@ pub struct TokenizerArgs {
 impl TokenizerArgs {
     pub fn load(&self) -> Result<Tokenizer> {
         match &self.tokenizer {
-            Some(p) => Tokenizer::from_file(p).with_context(|| format!("loading tokenizer {}", p.display())),
+            Some(p) => Tokenizer::from_file(p)
+                .with_context(|| format!("loading tokenizer {}", p.display())),
             None => Tokenizer::builtin().context("loading the built-in tokenizer"),
         }
     }
@@ -61,10 +67,14 @@ pub fn preset_dir(name: &str) -> Result<PathBuf> {
         return Ok(dir);
     }
     let parent = cache_root();
-    std::fs::create_dir_all(&parent).with_context(|| format!("creating cache folder {}", parent.display()))?;
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("creating cache folder {}", parent.display()))?;
     let tmp = parent.join(format!(".preset-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    eprintln!("writing the '{name}' preset's random weights to {} (once)", dir.display());
+    eprintln!(
+        "writing the '{name}' preset's random weights to {} (once)",
+        dir.display()
+    );
     let mut bar = crate::progress::Bar::new("init");
     init::init_random(&cfg, PRESET_SEED, &tmp, &mut |p| bar.update(&p))
         .with_context(|| format!("writing preset weights to {}", tmp.display()))?;
@@ -97,7 +107,8 @@ impl ModelArgs {
     /// Loads the model onto the CPU backend.
     pub fn load_cpu(&self) -> Result<CpuModel> {
         let m = self.open()?;
-        let weights = ModelWeights::load(m.source.as_ref(), &m.config).context("loading weights")?;
+        let weights =
+            ModelWeights::load(m.source.as_ref(), &m.config).context("loading weights")?;
         Ok(CpuModel::new(weights))
     }
 }

@@ -76,7 +76,10 @@ fn decode_weight_bytes(w: &ModelWeights) -> f64 {
     let c = &w.config;
     let mut b = 0usize;
     for l in &w.layers {
-        b += [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| m.stored_bytes()).sum::<usize>();
+        b += [&l.wq, &l.wk, &l.wv, &l.wo]
+            .iter()
+            .map(|m| m.stored_bytes())
+            .sum::<usize>();
         b += (l.router.len() + 4 * c.hidden_size) * 4;
         let e = &l.experts[0];
         b += c.num_experts_per_tok
@@ -96,14 +99,22 @@ fn bench_model(name: &str, cfg: &ModelConfig, copy_bw: f64, prompt_len: usize) {
     let weights = ModelWeights::load(m.source.as_ref(), &m.config).expect("load");
     let stored = weights.stored_bytes();
     let model = CpuModel::new(weights);
-    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + 13) % cfg.vocab_size as u32).collect();
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
+        .collect();
 
     // Prefill: the whole prompt in one forward.
     let reps = if quick() { 2 } else { 4 };
     let prefill = best_of(reps, || {
         let mut cache = model.new_cache();
         let out = model
-            .forward(&mut [SeqStep { tokens: &prompt, cache: &mut cache }], LogitsMode::Last)
+            .forward(
+                &mut [SeqStep {
+                    tokens: &prompt,
+                    cache: &mut cache,
+                }],
+                LogitsMode::Last,
+            )
             .expect("forward");
         std::hint::black_box(out);
     });
@@ -112,13 +123,25 @@ fn bench_model(name: &str, cfg: &ModelConfig, copy_bw: f64, prompt_len: usize) {
     let steps = if quick() { 8 } else { 32 };
     let mut cache = model.new_cache();
     model
-        .forward(&mut [SeqStep { tokens: &prompt[..16], cache: &mut cache }], LogitsMode::Last)
+        .forward(
+            &mut [SeqStep {
+                tokens: &prompt[..16],
+                cache: &mut cache,
+            }],
+            LogitsMode::Last,
+        )
         .expect("prefill");
     let mut tok = 42u32;
     let t = Instant::now();
     for _ in 0..steps {
         let out = model
-            .forward(&mut [SeqStep { tokens: &[tok], cache: &mut cache }], LogitsMode::Last)
+            .forward(
+                &mut [SeqStep {
+                    tokens: &[tok],
+                    cache: &mut cache,
+                }],
+                LogitsMode::Last,
+            )
             .expect("decode");
         tok = grok_shared::sampling::argmax(&out[0]).unwrap_or(0) as u32;
     }
@@ -149,7 +172,9 @@ fn bench_model(name: &str, cfg: &ModelConfig, copy_bw: f64, prompt_len: usize) {
 fn bench_prefill_matmul(m: usize, k: usize, n: usize, groups: usize) {
     let mut seed = 1u64;
     let mut next = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (seed >> 33) as u32
     };
     let q = grok_shared::model::QMatrix {
@@ -157,10 +182,14 @@ fn bench_prefill_matmul(m: usize, k: usize, n: usize, groups: usize) {
         n,
         group_rows: k / groups,
         weight: grok_shared::bytes::ByteView::from_vec((0..k * n).map(|_| next() as u8).collect()),
-        scales: (0..groups * n).map(|_| 1e-3 + (next() % 100) as f32 * 1e-5).collect(),
+        scales: (0..groups * n)
+            .map(|_| 1e-3 + (next() % 100) as f32 * 1e-5)
+            .collect(),
     };
     let dense = q.dequantize();
-    let x: Vec<f32> = (0..m * k).map(|_| (next() % 2000) as f32 / 1000.0 - 1.0).collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
     let mut out = vec![0f32; m * n];
     let reps = if quick() { 2 } else { 5 };
     let ours = best_of(reps, || qmatmul(&x, m, &q, &mut out));
@@ -180,7 +209,9 @@ fn bench_decode_matmul(k: usize, n: usize, groups: usize, copy_bw: f64) {
         k,
         n,
         group_rows: k / groups,
-        weight: grok_shared::bytes::ByteView::from_vec((0..k * n).map(|i| (i * 31 % 251) as u8).collect()),
+        weight: grok_shared::bytes::ByteView::from_vec(
+            (0..k * n).map(|i| (i * 31 % 251) as u8).collect(),
+        ),
         scales: vec![1e-3; groups * n],
     };
     let x = vec![0.5f32; k];
@@ -194,7 +225,9 @@ fn bench_decode_matmul(k: usize, n: usize, groups: usize, copy_bw: f64) {
         100.0 * bw / copy_bw
     );
     let head = vec![0.25f32; n * k];
-    let t = best_of(20, || grok_shared::cpu::matmul::matmul_bt(&x, 1, k, &head, n, &mut out));
+    let t = best_of(20, || {
+        grok_shared::cpu::matmul::matmul_bt(&x, 1, k, &head, n, &mut out)
+    });
     let bw = (n * k * 4) as f64 / t;
     println!(
         "  f32 head [1 x {k}] x [{n} x {k}]^T: {:.0} us, {:.2} GB/s = {:.0}% of copy bandwidth",
@@ -234,7 +267,12 @@ fn main() {
         embedding_multiplier_scale: (d as f32).sqrt(),
         ..ModelConfig::grok1()
     };
-    bench_model("large random (d 2048, f 10928, 8 experts)", &large, copy_bw, 128);
+    bench_model(
+        "large random (d 2048, f 10928, 8 experts)",
+        &large,
+        copy_bw,
+        128,
+    );
 
     println!("prefill matmul, int8 weights vs the gemm crate in f32 on the same shapes:");
     let f = large.intermediate_size;

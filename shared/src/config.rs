@@ -123,10 +123,11 @@ impl ModelConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg: ModelConfig = serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let cfg: ModelConfig =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
         cfg.validate(&path.display().to_string())?;
         Ok(cfg)
     }
@@ -156,15 +157,30 @@ impl ModelConfig {
                 p.push(format!("{name} must be > 0"));
             }
         }
-        if self.num_key_value_heads > 0 && self.num_attention_heads % self.num_key_value_heads != 0
+        if self.num_key_value_heads > 0
+            && !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
         {
             p.push(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            p.push(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            p.push(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
+        }
+        let g = Self::K_SHARDED_GROUPS;
+        for (name, k) in [
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads * head_dim", self.q_dim()),
+        ] {
+            if !k.is_multiple_of(g) {
+                p.push(format!("{name} ({k}) must be a multiple of {g}: the release stores {g} scale groups along it"));
+            }
         }
         if self.num_experts_per_tok > self.num_local_experts {
             p.push(format!(
@@ -177,7 +193,10 @@ impl ModelConfig {
         }
         let floats = [
             ("attn_output_multiplier", self.attn_output_multiplier),
-            ("embedding_multiplier_scale", self.embedding_multiplier_scale),
+            (
+                "embedding_multiplier_scale",
+                self.embedding_multiplier_scale,
+            ),
             ("output_multiplier_scale", self.output_multiplier_scale),
             ("rope_theta", self.rope_theta),
         ];

@@ -5,8 +5,8 @@
 pub mod bytes;
 pub mod checkpoint;
 pub mod config;
-pub mod generate;
 pub mod cpu;
+pub mod generate;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

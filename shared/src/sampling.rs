@@ -114,7 +114,11 @@ impl Sampler {
         if cand.is_empty() {
             return Err(SamplingError::Empty);
         }
-        let k = if p.top_k == 0 { cand.len() } else { p.top_k.min(cand.len()) };
+        let k = if p.top_k == 0 {
+            cand.len()
+        } else {
+            p.top_k.min(cand.len())
+        };
         if k < cand.len() {
             cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             cand.truncate(k);
@@ -123,7 +127,10 @@ impl Sampler {
         // Softmax at the temperature, in f64 for a stable cumulative sum.
         let max = cand[0].1 as f64;
         let t = p.temperature as f64;
-        let mut probs: Vec<f64> = cand.iter().map(|&(_, v)| ((v as f64 - max) / t).exp()).collect();
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|&(_, v)| ((v as f64 - max) / t).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         // Nucleus: the smallest prefix whose mass reaches top_p.
@@ -155,7 +162,12 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p, seed }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        }
     }
 
     #[test]
@@ -169,7 +181,9 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed)).unwrap();
-            (0..64).map(|_| s.sample(&logits).unwrap()).collect::<Vec<_>>()
+            (0..64)
+                .map(|_| s.sample(&logits).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
@@ -184,7 +198,8 @@ mod tests {
         }
         // p(0) ≈ 0.66, p(0)+p(1) ≈ 0.91: top_p 0.8 keeps exactly two.
         let mut s = Sampler::new(params(1.0, 0, 0.8, 1)).unwrap();
-        let seen: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&logits).unwrap()).collect();
+        let seen: std::collections::HashSet<u32> =
+            (0..500).map(|_| s.sample(&logits).unwrap()).collect();
         assert_eq!(seen, [0, 1].into_iter().collect());
     }
 
@@ -192,7 +207,9 @@ mod tests {
     fn sampling_follows_the_distribution() {
         let logits = [0.0f32, (3.0f32).ln()]; // p = 0.25, 0.75
         let mut s = Sampler::new(params(1.0, 0, 1.0, 9)).unwrap();
-        let ones = (0..20000).filter(|_| s.sample(&logits).unwrap() == 1).count();
+        let ones = (0..20000)
+            .filter(|_| s.sample(&logits).unwrap() == 1)
+            .count();
         assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.02, "{ones}");
     }
 

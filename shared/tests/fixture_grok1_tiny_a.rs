@@ -22,12 +22,18 @@ struct Expected {
 
 fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap();
-    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn i32s(st: &SafeTensors, name: &str) -> Vec<u32> {
     let t = st.tensor(name).unwrap();
-    t.data().chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+    t.data()
+        .chunks_exact(4)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect()
 }
 
 fn expected() -> Expected {
@@ -57,16 +63,19 @@ pub fn check_model_against_fixture(model: &dyn Forward) {
     let mut batch: Vec<SeqStep> = rows
         .iter()
         .zip(caches.iter_mut())
-        .map(|(r, c)| SeqStep { tokens: r, cache: c })
+        .map(|(r, c)| SeqStep {
+            tokens: r,
+            cache: c,
+        })
         .collect();
     let out = model.forward(&mut batch, LogitsMode::All).unwrap();
     let mut worst = 0f32;
-    for b in 0..e.b {
+    for (b, row_logits) in out.iter().enumerate() {
         for t in 0..tg {
             if e.stable[b * tg + t] != 1 {
                 continue;
             }
-            let ours = &out[b][t * v..(t + 1) * v];
+            let ours = &row_logits[t * v..(t + 1) * v];
             let want = &e.logits_f32[(b * tg + t) * v..(b * tg + t + 1) * v];
             for (a, w) in ours.iter().zip(want) {
                 worst = worst.max((a - w).abs());
@@ -75,16 +84,26 @@ pub fn check_model_against_fixture(model: &dyn Forward) {
         // The release's bf16 logits over the prompt: close on average.
         let mut sum = 0f64;
         for t in 0..e.t {
-            let ours = &out[b][t * v..(t + 1) * v];
+            let ours = &row_logits[t * v..(t + 1) * v];
             let want = &e.logits_bf16[(b * e.t + t) * v..(b * e.t + t + 1) * v];
-            sum += ours.iter().zip(want).map(|(a, w)| (a - w).abs() as f64).sum::<f64>();
+            sum += ours
+                .iter()
+                .zip(want)
+                .map(|(a, w)| (a - w).abs() as f64)
+                .sum::<f64>();
         }
         let mean = sum / (e.t * v) as f64;
         eprintln!("row {b}: mean |ours - release bf16| = {mean:.5}");
-        assert!(mean < 0.1, "row {b}: mean abs diff to the release's bf16 logits {mean}");
+        assert!(
+            mean < 0.1,
+            "row {b}: mean abs diff to the release's bf16 logits {mean}"
+        );
     }
     eprintln!("max |ours - logits_f32_reference| over stable positions = {worst:.3e}");
-    assert!(worst <= 2e-3, "max abs diff to logits_f32_reference {worst}");
+    assert!(
+        worst <= 2e-3,
+        "max abs diff to logits_f32_reference {worst}"
+    );
 
     // Greedy decoding with the KV cache from each prompt.
     for b in 0..e.b {
@@ -114,7 +133,13 @@ fn incremental_decoding_equals_full_forward() {
     let row = &e.greedy[..tg];
     let mut full_cache = model.new_cache();
     let full = model
-        .forward(&mut [SeqStep { tokens: row, cache: &mut full_cache }], LogitsMode::All)
+        .forward(
+            &mut [SeqStep {
+                tokens: row,
+                cache: &mut full_cache,
+            }],
+            LogitsMode::All,
+        )
         .unwrap()
         .remove(0);
     // prefill 5 tokens, then chunks of 1, 3, 1, ...
@@ -125,7 +150,13 @@ fn incremental_decoding_equals_full_forward() {
     while pos < tg {
         let end = (pos + chunk).min(tg);
         let out = model
-            .forward(&mut [SeqStep { tokens: &row[pos..end], cache: &mut cache }], LogitsMode::All)
+            .forward(
+                &mut [SeqStep {
+                    tokens: &row[pos..end],
+                    cache: &mut cache,
+                }],
+                LogitsMode::All,
+            )
             .unwrap()
             .remove(0);
         for (a, b) in out.iter().zip(&full[pos * v..end * v]) {
@@ -143,21 +174,44 @@ fn batch_of_unequal_sequences_equals_each_alone() {
     let model = load_fixture();
     let e = expected();
     let tg = e.t + 6;
-    let seqs: Vec<&[u32]> = vec![&e.greedy[..tg], &e.greedy[tg..tg + 3], &e.greedy[2 * tg..2 * tg + 11]];
+    let seqs: Vec<&[u32]> = vec![
+        &e.greedy[..tg],
+        &e.greedy[tg..tg + 3],
+        &e.greedy[2 * tg..2 * tg + 11],
+    ];
     let alone: Vec<Vec<f32>> = seqs
         .iter()
         .map(|s| {
             let mut c = model.new_cache();
-            model.forward(&mut [SeqStep { tokens: s, cache: &mut c }], LogitsMode::All).unwrap().remove(0)
+            model
+                .forward(
+                    &mut [SeqStep {
+                        tokens: s,
+                        cache: &mut c,
+                    }],
+                    LogitsMode::All,
+                )
+                .unwrap()
+                .remove(0)
         })
         .collect();
     let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<SeqStep> =
-        seqs.iter().zip(caches.iter_mut()).map(|(s, c)| SeqStep { tokens: s, cache: c }).collect();
+    let mut batch: Vec<SeqStep> = seqs
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(s, c)| SeqStep {
+            tokens: s,
+            cache: c,
+        })
+        .collect();
     let together = model.forward(&mut batch, LogitsMode::All).unwrap();
     for (a, b) in together.iter().zip(&alone) {
         assert_eq!(a.len(), b.len());
-        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(worst <= 1e-4, "batched vs alone: {worst}");
     }
     // Then a batched decode step of one token each continues each cache correctly.
@@ -165,15 +219,30 @@ fn batch_of_unequal_sequences_equals_each_alone() {
     let mut batch: Vec<SeqStep> = next
         .iter()
         .zip(caches.iter_mut())
-        .map(|(t, c)| SeqStep { tokens: std::slice::from_ref(t), cache: c })
+        .map(|(t, c)| SeqStep {
+            tokens: std::slice::from_ref(t),
+            cache: c,
+        })
         .collect();
     let step = model.forward(&mut batch, LogitsMode::Last).unwrap();
     for (i, s) in seqs.iter().enumerate() {
         let mut full: Vec<u32> = s.to_vec();
         full.push(next[i]);
         let mut c = model.new_cache();
-        let want = model.forward(&mut [SeqStep { tokens: &full, cache: &mut c }], LogitsMode::Last).unwrap();
-        let worst = step[i].iter().zip(&want[0]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let want = model
+            .forward(
+                &mut [SeqStep {
+                    tokens: &full,
+                    cache: &mut c,
+                }],
+                LogitsMode::Last,
+            )
+            .unwrap();
+        let worst = step[i]
+            .iter()
+            .zip(&want[0])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(worst <= 1e-4, "batched decode vs alone: {worst}");
     }
 }

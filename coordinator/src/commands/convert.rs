@@ -16,8 +16,16 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let m = open_model(&args.from).with_context(|| format!("opening {}", args.from.display()))?;
     let mut bar = Bar::new("convert");
-    let report = convert::convert(m.source.as_ref(), &m.config, &args.out, &mut |p| bar.update(&p))
-        .with_context(|| format!("converting {} into {}", args.from.display(), args.out.display()))?;
+    let report = convert::convert(m.source.as_ref(), &m.config, &args.out, &mut |p| {
+        bar.update(&p)
+    })
+    .with_context(|| {
+        format!(
+            "converting {} into {}",
+            args.from.display(),
+            args.out.display()
+        )
+    })?;
     bar.finish();
     eprintln!("{}", crate::progress::summary(&report));
     Ok(())

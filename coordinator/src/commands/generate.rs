@@ -12,7 +12,12 @@ pub struct Args {
     #[command(flatten)]
     pub tokenizer: TokenizerArgs,
     /// Prompt text (encoded with the tokenizer, no BOS added, as the release does).
-    #[arg(long, env = "GROK_PROMPT", conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        env = "GROK_PROMPT",
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     pub prompt: Option<String>,
     /// Prompt as comma-separated token ids, e.g. 1,2,3.
     #[arg(long, env = "GROK_PROMPT_IDS", value_delimiter = ',')]
@@ -44,7 +49,8 @@ pub fn run(args: Args) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     };
-    let mut sampler = Sampler::new(params).context("invalid sampling flags (--temperature >= 0, 0 < --top-p <= 1)")?;
+    let mut sampler = Sampler::new(params)
+        .context("invalid sampling flags (--temperature >= 0, 0 < --top-p <= 1)")?;
     // The tokenizer is needed for text in or out; a model without one can use ids both ways.
     let tokenizer = if args.prompt.is_some() || !args.print_ids {
         Some(args.tokenizer.load()?)
@@ -80,19 +86,28 @@ pub fn run(args: Args) -> Result<()> {
         writeln!(stdout, "{}", line.join(" "))?;
         return Ok(());
     }
-    let tok = tokenizer.as_ref().context("a tokenizer is needed to print text")?;
+    let tok = tokenizer
+        .as_ref()
+        .context("a tokenizer is needed to print text")?;
     let mut stream = tok.decode_stream();
     let mut failed = None;
-    generate(&model, &prompt, args.max_tokens, &mut sampler, eos, |id| match stream.step(id) {
-        Ok(Some(text)) => {
-            let _ = stdout.write_all(text.as_bytes());
-            let _ = stdout.flush();
-        }
-        Ok(None) => {}
-        Err(e) => {
-            failed.get_or_insert(e);
-        }
-    })?;
+    generate(
+        &model,
+        &prompt,
+        args.max_tokens,
+        &mut sampler,
+        eos,
+        |id| match stream.step(id) {
+            Ok(Some(text)) => {
+                let _ = stdout.write_all(text.as_bytes());
+                let _ = stdout.flush();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        },
+    )?;
     if let Some(e) = failed {
         return Err(e).context("decoding generated tokens (use --print-ids for a model whose vocabulary differs from the tokenizer's)");
     }

@@ -25,15 +25,24 @@ pub fn read_tokens(path: &std::path::Path) -> Result<(usize, usize, Vec<u32>)> {
         .tensor("tokens")
         .with_context(|| format!("{}: needs a tensor named `tokens`", path.display()))?;
     if t.dtype() != Dtype::I32 {
-        bail!("{}: `tokens` must be int32, found {:?}", path.display(), t.dtype());
+        bail!(
+            "{}: `tokens` must be int32, found {:?}",
+            path.display(),
+            t.dtype()
+        );
     }
     let &[b, len] = t.shape() else {
-        bail!("{}: `tokens` must have shape [B, T], found {:?}", path.display(), t.shape());
+        bail!(
+            "{}: `tokens` must have shape [B, T], found {:?}",
+            path.display(),
+            t.shape()
+        );
     };
     let mut ids = Vec::with_capacity(b * len);
     for c in t.data().chunks_exact(4) {
         let v = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        let id = u32::try_from(v).map_err(|_| anyhow::anyhow!("{}: negative token id {v}", path.display()))?;
+        let id = u32::try_from(v)
+            .map_err(|_| anyhow::anyhow!("{}: negative token id {v}", path.display()))?;
         ids.push(id);
     }
     Ok((b, len, ids))
@@ -47,7 +56,11 @@ pub fn run(args: Args) -> Result<()> {
     let model = args.model.load_cpu()?;
     let c = model.config().clone();
     if t > c.max_seq_len {
-        bail!("{}: rows of {t} tokens exceed the model's context of {}", args.input.display(), c.max_seq_len);
+        bail!(
+            "{}: rows of {t} tokens exceed the model's context of {}",
+            args.input.display(),
+            c.max_seq_len
+        );
     }
     let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
     let mut batch: Vec<SeqStep> = ids

@@ -24,7 +24,10 @@ pub fn run(args: Args) -> Result<()> {
         }
         let parsed: Line = match serde_json::from_str(&line) {
             Ok(l) => l,
-            Err(e) => bail!("stdin line {}: expected a JSON object {{\"text\": \"...\"}}: {e}", i + 1),
+            Err(e) => bail!(
+                "stdin line {}: expected a JSON object {{\"text\": \"...\"}}: {e}",
+                i + 1
+            ),
         };
         let ids = tok.encode(&parsed.text);
         serde_json::to_writer(&mut out, &serde_json::json!({ "ids": ids }))?;

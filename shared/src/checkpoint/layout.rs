@@ -40,7 +40,10 @@ impl ExpectedTensor {
         match (self.kind, t) {
             (TensorKind::Plain, StoredTensor::Plain(a)) => {
                 if a.shape != self.shape {
-                    p.push(format!("'{n}': shape {:?}, expected {:?}", a.shape, self.shape));
+                    p.push(format!(
+                        "'{n}': shape {:?}, expected {:?}",
+                        a.shape, self.shape
+                    ));
                 }
                 if !a.dtype.is_float() {
                     p.push(format!("'{n}': dtype {}, expected a float type", a.dtype));
@@ -54,11 +57,17 @@ impl ExpectedTensor {
                     ));
                 }
                 if weight.dtype != DType::I8 {
-                    p.push(format!("'{n}': weight dtype {}, expected int8", weight.dtype));
+                    p.push(format!(
+                        "'{n}': weight dtype {}, expected int8",
+                        weight.dtype
+                    ));
                 }
                 let want = self.scales_shape().unwrap_or_default();
                 if scales.shape != want {
-                    p.push(format!("'{n}': scales shape {:?}, expected {:?}", scales.shape, want));
+                    p.push(format!(
+                        "'{n}': scales shape {:?}, expected {:?}",
+                        scales.shape, want
+                    ));
                 }
                 if !scales.dtype.is_float() {
                     p.push(format!(
@@ -67,9 +76,9 @@ impl ExpectedTensor {
                     ));
                 }
             }
-            (TensorKind::Plain, StoredTensor::Quantized { .. }) => {
-                p.push(format!("'{n}': stored quantized, expected a plain float array"))
-            }
+            (TensorKind::Plain, StoredTensor::Quantized { .. }) => p.push(format!(
+                "'{n}': stored quantized, expected a plain float array"
+            )),
             (TensorKind::Quantized { .. }, StoredTensor::Plain(_)) => p.push(format!(
                 "'{n}': stored as a plain array, expected an int8 QuantizedWeight8bit"
             )),

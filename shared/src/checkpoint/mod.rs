@@ -199,7 +199,10 @@ pub enum StoredTensor {
     Plain(RawTensor),
     /// The release's `QuantizedWeight8bit`: int8 `weight [*lead, K, N]` and `scales [*lead, G, N]`;
     /// `w[..., k, n] = weight[..., k, n] * scales[..., k / (K/G), n]`.
-    Quantized { weight: RawTensor, scales: RawTensor },
+    Quantized {
+        weight: RawTensor,
+        scales: RawTensor,
+    },
 }
 
 impl StoredTensor {
@@ -304,7 +307,10 @@ pub fn open_model(path: &Path) -> Result<ModelDir> {
     let config = match config_path {
         Some(p) => ModelConfig::from_json_file(&p)?,
         None => {
-            tracing::info!("{}: no config.json beside it, using the grok-1 preset", ckpt.display());
+            tracing::info!(
+                "{}: no config.json beside it, using the grok-1 preset",
+                ckpt.display()
+            );
             ModelConfig::grok1()
         }
     };
@@ -329,7 +335,10 @@ mod tests {
         assert_eq!(e1.data.as_slice()[0], 12);
         let cols = t.narrow(2, 1, 2).unwrap();
         assert_eq!(cols.shape, vec![2, 3, 2]);
-        assert_eq!(cols.data.as_slice(), &[1, 2, 5, 6, 9, 10, 13, 14, 17, 18, 21, 22]);
+        assert_eq!(
+            cols.data.as_slice(),
+            &[1, 2, 5, 6, 9, 10, 13, 14, 17, 18, 21, 22]
+        );
         let rows = e1.narrow(1, 1, 2).unwrap();
         assert_eq!(rows.data.as_slice(), &[16, 17, 18, 19, 20, 21, 22, 23]);
         assert!(t.narrow(2, 3, 2).is_none());
@@ -339,6 +348,8 @@ mod tests {
     #[test]
     fn raw_tensor_rejects_wrong_length() {
         assert!(RawTensor::new(DType::F32, vec![2], ByteView::from_vec(vec![0; 7])).is_err());
-        assert!(RawTensor::new(DType::F32, vec![usize::MAX, 2], ByteView::from_vec(vec![])).is_err());
+        assert!(
+            RawTensor::new(DType::F32, vec![usize::MAX, 2], ByteView::from_vec(vec![])).is_err()
+        );
     }
 }

@@ -52,7 +52,9 @@ fn qmatmul_stream(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
 fn stream_rows_dispatch(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw") {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+        {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { stream_rows_avx512(x, m, w, ka, kb, acc) };
         }
@@ -66,13 +68,27 @@ fn stream_rows_dispatch(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn stream_rows_avx512(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut [f32]) {
+unsafe fn stream_rows_avx512(
+    x: &[f32],
+    m: usize,
+    w: &QMatrix,
+    ka: usize,
+    kb: usize,
+    acc: &mut [f32],
+) {
     stream_rows(x, m, w, ka, kb, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn stream_rows_avx2(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut [f32]) {
+unsafe fn stream_rows_avx2(
+    x: &[f32],
+    m: usize,
+    w: &QMatrix,
+    ka: usize,
+    kb: usize,
+    acc: &mut [f32],
+) {
     stream_rows(x, m, w, ka, kb, acc)
 }
 
@@ -107,7 +123,10 @@ fn stream_rows(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut
                     let (x0, x1, x2, x3) = (xr[0], xr[1], xr[2], xr[3]);
                     let p = &mut part[r * tw..(r + 1) * tw];
                     for j in 0..tw {
-                        p[j] += x0 * r0[j] as f32 + x1 * r1[j] as f32 + x2 * r2[j] as f32 + x3 * r3[j] as f32;
+                        p[j] += x0 * r0[j] as f32
+                            + x1 * r1[j] as f32
+                            + x2 * r2[j] as f32
+                            + x3 * r3[j] as f32;
                     }
                 }
                 kk += 4;
@@ -143,12 +162,18 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not the raw field.
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
 fn qmatmul_tiled(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
     let (k, n, gr) = (w.k, w.n, w.group_rows);
     let wq = w.weight_i8();
     let dst = OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(TILE_N)).into_par_iter().for_each(|b| {
-        let dst = dst;
         let n0 = b * TILE_N;
         let nb = TILE_N.min(n - n0);
         let mut tile = vec![0f32; TILE_K * nb];
@@ -165,7 +190,7 @@ fn qmatmul_tiled(x: &[f32], m: usize, w: &QMatrix, out: &mut [f32]) {
                     m,
                     nb,
                     kt,
-                    dst.0.add(n0),
+                    dst.at(n0),
                     1,
                     n as isize,
                     k0 > 0,
@@ -370,7 +395,9 @@ mod tests {
     use crate::bytes::ByteView;
 
     fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *seed >> 33
     }
 
@@ -405,14 +432,25 @@ mod tests {
     #[test]
     fn both_paths_match_dequantised_reference() {
         let mut s = 7u64;
-        for &(m, k, n, g) in &[(1, 64, 40, 1), (3, 344, 256, 8), (8, 256, 1000, 1), (9, 344, 130, 8), (40, 520, 300, 8)] {
+        for &(m, k, n, g) in &[
+            (1, 64, 40, 1),
+            (3, 344, 256, 8),
+            (8, 256, 1000, 1),
+            (9, 344, 130, 8),
+            (40, 520, 300, 8),
+        ] {
             let w = random_qmatrix(k, n, g, m as u64);
-            let x: Vec<f32> = (0..m * k).map(|_| (lcg(&mut s) % 2000) as f32 / 1000.0 - 1.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|_| (lcg(&mut s) % 2000) as f32 / 1000.0 - 1.0)
+                .collect();
             let mut out = vec![f32::NAN; m * n];
             qmatmul(&x, m, &w, &mut out);
             let want = reference(&x, m, &w);
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "m={m} k={k} n={n} at {i}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "m={m} k={k} n={n} at {i}: {a} vs {b}"
+                );
             }
         }
     }
@@ -420,9 +458,13 @@ mod tests {
     #[test]
     fn matmul_bt_matches_naive() {
         let (k, n) = (37, 2100);
-        let b: Vec<f32> = (0..n * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         for m in [1, 5] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                .collect();
             let mut out = vec![0f32; m * n];
             matmul_bt(&x, m, k, &b, n, &mut out);
             for r in 0..m {

@@ -45,8 +45,18 @@ impl CpuModel {
         qmatmul(&x, n, &lw.wk, &mut k);
         qmatmul(&x, n, &lw.wv, &mut v);
         for (i, &p) in positions.iter().enumerate() {
-            ops::rope(&mut q[i * c.q_dim()..(i + 1) * c.q_dim()], c.head_dim, p, &self.inv_freq);
-            ops::rope(&mut k[i * c.kv_dim()..(i + 1) * c.kv_dim()], c.head_dim, p, &self.inv_freq);
+            ops::rope(
+                &mut q[i * c.q_dim()..(i + 1) * c.q_dim()],
+                c.head_dim,
+                p,
+                &self.inv_freq,
+            );
+            ops::rope(
+                &mut k[i * c.kv_dim()..(i + 1) * c.kv_dim()],
+                c.head_dim,
+                p,
+                &self.inv_freq,
+            );
         }
         let mut row = 0;
         for s in batch.iter_mut() {
@@ -100,7 +110,10 @@ impl CpuModel {
             let mut out = vec![0f32; m * d];
             qmatmul(&a, m, &w.w_down, &mut out);
             for (i, &(t, gate)) in rows.iter().enumerate() {
-                for (yv, &ov) in y[t * d..(t + 1) * d].iter_mut().zip(&out[i * d..(i + 1) * d]) {
+                for (yv, &ov) in y[t * d..(t + 1) * d]
+                    .iter_mut()
+                    .zip(&out[i * d..(i + 1) * d])
+                {
                     *yv += gate * ov;
                 }
             }
@@ -182,7 +195,14 @@ impl Forward for CpuModel {
         let mut normed = vec![0f32; sel.len()];
         ops::rmsnorm(&sel, &self.weights.final_norm, c.rms_norm_eps, &mut normed);
         let mut logits = vec![0f32; rows.len() * vocab];
-        matmul_bt(&normed, rows.len(), d, &self.weights.embeddings, vocab, &mut logits);
+        matmul_bt(
+            &normed,
+            rows.len(),
+            d,
+            &self.weights.embeddings,
+            vocab,
+            &mut logits,
+        );
         for v in logits.iter_mut() {
             *v *= c.output_multiplier_scale;
         }

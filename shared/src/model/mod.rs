@@ -45,6 +45,9 @@ pub trait Forward {
     fn new_cache(&self) -> KvCache;
     /// Runs the new tokens of every sequence (of any lengths) through the model, appending
     /// their keys/values to each cache; returns each sequence's logits, row-major `[rows, V]`.
-    fn forward(&self, batch: &mut [SeqStep<'_>], mode: LogitsMode)
-        -> Result<Vec<Vec<f32>>, ModelError>;
+    fn forward(
+        &self,
+        batch: &mut [SeqStep<'_>],
+        mode: LogitsMode,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
 }

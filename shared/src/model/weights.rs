@@ -66,7 +66,11 @@ pub struct QMatrix {
 impl QMatrix {
     /// Builds from a stored int8 weight `[k, n]` and scales `[g, n]` (leading axes already
     /// removed), checking every relation the kernels rely on.
-    pub fn from_raw(name: &str, weight: &RawTensor, scales: &RawTensor) -> Result<Self, ModelError> {
+    pub fn from_raw(
+        name: &str,
+        weight: &RawTensor,
+        scales: &RawTensor,
+    ) -> Result<Self, ModelError> {
         let bad = |msg: String| ModelError::BadTensor {
             name: name.to_string(),
             msg,
@@ -167,7 +171,10 @@ impl ModelWeights {
                 }
                 other => Err(ModelError::BadTensor {
                     name: name.to_string(),
-                    msg: format!("expected a float array of shape {shape:?}, got {:?}", other.shape()),
+                    msg: format!(
+                        "expected a float array of shape {shape:?}, got {:?}",
+                        other.shape()
+                    ),
                 }),
             }
         };

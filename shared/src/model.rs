@@ -1,1 +1,0 @@
-//! Model (to be written).
