@@ -109,6 +109,6 @@ impl ModelArgs {
         let m = self.open()?;
         let weights =
             ModelWeights::load(m.source.as_ref(), &m.config).context("loading weights")?;
-        Ok(CpuModel::new(weights))
+        Ok(CpuModel::new(weights)?)
     }
 }

@@ -98,7 +98,7 @@ fn bench_model(name: &str, cfg: &ModelConfig, copy_bw: f64, prompt_len: usize) {
     let m = open_model(dir.path()).expect("open");
     let weights = ModelWeights::load(m.source.as_ref(), &m.config).expect("load");
     let stored = weights.stored_bytes();
-    let model = CpuModel::new(weights);
+    let model = CpuModel::new(weights).expect("model");
     let prompt: Vec<u32> = (0..prompt_len as u32)
         .map(|i| (i * 7919 + 13) % cfg.vocab_size as u32)
         .collect();

@@ -4,10 +4,12 @@
 
 pub mod bytes;
 pub mod checkpoint;
+pub mod comm;
 pub mod config;
 pub mod cpu;
 pub mod generate;
 pub mod model;
+pub mod parallel;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -116,7 +116,7 @@ pub fn check_model_against_fixture(model: &dyn Forward) {
 
 fn load_fixture() -> CpuModel {
     let dir = open_model(&tiny_a_dir()).unwrap();
-    CpuModel::new(ModelWeights::load(dir.source.as_ref(), &dir.config).unwrap())
+    CpuModel::new(ModelWeights::load(dir.source.as_ref(), &dir.config).unwrap()).unwrap()
 }
 
 #[test]

@@ -5,7 +5,7 @@ pub mod kv_cache;
 pub mod weights;
 
 pub use kv_cache::KvCache;
-pub use weights::{ModelWeights, QMatrix};
+pub use weights::{ModelWeights, QMatrix, Slices};
 
 use crate::checkpoint::CheckpointError;
 
@@ -21,6 +21,11 @@ pub enum ModelError {
     ContextOverflow { len: usize, max: usize },
     #[error("batch entry {index} has no tokens")]
     EmptySequence { index: usize },
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
+    /// A peer rank sent something inconsistent with the plan.
+    #[error("rank {rank}: {msg}")]
+    Peer { rank: usize, msg: String },
 }
 
 /// Which positions' logits a forward pass returns.

@@ -6,6 +6,7 @@ use crate::bytes::ByteView;
 use crate::checkpoint::layout::{layer_tensor, EMBEDDINGS, FINAL_NORM};
 use crate::checkpoint::{DType, RawTensor, StoredTensor, TensorSource};
 use crate::config::ModelConfig;
+use std::ops::Range;
 
 /// f32 values viewing mapped little-endian bytes in place when they are 4-byte aligned (the
 /// native format's large embedding matrix), or owned (converted from bf16, or unaligned as in
@@ -64,6 +65,80 @@ pub struct QMatrix {
 }
 
 impl QMatrix {
+    /// The `rows × cols` part of a stored `[K, N]` (or, with `expert`, `[E, K, N]`) matrix.
+    /// Row slices must hold whole scale groups or lie inside one group.
+    pub fn slice(
+        name: &str,
+        weight: &RawTensor,
+        scales: &RawTensor,
+        expert: Option<usize>,
+        rows: Range<usize>,
+        cols: Range<usize>,
+    ) -> Result<Self, ModelError> {
+        let bad = |msg: String| ModelError::BadTensor {
+            name: name.to_string(),
+            msg,
+        };
+        let (mut w, mut s) = (weight.clone(), scales.clone());
+        if let Some(e) = expert {
+            let drop_lead = |t: &RawTensor| {
+                t.narrow(0, e, 1).map(|t| RawTensor {
+                    shape: t.shape[1..].to_vec(),
+                    ..t
+                })
+            };
+            match (drop_lead(&w), drop_lead(&s)) {
+                (Some(a), Some(b)) => (w, s) = (a, b),
+                _ => return Err(bad(format!("has no expert {e}"))),
+            }
+        }
+        let (&[k, n], &[g, _]) = (w.shape.as_slice(), s.shape.as_slice()) else {
+            return Err(bad(format!(
+                "expected 2-D matrices, got {:?} and {:?}",
+                w.shape, s.shape
+            )));
+        };
+        if g == 0
+            || k % g != 0
+            || rows.end > k
+            || cols.end > n
+            || rows.is_empty()
+            || cols.is_empty()
+        {
+            return Err(bad(format!(
+                "cannot take rows {rows:?} and columns {cols:?} of {:?} with {g} scale groups",
+                w.shape
+            )));
+        }
+        if rows != (0..k) {
+            let gr = k / g;
+            let (r0, len) = (rows.start, rows.len());
+            let (g0, gl) = if r0 % gr == 0 && len % gr == 0 {
+                (r0 / gr, len / gr)
+            } else if r0 / gr == (rows.end - 1) / gr {
+                (r0 / gr, 1)
+            } else {
+                return Err(bad(format!(
+                    "rows {rows:?} straddle scale groups of {gr} rows"
+                )));
+            };
+            match (w.narrow(0, r0, len), s.narrow(0, g0, gl)) {
+                (Some(a), Some(b)) => (w, s) = (a, b),
+                _ => return Err(bad(format!("rows {rows:?} out of range"))),
+            }
+        }
+        if cols != (0..n) {
+            match (
+                w.narrow(1, cols.start, cols.len()),
+                s.narrow(1, cols.start, cols.len()),
+            ) {
+                (Some(a), Some(b)) => (w, s) = (a, b),
+                _ => return Err(bad(format!("columns {cols:?} out of range"))),
+            }
+        }
+        Self::from_raw(name, &w, &s)
+    }
+
     /// Builds from a stored int8 weight `[k, n]` and scales `[g, n]` (leading axes already
     /// removed), checking every relation the kernels rely on.
     pub fn from_raw(
@@ -159,11 +234,56 @@ pub struct ModelWeights {
     pub embeddings: F32Data,
     pub final_norm: Vec<f32>,
     pub layers: Vec<LayerWeights>,
+    /// The part of the model held; `layers[l].experts[i]` is expert `slices.experts.start + i`.
+    pub slices: Slices,
+}
+
+/// Which part of the model a process holds: query heads, kv heads, experts and the slice of
+/// each expert's FFN width. [`Slices::full`] is the whole model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slices {
+    pub q_heads: Range<usize>,
+    pub kv_heads: Range<usize>,
+    pub experts: Range<usize>,
+    pub ffn: Range<usize>,
+}
+
+impl Slices {
+    pub fn full(cfg: &ModelConfig) -> Self {
+        Slices {
+            q_heads: 0..cfg.num_attention_heads,
+            kv_heads: 0..cfg.num_key_value_heads,
+            experts: 0..cfg.num_local_experts,
+            ffn: 0..cfg.intermediate_size,
+        }
+    }
+}
+
+impl Slices {
+    /// What `plan` gives `rank`.
+    pub fn for_rank(plan: &crate::parallel::Plan, cfg: &ModelConfig, rank: usize) -> Self {
+        Slices {
+            q_heads: plan.q_heads(cfg, rank),
+            kv_heads: plan.kv_heads(cfg, rank),
+            experts: plan.experts(cfg, rank),
+            ffn: plan.ffn_slice(cfg, rank),
+        }
+    }
 }
 
 impl ModelWeights {
     /// Loads every tensor of `cfg` from `source` (which the caller has validated).
     pub fn load(source: &dyn TensorSource, cfg: &ModelConfig) -> Result<Self, ModelError> {
+        Self::load_slices(source, cfg, &Slices::full(cfg))
+    }
+
+    /// Loads only `slices` of the attention and expert matrices (touching only those bytes of
+    /// the mapped checkpoint); norms, router and the embeddings are loaded whole.
+    pub fn load_slices(
+        source: &dyn TensorSource,
+        cfg: &ModelConfig,
+        slices: &Slices,
+    ) -> Result<Self, ModelError> {
         let plain_data = |name: &str, shape: &[usize]| -> Result<F32Data, ModelError> {
             match source.load(name)? {
                 StoredTensor::Plain(t) if t.shape == shape && t.dtype.is_float() => {
@@ -190,43 +310,66 @@ impl ModelWeights {
                 }),
             }
         };
-        let matrix = |l: usize, leaf: &str| -> Result<QMatrix, ModelError> {
-            let name = layer_tensor(l, leaf);
-            let (w, s) = quantized(&name)?;
-            QMatrix::from_raw(&name, &w, &s)
-        };
-        let d = cfg.hidden_size;
-        let e = cfg.num_local_experts;
+        let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+        let all_d = 0..d;
+        let q_cols = slices.q_heads.start * hd..slices.q_heads.end * hd;
+        let kv_cols = slices.kv_heads.start * hd..slices.kv_heads.end * hd;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
-            let gate = expert_stack(source, l, "moe/linear/w", e)?;
-            let up = expert_stack(source, l, "moe/linear_v/w", e)?;
-            let down = expert_stack(source, l, "moe/linear_1/w", e)?;
-            let experts = gate
-                .into_iter()
-                .zip(up)
-                .zip(down)
-                .map(|((w_gate, w_up), w_down)| ExpertWeights {
-                    w_gate,
-                    w_up,
-                    w_down,
-                })
-                .collect();
+            let attn = |leaf: &str, rows: &Range<usize>, cols: &Range<usize>| {
+                let name = layer_tensor(l, leaf);
+                let (w, s) = quantized(&name)?;
+                QMatrix::slice(&name, &w, &s, None, rows.clone(), cols.clone())
+            };
+            let (gate_w, gate_s) = quantized(&layer_tensor(l, "moe/linear/w"))?;
+            let (up_w, up_s) = quantized(&layer_tensor(l, "moe/linear_v/w"))?;
+            let (down_w, down_s) = quantized(&layer_tensor(l, "moe/linear_1/w"))?;
+            let mut experts = Vec::with_capacity(slices.experts.len());
+            for e in slices.experts.clone() {
+                let ffn = slices.ffn.clone();
+                experts.push(ExpertWeights {
+                    w_gate: QMatrix::slice(
+                        &layer_tensor(l, "moe/linear/w"),
+                        &gate_w,
+                        &gate_s,
+                        Some(e),
+                        all_d.clone(),
+                        ffn.clone(),
+                    )?,
+                    w_up: QMatrix::slice(
+                        &layer_tensor(l, "moe/linear_v/w"),
+                        &up_w,
+                        &up_s,
+                        Some(e),
+                        all_d.clone(),
+                        ffn.clone(),
+                    )?,
+                    w_down: QMatrix::slice(
+                        &layer_tensor(l, "moe/linear_1/w"),
+                        &down_w,
+                        &down_s,
+                        Some(e),
+                        ffn,
+                        all_d.clone(),
+                    )?,
+                });
+            }
             layers.push(LayerWeights {
                 attn_norm: plain(&layer_tensor(l, "rms_norm/scale"), &[d])?,
                 post_attn_norm: plain(&layer_tensor(l, "rms_norm_1/scale"), &[d])?,
                 moe_norm: plain(&layer_tensor(l, "rms_norm_2/scale"), &[d])?,
                 post_moe_norm: plain(&layer_tensor(l, "rms_norm_3/scale"), &[d])?,
-                wq: matrix(l, "multi_head_attention/query/w")?,
-                wk: matrix(l, "multi_head_attention/key/w")?,
-                wv: matrix(l, "multi_head_attention/value/w")?,
-                wo: matrix(l, "multi_head_attention/linear/w")?,
-                router: plain(&layer_tensor(l, "router/w"), &[d, e])?,
+                wq: attn("multi_head_attention/query/w", &all_d, &q_cols)?,
+                wk: attn("multi_head_attention/key/w", &all_d, &kv_cols)?,
+                wv: attn("multi_head_attention/value/w", &all_d, &kv_cols)?,
+                wo: attn("multi_head_attention/linear/w", &q_cols, &all_d)?,
+                router: plain(&layer_tensor(l, "router/w"), &[d, cfg.num_local_experts])?,
                 experts,
             });
         }
         Ok(ModelWeights {
             config: cfg.clone(),
+            slices: slices.clone(),
             embeddings: plain_data(EMBEDDINGS, &[cfg.vocab_size, d])?,
             final_norm: plain(FINAL_NORM, &[d])?,
             layers,
@@ -252,35 +395,4 @@ impl ModelWeights {
         }
         total
     }
-}
-
-/// The `experts` matrices of a stacked `[experts, K, N]` expert tensor, each viewing its part.
-fn expert_stack(
-    source: &dyn TensorSource,
-    l: usize,
-    leaf: &str,
-    experts: usize,
-) -> Result<Vec<QMatrix>, ModelError> {
-    let name = layer_tensor(l, leaf);
-    let StoredTensor::Quantized { weight, scales } = source.load(&name)? else {
-        return Err(ModelError::BadTensor {
-            name,
-            msg: "expected an int8 QuantizedWeight8bit".into(),
-        });
-    };
-    let one = |t: &RawTensor, x: usize| {
-        t.narrow(0, x, 1).map(|t| RawTensor {
-            shape: t.shape[1..].to_vec(),
-            ..t
-        })
-    };
-    (0..experts)
-        .map(|x| match (one(&weight, x), one(&scales, x)) {
-            (Some(w), Some(s)) => QMatrix::from_raw(&name, &w, &s),
-            _ => Err(ModelError::BadTensor {
-                name: name.clone(),
-                msg: format!("has no expert {x}"),
-            }),
-        })
-        .collect()
 }
