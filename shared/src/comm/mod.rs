@@ -108,44 +108,30 @@ pub trait Communicator: Send + Sync {
         }
         let parts = self.all_to_all_v(group, segments)?;
         let mut out = vec![0f32; counts[me]];
-        // Sum in group order so every rank adds in the same order (deterministic results).
-        for p in parts {
-            if p.len() != out.len() {
-                return Err(CommError::Protocol {
-                    rank: self.rank(),
-                    msg: format!(
-                        "reduce_scatter: got {} elements, expected {}",
-                        p.len(),
-                        out.len()
-                    ),
-                });
-            }
-            for (o, v) in out.iter_mut().zip(&p) {
-                *o += v;
-            }
-        }
+        sum_into(self.rank(), "reduce_scatter", &mut out, parts)?;
         Ok(out)
     }
 
     /// Sums `buf` across the group, in place, on every member.
     fn all_reduce(&self, group: &[usize], buf: &mut [f32]) -> Result<()> {
         let parts = self.all_gather_v(group, buf)?;
-        buf.fill(0.0);
-        for p in parts {
-            if p.len() != buf.len() {
-                return Err(CommError::Protocol {
-                    rank: self.rank(),
-                    msg: format!(
-                        "all_reduce: got {} elements, expected {}",
-                        p.len(),
-                        buf.len()
-                    ),
-                });
-            }
-            for (o, v) in buf.iter_mut().zip(&p) {
-                *o += v;
-            }
-        }
-        Ok(())
+        sum_into(self.rank(), "all_reduce", buf, parts)
     }
+}
+
+/// `out = Σ parts`, adding in group order so every rank gets bit-identical sums.
+fn sum_into(rank: usize, what: &str, out: &mut [f32], parts: Vec<Vec<f32>>) -> Result<()> {
+    out.fill(0.0);
+    for p in parts {
+        if p.len() != out.len() {
+            return Err(CommError::Protocol {
+                rank,
+                msg: format!("{what}: got {} elements, expected {}", p.len(), out.len()),
+            });
+        }
+        for (o, v) in out.iter_mut().zip(&p) {
+            *o += v;
+        }
+    }
+    Ok(())
 }
