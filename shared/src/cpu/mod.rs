@@ -182,7 +182,7 @@ impl CpuShard {
         for s in batch.iter_mut() {
             s.cache.advance(s.tokens.len());
         }
-        if self.rank % tp != 0 {
+        if !self.rank.is_multiple_of(tp) {
             return Ok(None);
         }
 

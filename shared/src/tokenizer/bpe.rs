@@ -4,20 +4,100 @@
 //! adjacent pair whose concatenation is a vocabulary piece with the highest score is merged
 //! repeatedly, leftmost first on ties. Candidates live in a binary heap with lazy deletion
 //! and the symbols in a doubly linked list, so a merge costs O(log n), not a rescan.
+//! Pieces are found by a rolling hash, so checking a pair costs no rehash of its text.
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
 
-use super::normalizer::PrefixMatcher;
+use super::normalizer::{first_char_len, PrefixMatcher};
 use super::{FastMap, Piece, PieceKind};
 
 const NONE: usize = usize::MAX;
 const NO_ID: u32 = u32::MAX;
 
-/// Key of the pair (left, right) in `BpeVocab::merges`.
+/// Multiplier of the polynomial rolling hash (odd, so its powers never vanish mod 2^64).
+const HASH_BASE: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// Polynomial hash of `bytes` mod 2^64: `hash(a + b) = hash(a) * BASE^len(b) + hash(b)`.
 #[inline]
-pub(super) fn merge_key(left: u32, right: u32) -> u64 {
-    (u64::from(left) << 32) | u64::from(right)
+fn rolling_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0, |h: u64, &b| {
+        h.wrapping_mul(HASH_BASE).wrapping_add(u64::from(b) + 1)
+    })
+}
+
+/// Mergeable pieces keyed by their rolling hash, so the key of a concatenation comes from
+/// its parts' keys in O(1). Hits are verified against the piece text, so a text whose hash
+/// happens to equal a piece's is never mistaken for it.
+#[derive(Debug, Clone)]
+pub(super) struct HashIndex {
+    entries: FastMap<u64, IndexEntry>,
+    /// All indexed piece texts back to back: verifying a hit reads one place, not a
+    /// separate allocation per piece.
+    arena: Vec<u8>,
+    /// `HASH_BASE^k` for `k` in `0..=max_piece_bytes`.
+    pow: Vec<u64>,
+}
+
+/// What the merge loop needs of a piece, stored in the index to avoid another memory access.
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    id: u32,
+    score: f32,
+    /// The piece text is `arena[offset..offset + len]`.
+    offset: u32,
+    len: u32,
+}
+
+impl HashIndex {
+    /// `None` if two pieces share a hash or the texts exceed 4 GiB; callers then fall back
+    /// to the string map.
+    pub(super) fn build(pieces: &[Piece], max_piece_bytes: usize) -> Option<Self> {
+        let mut entries = FastMap::default();
+        entries.reserve(pieces.len());
+        let mut arena = Vec::new();
+        for (id, p) in (0u32..).zip(pieces) {
+            if !p.kind.is_mergeable() {
+                continue;
+            }
+            let text = p.text.as_bytes();
+            let entry = IndexEntry {
+                id,
+                score: p.score,
+                offset: u32::try_from(arena.len()).ok()?,
+                len: u32::try_from(text.len()).ok()?,
+            };
+            arena.extend_from_slice(text);
+            if entries.insert(rolling_hash(text), entry).is_some() {
+                return None;
+            }
+        }
+        let pow = std::iter::successors(Some(1u64), |p| Some(p.wrapping_mul(HASH_BASE)))
+            .take(max_piece_bytes + 1)
+            .collect();
+        Some(Self {
+            entries,
+            arena,
+            pow,
+        })
+    }
+
+    /// The entry for `text`, whose rolling hash is `hash`.
+    #[inline]
+    fn get(&self, text: &str, hash: u64) -> Option<IndexEntry> {
+        let e = *self.entries.get(&hash)?;
+        let start = e.offset as usize;
+        let stored = self.arena.get(start..start + e.len as usize)?;
+        (stored == text.as_bytes()).then_some(e)
+    }
+
+    /// Hash of `left + right` from the parts' hashes.
+    #[inline]
+    fn combine(&self, left: u64, right: u64, right_len: usize) -> u64 {
+        // right_len < max_piece_bytes whenever this is called (longer pairs are skipped).
+        let pow = self.pow.get(right_len).copied().unwrap_or(0);
+        left.wrapping_mul(pow).wrapping_add(right)
+    }
 }
 
 /// What the merge loop needs to know about the vocabulary.
@@ -28,11 +108,8 @@ pub(super) struct BpeVocab<'a> {
     pub(super) pieces: &'a [Piece],
     /// Whether any piece is UNUSED, so the bookkeeping for re-splitting can be skipped.
     pub(super) has_unused: bool,
-    /// `merge_key(left id, right id)` → id of the concatenation, for every mergeable piece
-    /// that splits into two mergeable pieces; saves hashing strings in the merge loop.
-    pub(super) merges: &'a FastMap<u64, u32>,
-    /// Single-character mergeable pieces → id.
-    pub(super) char_ids: &'a FastMap<char, u32>,
+    /// Fast lookup by rolling hash; `None` only for models with colliding piece hashes.
+    pub(super) hash_index: Option<&'a HashIndex>,
     /// Longest piece in bytes: longer concatenations need no lookup.
     pub(super) max_piece_bytes: usize,
     pub(super) matcher: &'a PrefixMatcher,
@@ -48,8 +125,10 @@ struct Symbol {
     len: usize,
     prev: usize,
     next: usize,
-    /// Vocabulary id of the symbol's text, `NO_ID` if it has none (or is frozen).
+    /// Vocabulary id of a merged symbol; `NO_ID` until the symbol is merged.
     id: u32,
+    /// Rolling hash of the symbol's text.
+    hash: u64,
     /// User-defined symbols never take part in merges.
     frozen: bool,
 }
@@ -61,8 +140,9 @@ struct Candidate {
     right: usize,
     /// Byte length of the merged piece, used to detect staleness.
     size: usize,
-    /// Id of the merged piece.
+    /// Id and rolling hash of the merged piece.
     id: u32,
+    hash: u64,
 }
 
 impl PartialEq for Candidate {
@@ -82,6 +162,20 @@ impl Ord for Candidate {
         self.score
             .total_cmp(&other.score)
             .then_with(|| other.left.cmp(&self.left))
+    }
+}
+
+impl BpeVocab<'_> {
+    /// Id and score of mergeable piece `text`, whose rolling hash is `hash`.
+    #[inline]
+    fn lookup(&self, text: &str, hash: u64) -> Option<(u32, f32)> {
+        match self.hash_index {
+            Some(index) => index.get(text, hash).map(|e| (e.id, e.score)),
+            None => {
+                let id = *self.piece_ids.get(text)?;
+                Some((id, self.pieces.get(id as usize)?.score))
+            }
+        }
     }
 }
 
@@ -133,24 +227,21 @@ fn segment_word<'t>(
     let mut pos = 0;
     while pos < normalized.len() {
         let rest = &normalized[pos..];
-        let (len, frozen, id) = match vocab.matcher.longest_match(rest) {
-            Some(n) => (n, true, NO_ID),
-            None => match rest.chars().next() {
-                Some(c) => (
-                    c.len_utf8(),
-                    false,
-                    vocab.char_ids.get(&c).copied().unwrap_or(NO_ID),
-                ),
-                None => break,
-            },
+        let (len, frozen) = match vocab.matcher.longest_match(rest) {
+            Some(n) => (n, true),
+            None => (first_char_len(rest), false),
         };
+        if len == 0 {
+            break;
+        }
         let index = symbols.len();
         symbols.push(Symbol {
             start: pos,
             len,
             prev: if index == 0 { NONE } else { index - 1 },
             next: index + 1,
-            id,
+            id: NO_ID,
+            hash: rolling_hash(&rest.as_bytes()[..len]),
             frozen,
         });
         pos += len;
@@ -173,24 +264,27 @@ fn segment_word<'t>(
                 return;
             }
             let merged = &normalized[l.start..r.start + r.len];
-            let found = if l.id != NO_ID && r.id != NO_ID {
-                vocab.merges.get(&merge_key(l.id, r.id))
-            } else {
-                // A character outside the vocabulary can still be part of a piece.
-                vocab.piece_ids.get(merged)
-            };
-            let Some(&id) = found else {
+            let hash = vocab
+                .hash_index
+                .map_or(0, |index| index.combine(l.hash, r.hash, r.len));
+            let Some((id, score)) = vocab.lookup(merged, hash) else {
                 return;
             };
-            let piece = vocab.pieces.get(id as usize);
             agenda.push(Candidate {
-                score: piece.map_or(0.0, |p| p.score),
+                score,
                 left,
                 right,
                 size: merged.len(),
                 id,
+                hash,
             });
-            if vocab.has_unused && piece.is_some_and(|p| p.kind == PieceKind::Unused) {
+            let unused = || {
+                vocab
+                    .pieces
+                    .get(id as usize)
+                    .is_some_and(|p| p.kind == PieceKind::Unused)
+            };
+            if vocab.has_unused && unused() {
                 rev_merge.insert(
                     merged,
                     (
@@ -215,6 +309,7 @@ fn segment_word<'t>(
         merged.len = top.size;
         merged.next = r.next;
         merged.id = top.id;
+        merged.hash = top.hash;
         if r.next != NONE {
             symbols[r.next].prev = top.left;
         }
@@ -233,8 +328,8 @@ fn segment_word<'t>(
         } else if s.id != NO_ID {
             out.push((text, Some(s.id)));
         } else {
-            // User-defined symbols and characters outside the vocabulary.
-            out.push((text, vocab.piece_ids.get(text).copied()));
+            // Unmerged: a single character (maybe outside the vocabulary) or user symbol.
+            out.push((text, vocab.lookup(text, s.hash).map(|(id, _)| id)));
         }
         index = s.next;
     }

@@ -82,6 +82,13 @@ pub enum PieceKind {
     Byte,
 }
 
+impl PieceKind {
+    /// Whether BPE can produce the piece from text (SentencePiece's `pieces_` map).
+    fn is_mergeable(self) -> bool {
+        matches!(self, Self::Normal | Self::UserDefined | Self::Unused)
+    }
+}
+
 /// One vocabulary entry.
 #[derive(Debug, Clone)]
 pub(crate) struct Piece {
@@ -160,10 +167,8 @@ pub struct Tokenizer {
     piece_ids: FastMap<Box<str>, u32>,
     /// CONTROL, UNKNOWN and BYTE pieces → id; only for [`Tokenizer::piece_to_id`].
     reserved_ids: FastMap<Box<str>, u32>,
-    /// Pair → merged piece, see `bpe::BpeVocab::merges`.
-    merges: FastMap<u64, u32>,
-    /// Single-character mergeable pieces → id.
-    char_ids: FastMap<char, u32>,
+    /// Mergeable pieces by rolling hash (see `bpe::HashIndex`).
+    hash_index: Option<bpe::HashIndex>,
     /// Id emitted for each byte under byte fallback (`unk_id` where the piece is missing).
     byte_ids: [u32; 256],
     byte_fallback: bool,
@@ -214,8 +219,7 @@ impl Tokenizer {
 
     /// The released Grok-1 tokenizer, embedded in the library (no files needed at run time).
     ///
-    /// Parses the embedded model and builds the merge tables on each call (0.1–0.3 s); keep
-    /// the result.
+    /// Parses the embedded model on each call (about 0.1 s); keep the result.
     pub fn builtin() -> Result<Self, TokenizerError> {
         Self::load(BUILTIN_MODEL, "<builtin grok-1 tokenizer.model>".to_owned())
     }
@@ -334,14 +338,11 @@ impl Tokenizer {
                     "piece {text:?} (id {id}) is defined twice"
                 )));
             }
-            match kind {
-                PieceKind::Normal | PieceKind::UserDefined | PieceKind::Unused => {
-                    max_piece_bytes = max_piece_bytes.max(text.len());
-                    piece_ids.insert(text.clone(), id);
-                }
-                PieceKind::Unknown | PieceKind::Control | PieceKind::Byte => {
-                    reserved_ids.insert(text.clone(), id);
-                }
+            if kind.is_mergeable() {
+                max_piece_bytes = max_piece_bytes.max(text.len());
+                piece_ids.insert(text.clone(), id);
+            } else {
+                reserved_ids.insert(text.clone(), id);
             }
             pieces.push(Piece {
                 text,
@@ -365,7 +366,7 @@ impl Tokenizer {
                 .filter(|p| p.kind == PieceKind::UserDefined)
                 .map(|p| &*p.text),
         );
-        let (merges, char_ids) = merge_tables(&pieces, &piece_ids);
+        let hash_index = bpe::HashIndex::build(&pieces, max_piece_bytes);
         let normalizer = Normalizer {
             add_dummy_prefix: norm.add_dummy_prefix(),
             remove_extra_whitespaces: norm.remove_extra_whitespaces(),
@@ -375,17 +376,15 @@ impl Tokenizer {
         // contains such a pair; without one, words can be merged independently.
         let space = normalizer.space_char();
         let split_words = !piece_ids.keys().any(|p| {
-            p.chars()
-                .zip(p.chars().skip(1))
-                .any(|(a, b)| a != space && b == space)
+            p.match_indices(space)
+                .any(|(i, _)| i > 0 && !p[..i].ends_with(space))
         });
         let special = |id: i32| u32::try_from(id).ok().filter(|&id| id < vocab_size);
 
         Ok(Self {
             normalizer,
             split_words,
-            merges,
-            char_ids,
+            hash_index,
             unk_surface: trainer.unk_surface().to_owned(),
             bos_id: special(trainer.bos_id()),
             eos_id: special(trainer.eos_id()),
@@ -414,8 +413,7 @@ impl Tokenizer {
             has_unused: self.has_unused,
             max_piece_bytes: self.max_piece_bytes,
             matcher: &self.matcher,
-            merges: &self.merges,
-            char_ids: &self.char_ids,
+            hash_index: self.hash_index.as_ref(),
             word_start: self.split_words.then(|| self.normalizer.space_char()),
         };
         let segments = bpe::segment(&vocab, &normalized);
@@ -563,55 +561,6 @@ impl Tokenizer {
             }
         }
     }
-}
-
-/// Builds the id-pair merge table and the single-character table from the mergeable
-/// pieces: every way to split a piece into two pieces is a merge BPE may perform.
-fn merge_tables(
-    pieces: &[Piece],
-    piece_ids: &FastMap<Box<str>, u32>,
-) -> (FastMap<u64, u32>, FastMap<char, u32>) {
-    use rayon::prelude::*;
-
-    let mergeable = |p: &Piece| {
-        matches!(
-            p.kind,
-            PieceKind::Normal | PieceKind::UserDefined | PieceKind::Unused
-        )
-    };
-    // About a million string lookups for Grok-1: worth spreading over cores.
-    let pairs: Vec<(u64, u32)> = pieces
-        .par_iter()
-        .enumerate()
-        .filter(|(_, p)| mergeable(p))
-        .flat_map_iter(|(id, p)| {
-            // Ids fit u32: from_proto checked the vocabulary size.
-            let id = id as u32;
-            p.text.char_indices().skip(1).filter_map(move |(at, _)| {
-                let (left, right) = p.text.split_at(at);
-                let l = piece_ids.get(left)?;
-                let r = piece_ids.get(right)?;
-                Some((bpe::merge_key(*l, *r), id))
-            })
-        })
-        .collect();
-    let mut merges = FastMap::default();
-    merges.reserve(pairs.len());
-    merges.extend(pairs);
-
-    let char_ids = pieces
-        .iter()
-        .zip(0u32..)
-        .filter(|(p, _)| mergeable(p))
-        .filter_map(|(p, id)| {
-            let mut chars = p.text.chars();
-            match (chars.next(), chars.next()) {
-                (Some(c), None) => Some((c, id)),
-                _ => None,
-            }
-        })
-        .collect();
-    (merges, char_ids)
 }
 
 /// Parses `<0xXX>` (two upper-case hex digits, as SentencePiece writes them).
