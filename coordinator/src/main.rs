@@ -1,6 +1,7 @@
 //! `grok`: the Grok-1 command line. Model tools (generate, logits, tokenize, convert, init)
 //! run in this process; the cluster coordinator builds on the same commands.
 
+mod cluster_args;
 mod commands;
 mod model_args;
 mod progress;

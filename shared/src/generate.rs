@@ -12,6 +12,9 @@ pub enum GenerateError {
     Sampling(#[from] SamplingError),
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// A remote backend (a cluster) failed.
+    #[error("{0}")]
+    Backend(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +33,37 @@ pub struct Generation {
     pub finish: FinishReason,
 }
 
-/// Generates up to `max_tokens` after `prompt`, calling `on_token` with each new token as it
-/// is chosen. Generation stops early at `eos` when given.
+/// Generates up to `max_tokens` after `prompt` on `model`, calling `on_token` with each new
+/// token as it is chosen. Generation stops early at `eos` when given.
 pub fn generate(
     model: &dyn Forward,
+    prompt: &[u32],
+    max_tokens: usize,
+    sampler: &mut Sampler,
+    eos: Option<u32>,
+    on_token: impl FnMut(u32),
+) -> Result<Generation, GenerateError> {
+    let mut cache = model.new_cache();
+    let mut step = |input: &[u32]| -> Result<Vec<f32>, GenerateError> {
+        let mut batch = [SeqStep {
+            tokens: input,
+            cache: &mut cache,
+        }];
+        let mut logits = model.forward(&mut batch, LogitsMode::Last)?;
+        Ok(logits.pop().unwrap_or_default())
+    };
+    let ctx = model.config().max_seq_len;
+    generate_with(&mut step, ctx, prompt, max_tokens, sampler, eos, on_token)
+}
+
+/// Appends new tokens to a sequence (wherever its KV cache lives) and returns the last
+/// position's logits.
+pub type StepFn<'a> = dyn FnMut(&[u32]) -> Result<Vec<f32>, GenerateError> + 'a;
+
+/// The generation loop over any backend, driven by `step`.
+pub fn generate_with(
+    step: &mut StepFn<'_>,
+    max_ctx: usize,
     prompt: &[u32],
     max_tokens: usize,
     sampler: &mut Sampler,
@@ -43,7 +73,6 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    let max_ctx = model.config().max_seq_len;
     if prompt.len() > max_ctx {
         return Err(ModelError::ContextOverflow {
             len: prompt.len(),
@@ -51,22 +80,19 @@ pub fn generate(
         }
         .into());
     }
-    let mut cache = model.new_cache();
+    let mut len = 0;
     let mut tokens = Vec::new();
     let mut input: Vec<u32> = prompt.to_vec();
     while tokens.len() < max_tokens {
-        if cache.len() + input.len() > max_ctx {
+        if len + input.len() > max_ctx {
             return Ok(Generation {
                 tokens,
                 finish: FinishReason::Context,
             });
         }
-        let mut step = [SeqStep {
-            tokens: &input,
-            cache: &mut cache,
-        }];
-        let logits = model.forward(&mut step, LogitsMode::Last)?;
-        let next = sampler.sample(logits.first().map(Vec::as_slice).unwrap_or(&[]))?;
+        let logits = step(&input)?;
+        len += input.len();
+        let next = sampler.sample(&logits)?;
         if Some(next) == eos {
             return Ok(Generation {
                 tokens,

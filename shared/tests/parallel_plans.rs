@@ -25,6 +25,8 @@ fn sequences() -> (Vec<Vec<u32>>, Vec<u32>) {
 
 /// Prefill (all logits) then one decode step (last logits), per sequence.
 type Outputs = Vec<(Vec<f32>, Vec<f32>)>;
+/// What one rank answers: (sequence index, prefill logits, decode logits).
+type Answer = (usize, Vec<f32>, Vec<f32>);
 
 fn one_process() -> Outputs {
     let dir = open_model(&tiny_a_dir()).unwrap();
@@ -75,7 +77,7 @@ fn cluster(world: usize, tp: usize, ep: usize) -> Outputs {
         .collect();
     let comms = LocalComm::group(world, Duration::from_secs(30));
     let (seqs, next) = sequences();
-    let results: Vec<Vec<(usize, Vec<f32>, Vec<f32>)>> = std::thread::scope(|s| {
+    let results: Vec<Vec<Answer>> = std::thread::scope(|s| {
         let handles: Vec<_> = shards
             .iter()
             .zip(&comms)

@@ -1,8 +1,10 @@
+use crate::cluster_args::{self, ClusterArgs};
 use crate::model_args::{ModelArgs, TokenizerArgs};
 use anyhow::{bail, Context, Result};
-use grok_shared::generate::generate;
+use grok_shared::generate::{generate, generate_with, GenerateError, Generation};
 use grok_shared::model::Forward;
 use grok_shared::sampling::{Sampler, SamplingParams};
+use grok_shared::tokenizer::Tokenizer;
 use std::io::Write;
 
 #[derive(clap::Args, Debug)]
@@ -11,6 +13,8 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub tokenizer: TokenizerArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Prompt text (encoded with the tokenizer, no BOS added, as the release does).
     #[arg(
         long,
@@ -65,51 +69,108 @@ pub fn run(args: Args) -> Result<()> {
     if prompt.is_empty() {
         bail!("the prompt is empty: give a non-empty --prompt or --prompt-ids");
     }
+    if args.cluster.enabled() {
+        let dir = args.model.dir()?;
+        return cluster_args::runtime()?.block_on(async {
+            let mut cluster = args.cluster.start(&dir).await?;
+            let (vocab, ctx, eos) = {
+                let c = cluster.config();
+                (c.vocab_size, c.max_seq_len, c.eos_token_id)
+            };
+            let result = match check_prompt(&prompt, vocab, tokenizer.as_ref(), args.print_ids) {
+                Ok(()) => tokio::task::block_in_place(|| {
+                    let handle = tokio::runtime::Handle::current();
+                    let mut step = |input: &[u32]| -> Result<Vec<f32>, GenerateError> {
+                        let mut out = handle
+                            .block_on(cluster.step(&[(0, input.to_vec())], &[], false))
+                            .map_err(|e| GenerateError::Backend(e.to_string()))?;
+                        out.remove(&0).ok_or_else(|| {
+                            GenerateError::Backend("no logits for the sequence".into())
+                        })
+                    };
+                    print_generation(&args, tokenizer.as_ref(), &mut sampler, |s, on_token| {
+                        generate_with(
+                            &mut step,
+                            ctx,
+                            &prompt,
+                            args.max_tokens,
+                            s,
+                            Some(eos),
+                            on_token,
+                        )
+                    })
+                }),
+                Err(e) => Err(e),
+            };
+            cluster.shutdown().await;
+            result
+        });
+    }
     let model = args.model.load_cpu()?;
-    let vocab = model.config().vocab_size;
+    check_prompt(
+        &prompt,
+        model.config().vocab_size,
+        tokenizer.as_ref(),
+        args.print_ids,
+    )?;
+    let eos = Some(model.config().eos_token_id);
+    print_generation(&args, tokenizer.as_ref(), &mut sampler, |s, on_token| {
+        generate(&model, &prompt, args.max_tokens, s, eos, on_token)
+    })
+}
+
+fn check_prompt(
+    prompt: &[u32],
+    vocab: usize,
+    tokenizer: Option<&Tokenizer>,
+    print_ids: bool,
+) -> Result<()> {
     if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
     }
-    if let Some(tok) = &tokenizer {
-        if tok.vocab_size() > vocab && !args.print_ids {
+    if let Some(tok) = tokenizer {
+        if tok.vocab_size() > vocab && !print_ids {
             tracing::warn!(
                 "the tokenizer has {} pieces but the model only {vocab}: use --print-ids for this model",
                 tok.vocab_size()
             );
         }
     }
-    let eos = Some(model.config().eos_token_id);
+    Ok(())
+}
+
+/// Runs `run` (a generation loop taking the sampler and a per-token callback) and prints its
+/// tokens: ids on one line, or text as it streams.
+fn print_generation(
+    args: &Args,
+    tokenizer: Option<&Tokenizer>,
+    sampler: &mut Sampler,
+    run: impl FnOnce(&mut Sampler, &mut dyn FnMut(u32)) -> Result<Generation, GenerateError>,
+) -> Result<()> {
     let mut stdout = std::io::stdout().lock();
     if args.print_ids {
-        let g = generate(&model, &prompt, args.max_tokens, &mut sampler, eos, |_| {})?;
+        let g = run(sampler, &mut |_| {})?;
         let line: Vec<String> = g.tokens.iter().map(u32::to_string).collect();
         writeln!(stdout, "{}", line.join(" "))?;
         return Ok(());
     }
-    let tok = tokenizer
-        .as_ref()
-        .context("a tokenizer is needed to print text")?;
+    let tok = tokenizer.context("a tokenizer is needed to print text")?;
     let mut stream = tok.decode_stream();
     let mut failed = None;
-    generate(
-        &model,
-        &prompt,
-        args.max_tokens,
-        &mut sampler,
-        eos,
-        |id| match stream.step(id) {
-            Ok(Some(text)) => {
-                let _ = stdout.write_all(text.as_bytes());
-                let _ = stdout.flush();
-            }
-            Ok(None) => {}
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        },
-    )?;
+    run(sampler, &mut |id| match stream.step(id) {
+        Ok(Some(text)) => {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+        Ok(None) => {}
+        Err(e) => {
+            failed.get_or_insert(e);
+        }
+    })?;
     if let Some(e) = failed {
-        return Err(e).context("decoding generated tokens (use --print-ids for a model whose vocabulary differs from the tokenizer's)");
+        return Err(e).context(
+            "decoding generated tokens (use --print-ids for a model whose vocabulary differs from the tokenizer's)",
+        );
     }
     write!(stdout, "{}", stream.finish())?;
     writeln!(stdout)?;

@@ -1,3 +1,4 @@
+use crate::cluster_args::{self, ClusterArgs};
 use crate::model_args::ModelArgs;
 use anyhow::{bail, Context, Result};
 use grok_shared::model::{Forward, LogitsMode, SeqStep};
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// safetensors file with an int32 tensor `tokens` of shape [B, T].
     #[arg(long, env = "GROK_LOGITS_INPUT")]
     pub input: PathBuf,
@@ -53,32 +56,71 @@ pub fn run(args: Args) -> Result<()> {
     if b == 0 || t == 0 {
         bail!("{}: `tokens` is empty ({b} x {t})", args.input.display());
     }
-    let model = args.model.load_cpu()?;
-    let c = model.config().clone();
-    if t > c.max_seq_len {
-        bail!(
-            "{}: rows of {t} tokens exceed the model's context of {}",
-            args.input.display(),
-            c.max_seq_len
-        );
-    }
-    let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
-    let mut batch: Vec<SeqStep> = ids
-        .chunks_exact(t)
-        .zip(caches.iter_mut())
-        .map(|(row, cache)| SeqStep { tokens: row, cache })
-        .collect();
-    let rows = model
-        .forward(&mut batch, LogitsMode::All)
-        .with_context(|| format!("running {}", args.input.display()))?;
-    let mut data = Vec::with_capacity(b * t * c.vocab_size * 4);
+    let rows = if args.cluster.enabled() {
+        logits_on_cluster(&args, b, t, &ids)?
+    } else {
+        let model = args.model.load_cpu()?;
+        let c = model.config();
+        check_rows(&args, t, c.max_seq_len)?;
+        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
+        let mut batch: Vec<SeqStep> = ids
+            .chunks_exact(t)
+            .zip(caches.iter_mut())
+            .map(|(row, cache)| SeqStep { tokens: row, cache })
+            .collect();
+        model
+            .forward(&mut batch, LogitsMode::All)
+            .with_context(|| format!("running {}", args.input.display()))?
+    };
+    let vocab = rows.first().map_or(0, |r| r.len() / t);
+    let mut data = Vec::with_capacity(b * t * vocab * 4);
     for r in rows {
         for v in r {
             data.extend_from_slice(&v.to_le_bytes());
         }
     }
-    let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![b, t, c.vocab_size], &data)?;
+    let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![b, t, vocab], &data)?;
     safetensors::serialize_to_file([("logits", view)], None, &args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
     Ok(())
+}
+
+fn check_rows(args: &Args, t: usize, max: usize) -> Result<()> {
+    if t > max {
+        bail!(
+            "{}: rows of {t} tokens exceed the model's context of {max}",
+            args.input.display()
+        );
+    }
+    Ok(())
+}
+
+/// One step through the cluster: row i is sequence i, all logits.
+fn logits_on_cluster(args: &Args, b: usize, t: usize, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let dir = args.model.dir()?;
+    cluster_args::runtime()?.block_on(async {
+        let mut cluster = args.cluster.start(&dir).await?;
+        let result = async {
+            check_rows(args, t, cluster.config().max_seq_len)?;
+            let vocab = cluster.config().vocab_size;
+            if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                bail!(
+                    "{}: token id {bad} is outside the vocabulary of {vocab}",
+                    args.input.display()
+                );
+            }
+            let seqs: Vec<(u64, Vec<u32>)> = ids
+                .chunks_exact(t)
+                .enumerate()
+                .map(|(i, r)| (i as u64, r.to_vec()))
+                .collect();
+            let mut out = cluster.step(&seqs, &[], true).await?;
+            (0..b as u64)
+                .map(|i| out.remove(&i).context("missing logits"))
+                .collect::<Result<Vec<_>>>()
+        }
+        .await;
+        cluster.shutdown().await;
+        result
+    })
 }

@@ -270,12 +270,14 @@ pub struct ModelDir {
     pub source: Box<dyn TensorSource>,
 }
 
-/// Opens `path` as a native model or a release checkpoint and validates it against its config.
-///
-/// Accepted layouts: a native directory (`config.json`, `*.safetensors`, `checksums.json`); a
-/// directory holding `ckpt-0/` (config from its `config.json`, else the `grok-1` preset); or a
-/// `ckpt-0` directory itself (config from its parent's `config.json`, else `grok-1`).
-pub fn open_model(path: &Path) -> Result<ModelDir> {
+/// Which format a model directory holds, and where its config comes from.
+enum Layout {
+    Native,
+    /// The `ckpt-0` directory and the config found for it (`None`: the `grok-1` preset).
+    Release(PathBuf, Option<PathBuf>),
+}
+
+fn layout(path: &Path) -> Result<Layout> {
     if !path.is_dir() {
         return Err(CheckpointError::Io {
             path: path.to_path_buf(),
@@ -283,13 +285,7 @@ pub fn open_model(path: &Path) -> Result<ModelDir> {
         });
     }
     if path.join(native::CHECKSUMS_FILE).is_file() {
-        let config = ModelConfig::from_json_file(&path.join("config.json"))?;
-        let source = native::NativeSource::open(path)?;
-        validate(&source, &config)?;
-        return Ok(ModelDir {
-            config,
-            source: Box::new(source),
-        });
+        return Ok(Layout::Native);
     }
     let (ckpt, config_dir) = if path.join("ckpt-0").is_dir() {
         (path.join("ckpt-0"), path.to_path_buf())
@@ -301,25 +297,40 @@ pub fn open_model(path: &Path) -> Result<ModelDir> {
             path: path.to_path_buf(),
         });
     };
-    let config_path = [path.join("config.json"), config_dir.join("config.json")]
+    let config = [path.join("config.json"), config_dir.join("config.json")]
         .into_iter()
         .find(|p| p.is_file());
-    let config = match config_path {
-        Some(p) => ModelConfig::from_json_file(&p)?,
-        None => {
+    Ok(Layout::Release(ckpt, config))
+}
+
+/// The config of the model at `path` (either format), without reading any weights.
+pub fn model_config(path: &Path) -> Result<ModelConfig> {
+    match layout(path)? {
+        Layout::Native => Ok(ModelConfig::from_json_file(&path.join("config.json"))?),
+        Layout::Release(_, Some(p)) => Ok(ModelConfig::from_json_file(&p)?),
+        Layout::Release(ckpt, None) => {
             tracing::info!(
                 "{}: no config.json beside it, using the grok-1 preset",
                 ckpt.display()
             );
-            ModelConfig::grok1()
+            Ok(ModelConfig::grok1())
         }
+    }
+}
+
+/// Opens `path` as a native model or a release checkpoint and validates it against its config.
+///
+/// Accepted layouts: a native directory (`config.json`, `*.safetensors`, `checksums.json`); a
+/// directory holding `ckpt-0/` (config from its `config.json`, else the `grok-1` preset); or a
+/// `ckpt-0` directory itself (config from its parent's `config.json`, else `grok-1`).
+pub fn open_model(path: &Path) -> Result<ModelDir> {
+    let config = model_config(path)?;
+    let source: Box<dyn TensorSource> = match layout(path)? {
+        Layout::Native => Box::new(native::NativeSource::open(path)?),
+        Layout::Release(ckpt, _) => Box::new(ckpt0::Ckpt0Source::open(&ckpt, &config)?),
     };
-    let source = ckpt0::Ckpt0Source::open(&ckpt, &config)?;
-    validate(&source, &config)?;
-    Ok(ModelDir {
-        config,
-        source: Box::new(source),
-    })
+    validate(source.as_ref(), &config)?;
+    Ok(ModelDir { config, source })
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! between a pair of ranks are delivered in order. Every wait has a deadline, and a failed
 //! peer becomes an error naming it, never a hang.
 
+pub mod grpc;
 pub mod local;
 
 use std::time::Duration;

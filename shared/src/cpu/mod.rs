@@ -129,6 +129,10 @@ impl CpuShard {
         &self.plan
     }
 
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
     /// A cache for this rank's kv heads.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.local.num_hidden_layers, self.local.kv_dim())

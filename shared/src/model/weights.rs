@@ -284,6 +284,16 @@ impl ModelWeights {
         cfg: &ModelConfig,
         slices: &Slices,
     ) -> Result<Self, ModelError> {
+        Self::load_slices_with_progress(source, cfg, slices, &mut |_| {})
+    }
+
+    /// [`Self::load_slices`], calling `progress(layers_done)` after each layer.
+    pub fn load_slices_with_progress(
+        source: &dyn TensorSource,
+        cfg: &ModelConfig,
+        slices: &Slices,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Self, ModelError> {
         let plain_data = |name: &str, shape: &[usize]| -> Result<F32Data, ModelError> {
             match source.load(name)? {
                 StoredTensor::Plain(t) if t.shape == shape && t.dtype.is_float() => {
@@ -366,6 +376,7 @@ impl ModelWeights {
                 router: plain(&layer_tensor(l, "router/w"), &[d, cfg.num_local_experts])?,
                 experts,
             });
+            progress(l + 1);
         }
         Ok(ModelWeights {
             config: cfg.clone(),

@@ -1,0 +1,406 @@
+//! The coordinator's view of a cluster: worker processes it spawned on loopback (or remote
+//! ones it joined), each given a rank, the plan, its peers and the token; every step sent to
+//! every rank in lockstep with a deadline; a failed rank named, and restartable alone.
+
+use grok_proto::worker::v1 as pb;
+use grok_proto::worker::v1::worker_client::WorkerClient;
+use grok_shared::checkpoint::model_config;
+use grok_shared::config::ModelConfig;
+use grok_shared::parallel::Plan;
+use grok_worker::auth::AddToken;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("rank {rank}: {msg}")]
+    Rank { rank: usize, msg: String },
+    #[error("{0}")]
+    Setup(String),
+    #[error("the cluster is unhealthy after a failure of rank {0}: restart that rank first")]
+    Unhealthy(usize),
+}
+
+type Client = WorkerClient<InterceptedService<Channel, AddToken>>;
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub workers: usize,
+    pub tp: usize,
+    pub ep: usize,
+    /// Join these already-running workers instead of spawning local ones.
+    pub worker_addrs: Vec<String>,
+    pub token: String,
+    pub worker_bin: PathBuf,
+    /// Deadline of one step on every rank.
+    pub step_timeout: Duration,
+    /// Deadline of each collective wait between workers.
+    pub comm_timeout: Duration,
+}
+
+struct Rank {
+    addr: String,
+    client: Client,
+    child: Option<Child>,
+    peer_addr: String,
+}
+
+pub struct Cluster {
+    model_path: PathBuf,
+    config: ModelConfig,
+    plan: Plan,
+    opts: ClusterOptions,
+    ranks: Vec<Rank>,
+    next_step: u64,
+    failed: Option<usize>,
+}
+
+/// `grok-worker` beside the running executable (where cargo builds both).
+pub fn default_worker_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("grok-worker")))
+        .unwrap_or_else(|| PathBuf::from("grok-worker"))
+}
+
+fn rank_err(rank: usize) -> impl Fn(String) -> ClusterError {
+    move |msg| ClusterError::Rank { rank, msg }
+}
+
+async fn spawn_worker(
+    bin: &Path,
+    token: &str,
+    rank: usize,
+) -> Result<(Child, String), ClusterError> {
+    let err = rank_err(rank);
+    let mut child = Command::new(bin)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("GROK_CLUSTER_TOKEN", token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| err(format!("cannot start {}: {e} (build it with `cargo build -p grok-worker`, or give --worker-bin)", bin.display())))?;
+    let stdout = child.stdout.take().ok_or_else(|| err("no stdout".into()))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .map_err(|_| err("did not report its address within 10 s".into()))?
+        .map_err(|e| err(format!("reading its stdout: {e}")))?
+        .ok_or_else(|| err("exited before reporting its address".into()))?;
+    let addr = line
+        .strip_prefix("grok-worker listening on ")
+        .ok_or_else(|| err(format!("unexpected first line '{line}'")))?
+        .to_string();
+    Ok((child, addr))
+}
+
+async fn connect(addr: &str, token: &str, rank: usize) -> Result<Client, ClusterError> {
+    let err = rank_err(rank);
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| err(format!("bad address {addr}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| err(format!("cannot connect to {addr}: {e}")))?;
+    let add = AddToken::new(token).map_err(ClusterError::Setup)?;
+    Ok(WorkerClient::with_interceptor(channel, add)
+        .max_decoding_message_size(1 << 30)
+        .max_encoding_message_size(1 << 30))
+}
+
+impl Cluster {
+    /// Starts (or joins) the workers, has each load its slice (reporting `progress(rank,
+    /// layers_done, layers_total)`), connects them to each other, and returns once all are ready.
+    pub async fn start(
+        model_path: &Path,
+        opts: ClusterOptions,
+        progress: &mut (dyn FnMut(usize, u32, u32) + Send),
+    ) -> Result<Cluster, ClusterError> {
+        let config = model_config(model_path).map_err(|e| ClusterError::Setup(e.to_string()))?;
+        let world = if opts.worker_addrs.is_empty() {
+            opts.workers
+        } else {
+            opts.worker_addrs.len()
+        };
+        if world == 0 {
+            return Err(ClusterError::Setup(
+                "a cluster needs at least one worker (--workers N)".into(),
+            ));
+        }
+        let plan = Plan::new(&config, world, opts.tp, opts.ep)
+            .map_err(|e| ClusterError::Setup(e.to_string()))?;
+        if opts.token.is_empty() {
+            return Err(ClusterError::Setup("the cluster token is empty".into()));
+        }
+        let mut ranks = Vec::with_capacity(world);
+        for rank in 0..world {
+            ranks.push(Self::open_rank(&opts, rank).await?);
+        }
+        let mut cluster = Cluster {
+            model_path: model_path.to_path_buf(),
+            config,
+            plan,
+            opts,
+            ranks,
+            next_step: 0,
+            failed: None,
+        };
+        let all: Vec<usize> = (0..world).collect();
+        cluster.load(&all, progress).await?;
+        cluster.join_peers().await?;
+        Ok(cluster)
+    }
+
+    async fn open_rank(opts: &ClusterOptions, rank: usize) -> Result<Rank, ClusterError> {
+        let (child, addr) = match opts.worker_addrs.get(rank) {
+            Some(a) => (None, a.clone()),
+            None => {
+                let (c, a) = spawn_worker(&opts.worker_bin, &opts.token, rank).await?;
+                (Some(c), a)
+            }
+        };
+        let mut client = connect(&addr, &opts.token, rank).await?;
+        let info = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.describe(pb::DescribeRequest {}),
+        )
+        .await
+        .map_err(|_| rank_err(rank)(format!("{addr}: no answer to Describe within 10 s")))?
+        .map_err(|s| rank_err(rank)(format!("{addr}: {}", s.message())))?
+        .into_inner();
+        Ok(Rank {
+            addr,
+            client,
+            child,
+            peer_addr: info.peer_addr,
+        })
+    }
+
+    async fn load(
+        &mut self,
+        ranks: &[usize],
+        progress: &mut (dyn FnMut(usize, u32, u32) + Send),
+    ) -> Result<(), ClusterError> {
+        let plan = pb::Plan {
+            world: self.plan.world as u32,
+            tp: self.plan.tp as u32,
+            ep: self.plan.ep as u32,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for &r in ranks {
+            let mut client = self.ranks[r].client.clone();
+            let req = pb::LoadRequest {
+                rank: r as u32,
+                plan: Some(plan),
+                model_path: self.model_path.display().to_string(),
+            };
+            let tx = tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let err = rank_err(r);
+                let mut stream = client
+                    .load(req)
+                    .await
+                    .map_err(|s| err(s.message().to_string()))?
+                    .into_inner();
+                loop {
+                    // A load may take long, but each layer must show progress within the deadline.
+                    let msg = tokio::time::timeout(Duration::from_secs(600), stream.message())
+                        .await
+                        .map_err(|_| err("no load progress for 600 s".into()))?
+                        .map_err(|s| err(format!("load failed: {}", s.message())))?
+                        .ok_or_else(|| err("load stream ended early".into()))?;
+                    let _ = tx.send((r, msg.layers_done, msg.layers_total));
+                    if msg.done {
+                        return Ok::<(), ClusterError>(());
+                    }
+                }
+            }));
+        }
+        drop(tx);
+        while let Some((r, done, total)) = rx.recv().await {
+            if total > 0 {
+                progress(r, done, total);
+            }
+        }
+        for t in tasks {
+            t.await
+                .map_err(|e| ClusterError::Setup(format!("load task: {e}")))??;
+        }
+        Ok(())
+    }
+
+    async fn join_peers(&mut self) -> Result<(), ClusterError> {
+        let peers: Vec<String> = self.ranks.iter().map(|r| r.peer_addr.clone()).collect();
+        let timeout_ms = self.opts.comm_timeout.as_millis().min(u32::MAX as u128) as u32;
+        let mut tasks = Vec::new();
+        for (r, rank) in self.ranks.iter().enumerate() {
+            let mut client = rank.client.clone();
+            let req = pb::JoinPeersRequest {
+                peer_addrs: peers.clone(),
+                timeout_ms,
+            };
+            tasks.push(tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(30), client.join_peers(req))
+                    .await
+                    .map_err(|_| rank_err(r)("did not join its peers within 30 s".into()))?
+                    .map_err(|s| rank_err(r)(format!("joining peers: {}", s.message())))
+                    .map(|_| ())
+            }));
+        }
+        for t in tasks {
+            t.await
+                .map_err(|e| ClusterError::Setup(format!("join task: {e}")))??;
+        }
+        self.failed = None;
+        Ok(())
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.ranks.iter().map(|r| r.addr.clone()).collect()
+    }
+
+    /// The OS process id of a spawned rank (for tests and operators).
+    pub fn pid(&self, rank: usize) -> Option<u32> {
+        self.ranks
+            .get(rank)
+            .and_then(|r| r.child.as_ref())
+            .and_then(Child::id)
+    }
+
+    /// Which rank failed, if the cluster is unhealthy.
+    pub fn failed_rank(&self) -> Option<usize> {
+        self.failed
+    }
+
+    /// One step: `seqs` are (sequence id, new tokens); each sequence lives on data-parallel
+    /// group `id % dp` for its whole life. `free` drops sequences' caches everywhere. Returns
+    /// each sequence's logits (`[rows, V]`).
+    pub async fn step(
+        &mut self,
+        seqs: &[(u64, Vec<u32>)],
+        free: &[u64],
+        all_logits: bool,
+    ) -> Result<HashMap<u64, Vec<f32>>, ClusterError> {
+        if let Some(r) = self.failed {
+            return Err(ClusterError::Unhealthy(r));
+        }
+        let dp = self.plan.dp() as u64;
+        self.next_step += 1;
+        let mut tasks = Vec::new();
+        for (r, rank) in self.ranks.iter().enumerate() {
+            let group = self.plan.dp_index(r) as u64;
+            let req = pb::StepRequest {
+                step_id: self.next_step,
+                seqs: seqs
+                    .iter()
+                    .filter(|(id, _)| id % dp == group)
+                    .map(|(id, t)| pb::SeqInput {
+                        seq_id: *id,
+                        tokens: t.clone(),
+                    })
+                    .collect(),
+                all_logits,
+                free: free.to_vec(),
+            };
+            let mut client = rank.client.clone();
+            let deadline = self.opts.step_timeout;
+            tasks.push(tokio::spawn(async move {
+                match tokio::time::timeout(deadline, client.step(req)).await {
+                    Err(_) => Err((true, format!("no answer to the step within {deadline:?}"))),
+                    // Transport errors mean the process is gone: the likeliest culprit.
+                    Ok(Err(s)) => Err((
+                        s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown,
+                        s.message().to_string(),
+                    )),
+                    Ok(Ok(reply)) => Ok(reply.into_inner()),
+                }
+            }));
+        }
+        let mut out = HashMap::new();
+        let mut errors = Vec::new();
+        for (r, t) in tasks.into_iter().enumerate() {
+            match t.await {
+                Ok(Ok(reply)) => {
+                    for l in reply.logits {
+                        out.insert(l.seq_id, l.logits);
+                    }
+                }
+                Ok(Err((gone, msg))) => errors.push((gone, r, msg)),
+                Err(e) => errors.push((false, r, format!("step task: {e}"))),
+            }
+        }
+        if !errors.is_empty() {
+            // Name the rank whose process failed, rather than a peer that timed out on it.
+            errors.sort_by_key(|(gone, r, _)| (!*gone, *r));
+            let (_, r, msg) = errors.swap_remove(0);
+            self.failed = Some(r);
+            return Err(ClusterError::Rank { rank: r, msg });
+        }
+        for (id, _) in seqs {
+            if !out.contains_key(id) {
+                return Err(ClusterError::Setup(format!(
+                    "no logits came back for sequence {id}"
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces `rank` with a fresh process (local clusters), which loads only its own slice;
+    /// then every rank reconnects its collectives. KV caches of all sequences are dropped.
+    pub async fn restart(&mut self, rank: usize) -> Result<(), ClusterError> {
+        if rank >= self.ranks.len() {
+            return Err(ClusterError::Setup(format!("no rank {rank}")));
+        }
+        if let Some(mut c) = self.ranks[rank].child.take() {
+            let _ = c.kill().await;
+        }
+        let mut fresh = self.opts.clone();
+        if !fresh.worker_addrs.is_empty() {
+            // A remote rank restarts on its own machine; rejoin it at the same address.
+            fresh.worker_addrs = vec![String::new(); rank]
+                .into_iter()
+                .chain([self.ranks[rank].addr.clone()])
+                .collect();
+        }
+        self.ranks[rank] = Self::open_rank(&fresh, rank).await?;
+        self.load(&[rank], &mut |_, _, _| {}).await?;
+        self.join_peers().await
+    }
+
+    /// Asks every worker to stop, then makes sure spawned processes are gone.
+    pub async fn shutdown(mut self) {
+        for r in &mut self.ranks {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                r.client.shutdown(pb::ShutdownRequest {}),
+            )
+            .await;
+            if let Some(mut c) = r.child.take() {
+                if tokio::time::timeout(Duration::from_secs(5), c.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = c.kill().await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! `grok-worker --listen ADDR --cluster-token TOKEN [--device cpu]`
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use std::io::Write;
+use std::net::SocketAddr;
+
+#[derive(Parser, Debug)]
+#[command(name = "grok-worker", version, about = "One rank of a Grok-1 cluster")]
+struct Args {
+    /// Address for the coordinator (port 0 picks a free one; the address is printed on stdout).
+    #[arg(long, env = "GROK_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address for the peers' collectives (default: the --listen host, a free port).
+    #[arg(long, env = "GROK_WORKER_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// Shared secret: callers without it are refused.
+    #[arg(long, env = "GROK_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: String,
+    /// Compute device. Only `cpu` exists in this build (CUDA comes with the GPU backend).
+    #[arg(long, env = "GROK_WORKER_DEVICE", default_value = "cpu")]
+    device: String,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.cluster_token.trim().is_empty() {
+        bail!("--cluster-token is empty: give the cluster's shared token (or GROK_CLUSTER_TOKEN)");
+    }
+    if !args
+        .cluster_token
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b))
+    {
+        bail!("--cluster-token must be printable ASCII");
+    }
+    if args.device != "cpu" {
+        bail!(
+            "--device {}: this build has only the cpu backend (use --device cpu)",
+            args.device
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding --listen {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        let peer = args.peer_listen.unwrap_or(SocketAddr::new(addr.ip(), 0));
+        let peer_listener = std::net::TcpListener::bind(peer)
+            .with_context(|| format!("binding --peer-listen {peer}"))?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{}", grok_worker::ready_line(addr))?;
+        out.flush()?;
+        drop(out);
+        grok_worker::serve(listener, peer_listener, args.cluster_token, args.device).await
+    })
+}
