@@ -48,6 +48,8 @@ struct Rank {
     client: Client,
     child: Option<Child>,
     peer_addr: String,
+    /// Weight bytes the rank holds, as it reported when its load finished.
+    weight_bytes: u64,
 }
 
 pub struct Cluster {
@@ -181,6 +183,7 @@ impl Cluster {
             client,
             child,
             peer_addr: info.peer_addr,
+            weight_bytes: 0,
         })
     }
 
@@ -218,10 +221,10 @@ impl Cluster {
                         .map_err(|_| err("no load progress for 600 s".into()))?
                         .map_err(|s| err(format!("load failed: {}", s.message())))?
                         .ok_or_else(|| err("load stream ended early".into()))?;
-                    let _ = tx.send((r, msg.layers_done, msg.layers_total));
                     if msg.done {
-                        return Ok::<(), ClusterError>(());
+                        return Ok::<u64, ClusterError>(msg.weight_bytes);
                     }
+                    let _ = tx.send((r, msg.layers_done, msg.layers_total));
                 }
             }));
         }
@@ -231,14 +234,35 @@ impl Cluster {
                 progress(r, done, total);
             }
         }
-        for t in tasks {
-            t.await
+        for (&r, t) in ranks.iter().zip(tasks) {
+            self.ranks[r].weight_bytes = t
+                .await
                 .map_err(|e| ClusterError::Setup(format!("load task: {e}")))??;
         }
         Ok(())
     }
 
+    /// Connects every rank's collectives to its peers. Every rank first drops its old mesh
+    /// (and all waits for that), so no new stream meets an old one being torn down.
     async fn join_peers(&mut self) -> Result<(), ClusterError> {
+        let mut leaving = Vec::new();
+        for (r, rank) in self.ranks.iter().enumerate() {
+            let mut client = rank.client.clone();
+            leaving.push(tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.leave_peers(pb::LeavePeersRequest {}),
+                )
+                .await
+                .map_err(|_| rank_err(r)("did not leave its peers within 10 s".into()))?
+                .map_err(|s| rank_err(r)(format!("leaving peers: {}", s.message())))
+                .map(|_| ())
+            }));
+        }
+        for t in leaving {
+            t.await
+                .map_err(|e| ClusterError::Setup(format!("leave task: {e}")))??;
+        }
         let peers: Vec<String> = self.ranks.iter().map(|r| r.peer_addr.clone()).collect();
         let timeout_ms = self.opts.comm_timeout.as_millis().min(u32::MAX as u128) as u32;
         let mut tasks = Vec::new();
@@ -282,6 +306,36 @@ impl Cluster {
             .get(rank)
             .and_then(|r| r.child.as_ref())
             .and_then(Child::id)
+    }
+
+    /// Weight bytes each rank holds.
+    pub fn weight_bytes(&self) -> Vec<u64> {
+        self.ranks.iter().map(|r| r.weight_bytes).collect()
+    }
+
+    /// Asks every rank for its health (2 s deadline each); the first rank that does not
+    /// answer "ready" marks the cluster unhealthy and is named in the error.
+    pub async fn health(&mut self) -> Result<(), ClusterError> {
+        for (r, rank) in self.ranks.iter_mut().enumerate() {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                rank.client.health(pb::HealthRequest {}),
+            )
+            .await;
+            let problem = match answer {
+                Err(_) => Some("no answer to a health check within 2 s".to_string()),
+                Ok(Err(s)) => Some(format!("health check failed: {}", s.message())),
+                Ok(Ok(h)) if h.get_ref().state != "ready" => {
+                    Some(format!("state {}", h.get_ref().state))
+                }
+                Ok(Ok(_)) => None,
+            };
+            if let Some(msg) = problem {
+                self.failed = Some(r);
+                return Err(ClusterError::Rank { rank: r, msg });
+            }
+        }
+        Ok(())
     }
 
     /// Which rank failed, if the cluster is unhealthy.

@@ -31,6 +31,8 @@ enum Command {
     Convert(commands::convert::Args),
     /// Write a model with deterministic random weights for a preset shape.
     Init(commands::init::Args),
+    /// Start a cluster of workers and supervise it (restarting a failed rank).
+    Serve(commands::serve::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Tokenize(a) => commands::tokenize::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Init(a) => commands::init::run(a),
+        Command::Serve(a) => commands::serve::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

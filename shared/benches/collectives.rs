@@ -7,8 +7,8 @@
 //!
 //! The plain TCP side is the best case for the same exchange: one socket per ordered pair
 //! (TCP_NODELAY), a length prefix, a writer thread per outgoing socket, the rank's thread reading
-//! its peers in turn, the bytes never converted from f32 and never copied on the way out (gRPC
-//! converts to little-endian bytes and back, as a portable wire format must).
+//! its peers in turn, the bytes sent straight from one buffer (no f32 conversion, no copy before
+//! the kernel's).
 
 use grok_shared::comm::grpc::GrpcComm;
 use grok_shared::comm::Communicator;
@@ -166,8 +166,11 @@ impl TcpRank {
         for mut sock in self.from.iter().flatten() {
             let mut len = [0u8; 8];
             sock.read_exact(&mut len).expect("read length");
-            let mut data = vec![0u8; u64::from_le_bytes(len) as usize];
-            sock.read_exact(&mut data).expect("read payload");
+            let n = u64::from_le_bytes(len);
+            // Into spare capacity: no zero-filling first.
+            let mut data = Vec::with_capacity(n as usize);
+            sock.take(n).read_to_end(&mut data).expect("read payload");
+            assert_eq!(data.len() as u64, n, "short message");
             std::hint::black_box(&data);
         }
         bufs

@@ -44,6 +44,9 @@ pub enum Command {
         req: pb::JoinPeersRequest,
         reply: Reply<()>,
     },
+    Leave {
+        reply: Reply<()>,
+    },
     Step {
         req: pb::StepRequest,
         reply: Reply<pb::StepReply>,
@@ -120,6 +123,10 @@ impl Engine {
             Command::Connect { req, reply } => {
                 let r = self.connect(req);
                 let _ = reply.send(r);
+            }
+            Command::Leave { reply } => {
+                self.leave();
+                let _ = reply.send(Ok(()));
             }
             Command::Step { req, reply } => {
                 let r = self.step(req);
@@ -200,21 +207,30 @@ impl Engine {
             return Err(EngineError::BadRequest("timeout_ms must be > 0".into()));
         }
         // A reconnect (after a peer restarted) replaces the old mesh on the same address.
-        if let Some(old) = self.comm.take() {
-            old.shutdown();
-        }
+        self.leave();
         let listener = match self.peer_listener.take() {
             Some(l) => l,
             None => std::net::TcpListener::bind(self.peer_addr)
                 .map_err(|e| EngineError::Connect(format!("binding {}: {e}", self.peer_addr)))?,
         };
-        self.caches.clear();
         let timeout = Duration::from_millis(u64::from(req.timeout_ms));
         let comm = GrpcComm::start(rank, peers, listener, &self.token, timeout, &self.runtime)
             .map_err(|e| EngineError::Connect(e.to_string()))?;
         self.comm = Some(comm);
         set_state(&self.status, "ready", rank as u32);
         Ok(())
+    }
+
+    /// Drops the mesh and every KV cache (sequences cannot continue without their peers).
+    fn leave(&mut self) {
+        if let Some(old) = self.comm.take() {
+            old.shutdown();
+        }
+        self.caches.clear();
+        if self.shard.is_some() {
+            let rank = self.shard.as_ref().map_or(0, |s| s.rank() as u32);
+            set_state(&self.status, "loaded", rank);
+        }
     }
 
     fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepReply, EngineError> {

@@ -106,6 +106,14 @@ impl Worker for WorkerService {
         Ok(Response::new(pb::JoinPeersReply {}))
     }
 
+    async fn leave_peers(
+        &self,
+        _: Request<pb::LeavePeersRequest>,
+    ) -> Result<Response<pb::LeavePeersReply>, Status> {
+        self.call(|reply| Command::Leave { reply }).await?;
+        Ok(Response::new(pb::LeavePeersReply {}))
+    }
+
     async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepReply>, Status> {
         let req = req.into_inner();
         Ok(Response::new(

@@ -2,4 +2,5 @@ pub mod convert;
 pub mod generate;
 pub mod init;
 pub mod logits;
+pub mod serve;
 pub mod tokenize;

@@ -799,10 +799,7 @@ struct Partial {
     seq: u64,
     next_chunk: u32,
     total_bytes: usize,
-    /// Zero-filled up front (fresh pages from the allocator cost no extra pass), `filled`
-    /// values written so far.
     data: Vec<f32>,
-    filled: usize,
 }
 
 impl Reader {
@@ -891,47 +888,35 @@ fn accept_chunk(
                 seq: c.seq,
                 next_chunk: 0,
                 total_bytes,
-                data: vec![0.0; (total_bytes / 4).min(MAX_PREALLOC_F32)],
-                filled: 0,
+                data: Vec::with_capacity((total_bytes / 4).min(MAX_PREALLOC_F32)),
             })
         }
     };
     let payload = &c.payload[..];
-    let (filled, n) = (p.filled, payload.len() / 4);
-    if !payload.len().is_multiple_of(4) || (filled + n) * 4 > p.total_bytes {
+    if !payload.len().is_multiple_of(4) || p.data.len() * 4 + payload.len() > p.total_bytes {
         return Err(format!(
             "message {}: {} payload bytes after {} of {}",
             p.seq,
             payload.len(),
-            filled * 4,
+            p.data.len() * 4,
             p.total_bytes
         ));
     }
-    if filled + n > p.data.len() {
-        // Only past the preallocation cap; the bytes are here, so the size is real.
-        p.data.resize(
-            (filled + n).max(2 * p.data.len()).min(p.total_bytes / 4),
-            0.0,
-        );
-    }
-    let dst = &mut p.data[filled..filled + n];
-    if cfg!(target_endian = "little") {
-        bytemuck::cast_slice_mut::<f32, u8>(dst).copy_from_slice(payload);
-    } else {
-        for (d, b) in dst.iter_mut().zip(payload.chunks_exact(4)) {
-            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-    }
-    p.filled += n;
+    // As fast as a memcpy (measured), and no zero-filling first.
+    p.data.extend(
+        payload
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    );
     p.next_chunk = p.next_chunk.wrapping_add(1);
     if !c.last {
         return Ok(None);
     }
-    if p.filled * 4 != p.total_bytes {
+    if p.data.len() * 4 != p.total_bytes {
         return Err(format!(
             "message {} ended at {} of {} bytes",
             p.seq,
-            p.filled * 4,
+            p.data.len() * 4,
             p.total_bytes
         ));
     }
