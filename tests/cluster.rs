@@ -82,16 +82,7 @@ fn every_issue_plan_through_worker_processes_equals_one_process() {
         "6",
         "--print-ids",
     ]);
-    for (w, tp, ep) in [
-        (1, 1, 1),
-        (2, 2, 2),
-        (2, 1, 2),
-        (2, 2, 1),
-        (4, 4, 4),
-        (4, 2, 4),
-        (4, 1, 4),
-        (4, 4, 2),
-    ] {
+    for (w, tp, ep) in grok_shared::test_support::TINY_A_PLANS {
         let (w, tp, ep) = (w.to_string(), tp.to_string(), ep.to_string());
         let flags = [
             "--workers",

@@ -14,3 +14,15 @@ pub fn reference_dir() -> PathBuf {
 pub fn tiny_a_dir() -> PathBuf {
     reference_dir().join("fixtures/grok1-tiny-a")
 }
+
+/// The (workers, tp, ep) plans the distributed runtime must run the `grok1-tiny-a` fixture on.
+pub const TINY_A_PLANS: [(usize, usize, usize); 8] = [
+    (1, 1, 1),
+    (2, 2, 2),
+    (2, 1, 2),
+    (2, 2, 1),
+    (4, 4, 4),
+    (4, 2, 4),
+    (4, 1, 4),
+    (4, 4, 2),
+];

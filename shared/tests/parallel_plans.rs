@@ -153,16 +153,7 @@ fn argmax_rows(v: &[f32], vocab: usize) -> Vec<usize> {
 #[test]
 fn every_issue_plan_equals_one_process() {
     let want = one_process();
-    for (w, tp, ep) in [
-        (1, 1, 1),
-        (2, 2, 2),
-        (2, 1, 2),
-        (2, 2, 1),
-        (4, 4, 4),
-        (4, 2, 4),
-        (4, 1, 4),
-        (4, 4, 2),
-    ] {
+    for (w, tp, ep) in grok_shared::test_support::TINY_A_PLANS {
         let got = cluster(w, tp, ep);
         for (i, ((ga, gb), (wa, wb))) in got.iter().zip(&want).enumerate() {
             let (da, db) = (max_diff(ga, wa), max_diff(gb, wb));

@@ -95,6 +95,8 @@ unsafe fn stream_rows_avx2(
 /// Columns per tile of the streaming kernel: the per-row partial sums (`m × STREAM_TILE` f32)
 /// stay in L1 while each weight row is read in long contiguous runs.
 const STREAM_TILE: usize = 2048;
+/// Offset (in f32) of the partial sums inside their buffer; see `stream_rows`.
+const PART_SKEW: usize = 40;
 
 /// `acc[m, n] += x[:, ka..kb] · w[ka..kb, :]`. Inlined into each `target_feature` wrapper so
 /// the loops are vectorised for that instruction set.
@@ -103,7 +105,10 @@ fn stream_rows(x: &[f32], m: usize, w: &QMatrix, ka: usize, kb: usize, acc: &mut
     let (k, n, gr) = (w.k, w.n, w.group_rows);
     let wq = w.weight_i8();
     let tile = STREAM_TILE.min(n);
-    let mut part = vec![0f32; m * tile];
+    // Partial sums start off a 4 KiB boundary: when weight rows are a multiple of 2 KiB long,
+    // stores to the sums would otherwise alias the row loads (4K aliasing stalls).
+    let mut part_buf = vec![0f32; m * tile + PART_SKEW];
+    let part = &mut part_buf[PART_SKEW..];
     let mut c0 = 0;
     while c0 < n {
         let tw = tile.min(n - c0);

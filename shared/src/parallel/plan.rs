@@ -185,16 +185,7 @@ mod tests {
     #[test]
     fn issue_plans_are_valid_for_the_fixture() {
         let c = fixture_cfg();
-        for (w, tp, ep) in [
-            (1, 1, 1),
-            (2, 2, 2),
-            (2, 1, 2),
-            (2, 2, 1),
-            (4, 4, 4),
-            (4, 2, 4),
-            (4, 1, 4),
-            (4, 4, 2),
-        ] {
+        for (w, tp, ep) in crate::test_support::TINY_A_PLANS {
             Plan::new(&c, w, tp, ep).unwrap();
         }
     }
