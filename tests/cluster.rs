@@ -224,3 +224,42 @@ fn a_killed_worker_fails_the_step_in_time_and_is_restarted_alone() {
         cluster.shutdown().await;
     });
 }
+
+#[test]
+fn a_stalled_worker_is_named_within_the_deadline() {
+    runtime().block_on(async {
+        let mut opts = options(2, 1, 2, "t0ken");
+        opts.step_timeout = Duration::from_secs(3);
+        opts.comm_timeout = Duration::from_secs(2);
+        let mut cluster = Cluster::start(&fixture(), opts, &mut |_, _, _| {})
+            .await
+            .unwrap();
+        let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 1024).collect();
+        cluster
+            .step(&[(1, prompt.clone()), (2, prompt.clone())], &[], false)
+            .await
+            .unwrap();
+        let pid = cluster.pid(0).unwrap().to_string();
+        assert!(Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let t = Instant::now();
+        let err = cluster
+            .step(&[(1, vec![3]), (2, vec![4])], &[], false)
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        assert!(Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        assert!(matches!(err, ClusterError::Rank { rank: 0, .. }), "{err}");
+        cluster.restart(0).await.unwrap();
+        cluster.step(&[(3, prompt)], &[], false).await.unwrap();
+        cluster.shutdown().await;
+    });
+}

@@ -144,7 +144,7 @@ impl Cluster {
         }
         let mut ranks = Vec::with_capacity(world);
         for rank in 0..world {
-            ranks.push(Self::open_rank(&opts, rank).await?);
+            ranks.push(Self::open_rank(&opts, rank, opts.worker_addrs.get(rank).cloned()).await?);
         }
         let mut cluster = Cluster {
             model_path: model_path.to_path_buf(),
@@ -161,9 +161,14 @@ impl Cluster {
         Ok(cluster)
     }
 
-    async fn open_rank(opts: &ClusterOptions, rank: usize) -> Result<Rank, ClusterError> {
-        let (child, addr) = match opts.worker_addrs.get(rank) {
-            Some(a) => (None, a.clone()),
+    /// Connects to the worker at `remote`, or spawns a local one when `None`.
+    async fn open_rank(
+        opts: &ClusterOptions,
+        rank: usize,
+        remote: Option<String>,
+    ) -> Result<Rank, ClusterError> {
+        let (child, addr) = match remote {
+            Some(a) => (None, a),
             None => {
                 let (c, a) = spawn_worker(&opts.worker_bin, &opts.token, rank).await?;
                 (Some(c), a)
@@ -426,15 +431,9 @@ impl Cluster {
         if let Some(mut c) = self.ranks[rank].child.take() {
             let _ = c.kill().await;
         }
-        let mut fresh = self.opts.clone();
-        if !fresh.worker_addrs.is_empty() {
-            // A remote rank restarts on its own machine; rejoin it at the same address.
-            fresh.worker_addrs = vec![String::new(); rank]
-                .into_iter()
-                .chain([self.ranks[rank].addr.clone()])
-                .collect();
-        }
-        self.ranks[rank] = Self::open_rank(&fresh, rank).await?;
+        // A remote rank restarts on its own machine; it is rejoined at the same address.
+        let remote = (!self.opts.worker_addrs.is_empty()).then(|| self.ranks[rank].addr.clone());
+        self.ranks[rank] = Self::open_rank(&self.opts, rank, remote).await?;
         self.load(&[rank], &mut |_, _, _| {}).await?;
         self.join_peers().await
     }

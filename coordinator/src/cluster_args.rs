@@ -69,7 +69,8 @@ impl ClusterArgs {
             worker_addrs: self.worker_addrs.clone(),
             token,
             worker_bin: self.worker_bin.clone().unwrap_or_else(default_worker_bin),
-            step_timeout: Duration::from_secs(10),
+            // Within the 10 s promise: a stalled rank is named by then, its peers time out at 5 s.
+            step_timeout: Duration::from_secs(8),
             comm_timeout: Duration::from_secs(5),
         })
     }
