@@ -247,9 +247,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Connects every rank's collectives to its peers. Every rank first drops its old mesh
-    /// (and all waits for that), so no new stream meets an old one being torn down.
-    async fn join_peers(&mut self) -> Result<(), ClusterError> {
+    /// Every rank drops its mesh (waiting until all did).
+    async fn leave_peers(&mut self) -> Result<(), ClusterError> {
         let mut leaving = Vec::new();
         for (r, rank) in self.ranks.iter().enumerate() {
             let mut client = rank.client.clone();
@@ -268,6 +267,13 @@ impl Cluster {
             t.await
                 .map_err(|e| ClusterError::Setup(format!("leave task: {e}")))??;
         }
+        Ok(())
+    }
+
+    /// Connects every rank's collectives to its peers. Every rank first drops its old mesh
+    /// (and all wait for that), so no new stream meets an old one being torn down.
+    async fn join_peers(&mut self) -> Result<(), ClusterError> {
+        self.leave_peers().await?;
         let peers: Vec<String> = self.ranks.iter().map(|r| r.peer_addr.clone()).collect();
         let timeout_ms = self.opts.comm_timeout.as_millis().min(u32::MAX as u128) as u32;
         let mut tasks = Vec::new();
@@ -440,6 +446,8 @@ impl Cluster {
 
     /// Asks every worker to stop, then makes sure spawned processes are gone.
     pub async fn shutdown(mut self) {
+        // Taking the mesh down together first keeps workers from reporting each other as failed.
+        let _ = self.leave_peers().await;
         for r in &mut self.ranks {
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),

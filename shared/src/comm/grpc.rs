@@ -64,6 +64,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
 /// Preallocation for an incoming message is capped: the size is peer-supplied.
 const MAX_PREALLOC_F32: usize = 64 << 20;
+/// Ends the failure reason of a peer that closed its streams in order.
+const CLEAN_CLOSE: &str = "(it shut down)";
 
 /// Where a rank listens for its peers: an address to bind, or a listener already bound (so a
 /// caller can bind port 0 and tell the peers the port before starting).
@@ -140,7 +142,13 @@ impl Shared {
             return;
         }
         if self.failed[peer].set(reason.clone()).is_ok() {
-            warn!(rank = self.rank, peer, %reason, "peer failed");
+            // A peer that closed its stream in order is leaving, not failing: worth a note,
+            // not a warning (clusters shut down rank by rank).
+            if reason.ends_with(CLEAN_CLOSE) {
+                tracing::info!(rank = self.rank, peer, %reason, "peer left");
+            } else {
+                warn!(rank = self.rank, peer, %reason, "peer failed");
+            }
             let _ = inbound.send(Err(reason.clone()));
             self.event(Event::Failed(CommError::PeerFailed {
                 rank: self.rank,
@@ -504,7 +512,7 @@ impl OutboundTask {
         let reason = tokio::select! {
             m = replies.message() => match m {
                 Ok(Some(_)) => format!("unexpected reply from rank {peer}"),
-                Ok(None) => format!("rank {peer} ended the stream (it shut down)"),
+                Ok(None) => format!("rank {peer} ended the stream {CLEAN_CLOSE}"),
                 Err(status) => format!("stream to rank {peer} broke: {}", describe(&status)),
             },
             _ = self.stop.wait_for(|s| *s) => return,
@@ -826,7 +834,7 @@ impl Reader {
                 Ok(None) if partial.is_some() => {
                     break Err("its stream ended inside a message".to_string())
                 }
-                Ok(None) => break Ok(format!("rank {src} closed its stream (it shut down)")),
+                Ok(None) => break Ok(format!("rank {src} closed its stream {CLEAN_CLOSE}")),
                 Err(status) => {
                     break Ok(format!(
                         "stream from rank {src} broke: {}",
