@@ -36,8 +36,8 @@ fn read_logits(path: &Path) -> Vec<f32> {
         .collect()
 }
 
-/// The fixture's greedy rows as a `tokens` file.
-fn tokens_file() -> (PathBuf, Vec<Vec<u32>>) {
+/// The fixture's greedy rows as a `tokens` file (one per test: tests run in parallel).
+fn tokens_file(tag: &str) -> (PathBuf, Vec<Vec<u32>>) {
     let bytes = std::fs::read(fixture().join("expected.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let g = st.tensor("greedy_tokens").unwrap();
@@ -47,7 +47,7 @@ fn tokens_file() -> (PathBuf, Vec<Vec<u32>>) {
         .chunks_exact(4)
         .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect();
-    let path = tmp("cluster-tokens.safetensors");
+    let path = tmp(&format!("cluster-tokens-{tag}.safetensors"));
     let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![b, t], g.data())
         .unwrap();
     safetensors::serialize_to_file([("tokens", view)], None, &path).unwrap();
@@ -56,7 +56,7 @@ fn tokens_file() -> (PathBuf, Vec<Vec<u32>>) {
 
 #[test]
 fn every_issue_plan_through_worker_processes_equals_one_process() {
-    let (input, rows) = tokens_file();
+    let (input, rows) = tokens_file("plans");
     let m = fixture();
     let m = m.to_str().unwrap();
     let want_path = tmp("cluster-want.safetensors");
@@ -262,4 +262,35 @@ fn a_stalled_worker_is_named_within_the_deadline() {
         cluster.step(&[(3, prompt)], &[], false).await.unwrap();
         cluster.shutdown().await;
     });
+}
+
+#[test]
+fn plans_that_do_not_divide_the_model_are_refused_with_the_valid_ones() {
+    let (input, _) = tokens_file("bad-plan");
+    let out = tmp("cluster-bad.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_grok"))
+        .args([
+            "logits",
+            "--model",
+            fixture().to_str().unwrap(),
+            "--input",
+            input.to_str().unwrap(),
+        ])
+        .args([
+            "--output",
+            out.to_str().unwrap(),
+            "--workers",
+            "4",
+            "--tp",
+            "3",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("tp (3) must divide") && err.contains("(tp=2, ep=4)"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
 }
