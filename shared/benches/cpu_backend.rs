@@ -41,9 +41,24 @@ fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Memory bandwidth with all threads: copy (bytes read + written per second, the usual
-/// definition) and read-only (a sum over the buffer).
-fn memory_bandwidth() -> (f64, f64) {
+/// Memory bandwidth with all threads, bytes/s: copy (read + written, STREAM's convention)
+/// and read-only (a sum over the buffer).
+#[derive(Clone, Copy)]
+struct Memory {
+    copy: f64,
+    read: f64,
+}
+
+/// `bw` as shares of both baselines.
+fn share(bw: f64, mem: Memory) -> String {
+    format!(
+        "{:.0}% of copy (read + write), {:.0}% of read-only",
+        100.0 * bw / mem.copy,
+        100.0 * bw / mem.read
+    )
+}
+
+fn memory_bandwidth() -> Memory {
     let bytes = 512usize << 20;
     let threads = rayon::current_num_threads();
     let src = vec![1u8; bytes];
@@ -67,7 +82,10 @@ fn memory_bandwidth() -> (f64, f64) {
         std::hint::black_box(s);
     });
     std::hint::black_box(&dst);
-    (2.0 * bytes as f64 / copy, bytes as f64 / read)
+    Memory {
+        copy: 2.0 * bytes as f64 / copy,
+        read: bytes as f64 / read,
+    }
 }
 
 /// Weight bytes one decode token reads: every attention matrix, the router, norms, the two
@@ -89,7 +107,7 @@ fn decode_weight_bytes(w: &ModelWeights) -> f64 {
     b as f64
 }
 
-fn bench_model(name: &str, cfg: &ModelConfig, copy_bw: f64, prompt_len: usize) {
+fn bench_model(name: &str, cfg: &ModelConfig, mem: Memory, prompt_len: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let t = Instant::now();
     init::init_random(cfg, 1, dir.path(), &mut |_| {}).expect("init");
@@ -150,7 +168,7 @@ fn bench_model(name: &str, cfg: &ModelConfig, copy_bw: f64, prompt_len: usize) {
     let bw = bytes / per_token;
     let rss = rss_bytes().saturating_sub(rss0);
     println!(
-        "{name}: weights {:.1} MB stored (init {:.1} s)\n  prefill {prompt_len} tokens: {:.1} ms, {:.0} tokens/s\n  decode batch 1: {:.2} ms/token, {:.1} tokens/s; reads {:.1} MB/token = {:.2} GB/s = {:.0}% of copy bandwidth\n  resident after decode: {:.1} MB (stored weights {:.1} MB + KV cache {:.2} MB = {:.1} MB; ratio {:.3})",
+        "{name}: weights {:.1} MB stored (init {:.1} s)\n  prefill {prompt_len} tokens: {:.1} ms, {:.0} tokens/s\n  decode batch 1: {:.2} ms/token, {:.1} tokens/s; reads {:.1} MB/token = {:.2} GB/s = {}\n  resident after decode: {:.1} MB (stored weights {:.1} MB + KV cache {:.2} MB = {:.1} MB; ratio {:.3})",
         stored as f64 / 1e6,
         init_s,
         prefill * 1e3,
@@ -159,7 +177,7 @@ fn bench_model(name: &str, cfg: &ModelConfig, copy_bw: f64, prompt_len: usize) {
         1.0 / per_token,
         bytes / 1e6,
         bw / 1e9,
-        100.0 * bw / copy_bw,
+        share(bw, mem),
         rss as f64 / 1e6,
         stored as f64 / 1e6,
         cache.nbytes() as f64 / 1e6,
@@ -204,7 +222,7 @@ fn bench_prefill_matmul(m: usize, k: usize, n: usize, groups: usize) {
 }
 
 /// Batch-1 products, as weight bytes read per second: the int8 stream kernel and the f32 head.
-fn bench_decode_matmul(k: usize, n: usize, groups: usize, copy_bw: f64) {
+fn bench_decode_matmul(k: usize, n: usize, groups: usize, mem: Memory) {
     let q = grok_shared::model::QMatrix {
         k,
         n,
@@ -219,10 +237,10 @@ fn bench_decode_matmul(k: usize, n: usize, groups: usize, copy_bw: f64) {
     let t = best_of(20, || qmatmul(&x, 1, &q, &mut out));
     let bw = q.stored_bytes() as f64 / t;
     println!(
-        "  int8 [1 x {k}] x [{k} x {n}]: {:.0} us, {:.2} GB/s = {:.0}% of copy bandwidth",
+        "  int8 [1 x {k}] x [{k} x {n}]: {:.0} us, {:.2} GB/s = {}",
         t * 1e6,
         bw / 1e9,
-        100.0 * bw / copy_bw
+        share(bw, mem)
     );
     let head = vec![0.25f32; n * k];
     let t = best_of(20, || {
@@ -230,28 +248,28 @@ fn bench_decode_matmul(k: usize, n: usize, groups: usize, copy_bw: f64) {
     });
     let bw = (n * k * 4) as f64 / t;
     println!(
-        "  f32 head [1 x {k}] x [{n} x {k}]^T: {:.0} us, {:.2} GB/s = {:.0}% of copy bandwidth",
+        "  f32 head [1 x {k}] x [{n} x {k}]^T: {:.0} us, {:.2} GB/s = {}",
         t * 1e6,
         bw / 1e9,
-        100.0 * bw / copy_bw
+        share(bw, mem)
     );
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let threads = rayon::current_num_threads();
-    let (copy_bw, read_bw) = memory_bandwidth();
+    let mem = memory_bandwidth();
     println!(
         "memory ({threads} threads): copy {:.2} GB/s (read + write), read-only {:.2} GB/s",
-        copy_bw / 1e9,
-        read_bw / 1e9
+        mem.copy / 1e9,
+        mem.read / 1e9
     );
 
     println!("decode products (batch 1):");
-    bench_decode_matmul(2048, 10928, 1, copy_bw);
-    bench_decode_matmul(10928, 2048, 8, copy_bw);
+    bench_decode_matmul(2048, 10928, 1, mem);
+    bench_decode_matmul(10928, 2048, 8, mem);
 
-    bench_model("tiny preset", &ModelConfig::tiny(), copy_bw, 128);
+    bench_model("tiny preset", &ModelConfig::tiny(), mem, 128);
 
     let d = 2048;
     let large = ModelConfig {
@@ -270,7 +288,7 @@ fn main() {
     bench_model(
         "large random (d 2048, f 10928, 8 experts)",
         &large,
-        copy_bw,
+        mem,
         128,
     );
 
