@@ -247,26 +247,51 @@ impl Cluster {
         Ok(())
     }
 
+    /// Calls every rank at once (`call(client)`), each within `deadline`; the first failure
+    /// is returned naming its rank and `what` was asked.
+    async fn on_every_rank<T, F, Fut>(
+        &self,
+        what: &'static str,
+        deadline: Duration,
+        call: F,
+    ) -> Result<Vec<T>, ClusterError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let tasks: Vec<_> = self
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(r, rank)| {
+                let reply = call(rank.client.clone());
+                tokio::spawn(async move {
+                    tokio::time::timeout(deadline, reply)
+                        .await
+                        .map_err(|_| {
+                            rank_err(r)(format!("no answer to {what} within {deadline:?}"))
+                        })?
+                        .map_err(|s| rank_err(r)(format!("{what}: {}", s.message())))
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            out.push(
+                t.await
+                    .map_err(|e| ClusterError::Setup(format!("{what} task: {e}")))??,
+            );
+        }
+        Ok(out)
+    }
+
     /// Every rank drops its mesh (waiting until all did).
     async fn leave_peers(&mut self) -> Result<(), ClusterError> {
-        let mut leaving = Vec::new();
-        for (r, rank) in self.ranks.iter().enumerate() {
-            let mut client = rank.client.clone();
-            leaving.push(tokio::spawn(async move {
-                tokio::time::timeout(
-                    Duration::from_secs(10),
-                    client.leave_peers(pb::LeavePeersRequest {}),
-                )
-                .await
-                .map_err(|_| rank_err(r)("did not leave its peers within 10 s".into()))?
-                .map_err(|s| rank_err(r)(format!("leaving peers: {}", s.message())))
-                .map(|_| ())
-            }));
-        }
-        for t in leaving {
-            t.await
-                .map_err(|e| ClusterError::Setup(format!("leave task: {e}")))??;
-        }
+        self.on_every_rank("LeavePeers", Duration::from_secs(10), |mut c| async move {
+            c.leave_peers(pb::LeavePeersRequest {}).await
+        })
+        .await?;
         Ok(())
     }
 
@@ -274,27 +299,15 @@ impl Cluster {
     /// (and all wait for that), so no new stream meets an old one being torn down.
     async fn join_peers(&mut self) -> Result<(), ClusterError> {
         self.leave_peers().await?;
-        let peers: Vec<String> = self.ranks.iter().map(|r| r.peer_addr.clone()).collect();
-        let timeout_ms = self.opts.comm_timeout.as_millis().min(u32::MAX as u128) as u32;
-        let mut tasks = Vec::new();
-        for (r, rank) in self.ranks.iter().enumerate() {
-            let mut client = rank.client.clone();
-            let req = pb::JoinPeersRequest {
-                peer_addrs: peers.clone(),
-                timeout_ms,
-            };
-            tasks.push(tokio::spawn(async move {
-                tokio::time::timeout(Duration::from_secs(30), client.join_peers(req))
-                    .await
-                    .map_err(|_| rank_err(r)("did not join its peers within 30 s".into()))?
-                    .map_err(|s| rank_err(r)(format!("joining peers: {}", s.message())))
-                    .map(|_| ())
-            }));
-        }
-        for t in tasks {
-            t.await
-                .map_err(|e| ClusterError::Setup(format!("join task: {e}")))??;
-        }
+        let req = pb::JoinPeersRequest {
+            peer_addrs: self.ranks.iter().map(|r| r.peer_addr.clone()).collect(),
+            timeout_ms: self.opts.comm_timeout.as_millis().min(u32::MAX as u128) as u32,
+        };
+        self.on_every_rank("JoinPeers", Duration::from_secs(30), |mut c| {
+            let req = req.clone();
+            async move { c.join_peers(req).await }
+        })
+        .await?;
         self.failed = None;
         Ok(())
     }
