@@ -1007,21 +1007,9 @@ mod tests {
         let world = 4;
         // Short, since the test ends by waiting one out.
         let comms = mesh(world, Duration::from_secs(3), rt.handle());
-        let group: Vec<usize> = (0..world).collect();
         let out = run(&comms, |c| {
+            crate::comm::check_collectives(c, world);
             let r = c.rank() as f32;
-            let mut buf = vec![r, 2.0 * r, 1.0];
-            c.all_reduce(&group, &mut buf).unwrap();
-            let rs = c.reduce_scatter(&group, &[r; 10], &[1, 2, 3, 4]).unwrap();
-            let ag = c.all_gather_v(&group, &vec![r; c.rank()]).unwrap();
-            let a2a = c
-                .all_to_all_v(
-                    &group,
-                    (0..world)
-                        .map(|d| vec![(10 * c.rank() + d) as f32])
-                        .collect(),
-                )
-                .unwrap();
             // A subgroup, while the others stay out of it.
             let sub = if c.rank() % 2 == 0 {
                 Some(c.all_gather_v(&[0, 2], &[r]).unwrap())
@@ -1030,21 +1018,9 @@ mod tests {
             };
             c.send(c.rank(), vec![r]).unwrap();
             let to_self = c.recv(c.rank()).unwrap();
-            (buf, rs, ag, a2a, sub, to_self)
+            (sub, to_self)
         });
-        for (rank, (buf, rs, ag, a2a, sub, to_self)) in out.into_iter().enumerate() {
-            assert_eq!(buf, vec![6.0, 12.0, 4.0]);
-            assert_eq!(rs, vec![6.0; rank + 1]);
-            assert_eq!(
-                ag,
-                (0..world).map(|s| vec![s as f32; s]).collect::<Vec<_>>()
-            );
-            assert_eq!(
-                a2a,
-                (0..world)
-                    .map(|s| vec![(10 * s + rank) as f32])
-                    .collect::<Vec<_>>()
-            );
+        for (rank, (sub, to_self)) in out.into_iter().enumerate() {
             if rank % 2 == 0 {
                 assert_eq!(sub, Some(vec![vec![0.0], vec![2.0]]));
             }

@@ -136,3 +136,39 @@ fn sum_into(rank: usize, what: &str, out: &mut [f32], parts: Vec<Vec<f32>>) -> R
     }
     Ok(())
 }
+
+/// Checks every collective of one rank of a world of `world` against its definition; each
+/// implementation's tests run it on every rank at once.
+#[cfg(test)]
+pub(crate) fn check_collectives(c: &dyn Communicator, world: usize) {
+    let group: Vec<usize> = (0..world).collect();
+    let rank = c.rank();
+    let r = rank as f32;
+    let n = world as f32;
+    let mut buf = vec![r, 2.0 * r, 1.0];
+    c.all_reduce(&group, &mut buf).unwrap();
+    let total = n * (n - 1.0) / 2.0;
+    assert_eq!(buf, vec![total, 2.0 * total, n]);
+    let counts: Vec<usize> = (1..=world).collect();
+    let rs = c
+        .reduce_scatter(&group, &vec![r; counts.iter().sum()], &counts)
+        .unwrap();
+    assert_eq!(rs, vec![total; rank + 1]);
+    let ag = c.all_gather_v(&group, &vec![r; rank]).unwrap();
+    assert_eq!(
+        ag,
+        (0..world).map(|s| vec![s as f32; s]).collect::<Vec<_>>()
+    );
+    let a2a = c
+        .all_to_all_v(
+            &group,
+            (0..world).map(|d| vec![(10 * rank + d) as f32]).collect(),
+        )
+        .unwrap();
+    assert_eq!(
+        a2a,
+        (0..world)
+            .map(|s| vec![(10 * s + rank) as f32])
+            .collect::<Vec<_>>()
+    );
+}
