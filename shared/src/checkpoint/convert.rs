@@ -122,21 +122,34 @@ pub fn convert(
             }
         }
     }
-    let bytes = w.bytes_written();
+    finish(w, cfg, out, expected.len(), start, progress)
+}
+
+/// Completes a conversion or random init: closes the writer (renaming the shards, writing
+/// `config.json` and `checksums.json`), reports the last progress, re-reads the headers as a
+/// cheap self-check (the digests were computed while writing), and sums up.
+pub(crate) fn finish(
+    w: NativeWriter,
+    cfg: &ModelConfig,
+    out: &Path,
+    tensors: usize,
+    start: Instant,
+    progress: &mut dyn FnMut(ConvertProgress),
+) -> Result<ConvertReport> {
+    let (bytes, total) = (w.bytes_written(), w.total_bytes());
     let files = w.finish()?;
     progress(ConvertProgress {
         bytes_done: bytes,
         bytes_total: total,
-        tensors_done: expected.len(),
-        tensors_total: expected.len(),
+        tensors_done: tensors,
+        tensors_total: tensors,
         tensor: String::new(),
     });
-    // Cheap self-check (headers only; the digests were computed while writing).
     validate(&NativeSource::open_unverified(out)?, cfg)?;
     Ok(ConvertReport {
         out_dir: out.to_path_buf(),
         files,
-        tensors: expected.len(),
+        tensors,
         bytes,
         elapsed: start.elapsed(),
     })

@@ -23,10 +23,10 @@
 //! "≈ normal" is the Irwin–Hall sum of four uniforms, rescaled to unit variance (bounded at
 //! ±3.46σ, which is fine for weights and avoids transcendental functions).
 
-use super::convert::{stored_specs, ConvertProgress, ConvertReport, CHUNK_BYTES};
+use super::convert::{finish, stored_specs, ConvertProgress, ConvertReport, CHUNK_BYTES};
 use super::layout::{expected_tensors, TensorKind, EMBEDDINGS};
-use super::native::{NativeSource, NativeWriter, TensorSpec};
-use super::{validate, DType, Result};
+use super::native::{NativeWriter, TensorSpec};
+use super::{DType, Result};
 use crate::config::ModelConfig;
 use rayon::prelude::*;
 use std::path::Path;
@@ -257,23 +257,7 @@ pub fn init_random(
             tensors_done += 1;
         }
     }
-    let bytes = w.bytes_written();
-    let files = w.finish()?;
-    progress(ConvertProgress {
-        bytes_done: bytes,
-        bytes_total: total,
-        tensors_done,
-        tensors_total,
-        tensor: String::new(),
-    });
-    validate(&NativeSource::open_unverified(out)?, cfg)?;
-    Ok(ConvertReport {
-        out_dir: out.to_path_buf(),
-        files,
-        tensors: tensors_total,
-        bytes,
-        elapsed: start.elapsed(),
-    })
+    finish(w, cfg, out, tensors_total, start, progress)
 }
 
 #[cfg(test)]

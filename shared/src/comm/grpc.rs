@@ -992,13 +992,7 @@ mod tests {
     }
 
     fn run<T: Send>(comms: &[GrpcComm], f: impl Fn(&GrpcComm) -> T + Sync) -> Vec<T> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("rank thread"))
-                .collect()
-        })
+        crate::comm::on_each_rank(comms, f)
     }
 
     #[test]

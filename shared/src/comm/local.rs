@@ -100,14 +100,7 @@ mod tests {
     use super::*;
 
     fn run<T: Send>(world: usize, f: impl Fn(&LocalComm) -> T + Sync) -> Vec<T> {
-        let comms = LocalComm::group(world, Duration::from_secs(5));
-        std::thread::scope(|s| {
-            let handles: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("rank thread"))
-                .collect()
-        })
+        crate::comm::on_each_rank(&LocalComm::group(world, Duration::from_secs(5)), f)
     }
 
     #[test]

@@ -137,6 +137,18 @@ fn sum_into(rank: usize, what: &str, out: &mut [f32], parts: Vec<Vec<f32>>) -> R
     Ok(())
 }
 
+/// Runs `f` on every rank's communicator at once, one thread each (tests).
+#[cfg(test)]
+pub(crate) fn on_each_rank<C: Sync, T: Send>(comms: &[C], f: impl Fn(&C) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = comms.iter().map(|c| s.spawn(|| f(c))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    })
+}
+
 /// Checks every collective of one rank of a world of `world` against its definition; each
 /// implementation's tests run it on every rank at once.
 #[cfg(test)]
