@@ -356,3 +356,56 @@ fn truncated_checkpoint_file_is_named_in_the_error() {
     ]);
     assert!(err.contains("tensor00003_000"), "{err}");
 }
+
+#[test]
+fn kv_cache_flags_are_checked_with_the_fix() {
+    let f = fixture();
+    let base = [
+        "generate",
+        "--model",
+        f.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--print-ids",
+        "--workers",
+        "1",
+    ];
+    let err = fails(&[&base[..], &["--block-size", "0"]].concat());
+    assert!(err.contains("--block-size must be at least 1"), "{err}");
+    let err = fails(&[&base[..], &["--block-size", "4096"]].concat());
+    assert!(err.contains("context of 256 positions"), "{err}");
+    let err = fails(&[&base[..], &["--kv-cache-mb", "0"]].concat());
+    assert!(err.contains("--kv-cache-mb must be at least 1"), "{err}");
+    // The fixture's weights with a long context: one full context needs 3 layers × 65536
+    // positions × 128 × keys and values × 4 bytes = 192 MiB per worker.
+    let long = tmp("long-context-model");
+    std::fs::create_dir_all(&long).unwrap();
+    std::os::unix::fs::symlink(fixture().join("ckpt-0"), long.join("ckpt-0")).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture().join("config.json")).unwrap()).unwrap();
+    cfg["max_seq_len"] = 65536.into();
+    std::fs::write(long.join("config.json"), cfg.to_string()).unwrap();
+    let long_args = [
+        "generate",
+        "--model",
+        long.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--print-ids",
+        "--workers",
+        "1",
+    ];
+    let err = fails(&[&long_args[..], &["--kv-cache-mb", "100"]].concat());
+    assert!(err.contains("give --kv-cache-mb 192 or more"), "{err}");
+    // The environment sets the flag too.
+    let o = Command::new(env!("CARGO_BIN_EXE_grok"))
+        .args(long_args)
+        .env("GROK_KV_CACHE_MB", "191")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--kv-cache-mb 191 holds"),
+        "{err}"
+    );
+}

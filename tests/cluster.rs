@@ -2,7 +2,8 @@
 //! one-process engine; a wrong token is refused; a killed worker fails the step within the
 //! deadline naming its rank, is restarted alone, and the cluster serves again.
 
-use grok_coordinator::cluster::{Cluster, ClusterError, ClusterOptions};
+use grok_coordinator::cluster::{Cluster, ClusterError, ClusterOptions, SeqWork};
+use grok_shared::model::{blocks_for, BlockAllocator, LogitsMode};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -145,6 +146,20 @@ fn options(workers: usize, tp: usize, ep: usize, token: &str) -> ClusterOptions 
         worker_bin: Path::new(env!("CARGO_BIN_EXE_grok")).with_file_name("grok-worker"),
         step_timeout: Duration::from_secs(10),
         comm_timeout: Duration::from_secs(5),
+        kv_blocks: 64,
+        block_size: 16,
+    }
+}
+
+/// `tokens` of sequence `id` in `group`, after `start` cached positions, last logits.
+fn work(id: u64, group: usize, start: usize, tokens: &[u32], blocks: &[u32]) -> SeqWork {
+    SeqWork {
+        seq_id: id,
+        group,
+        start,
+        tokens: tokens.to_vec(),
+        blocks: blocks.to_vec(),
+        logits: LogitsMode::Last,
     }
 }
 
@@ -184,8 +199,11 @@ fn a_killed_worker_fails_the_step_in_time_and_is_restarted_alone() {
             .await
             .unwrap();
         let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 1024).collect();
+        // dp = 1: every sequence is in group 0, its blocks from one allocator.
+        let mut pool = BlockAllocator::new(cluster.kv_blocks());
+        let blocks7 = pool.alloc(blocks_for(13, cluster.block_size())).unwrap();
         let first = cluster
-            .step(&[(7, prompt.clone())], &[], false)
+            .step(&[work(7, 0, 0, &prompt, &blocks7)])
             .await
             .unwrap();
         let survivor = cluster.pid(0).unwrap();
@@ -196,7 +214,10 @@ fn a_killed_worker_fails_the_step_in_time_and_is_restarted_alone() {
             .unwrap();
         assert!(killed.success());
         let t = Instant::now();
-        let err = cluster.step(&[(7, vec![3])], &[], false).await.unwrap_err();
+        let err = cluster
+            .step(&[work(7, 0, 12, &[3], &blocks7)])
+            .await
+            .unwrap_err();
         assert!(
             t.elapsed() < Duration::from_secs(10),
             "took {:?}",
@@ -205,8 +226,9 @@ fn a_killed_worker_fails_the_step_in_time_and_is_restarted_alone() {
         assert!(matches!(err, ClusterError::Rank { rank: 1, .. }), "{err}");
         assert_eq!(cluster.failed_rank(), Some(1));
         // Unhealthy until restarted.
+        let blocks8 = pool.alloc(1).unwrap();
         assert!(matches!(
-            cluster.step(&[(8, vec![3])], &[], false).await,
+            cluster.step(&[work(8, 0, 0, &[3], &blocks8)]).await,
             Err(ClusterError::Unhealthy(1))
         ));
         cluster.restart(1).await.unwrap();
@@ -216,9 +238,18 @@ fn a_killed_worker_fails_the_step_in_time_and_is_restarted_alone() {
             "the healthy rank keeps running"
         );
         assert_ne!(cluster.pid(1), Some(victim));
-        let again = cluster.step(&[(9, prompt)], &[7], false).await.unwrap();
+        assert_eq!(cluster.kv_bytes()[1], cluster.kv_bytes()[0], "same pool");
+        // Every sequence's KV is lost with the restart: the caller recomputes from scratch,
+        // here into blocks whose old contents (sequence 7's) must not matter.
+        pool.release(&blocks7);
+        pool.release(&blocks8);
+        let blocks9 = pool.alloc(blocks_for(12, cluster.block_size())).unwrap();
+        let again = cluster
+            .step(&[work(9, 0, 0, &prompt, &blocks9)])
+            .await
+            .unwrap();
         assert_eq!(
-            again[&9], first[&7],
+            again.logits[&9], first.logits[&7],
             "the restarted cluster computes the same logits"
         );
         cluster.shutdown().await;
@@ -235,10 +266,31 @@ fn a_stalled_worker_is_named_within_the_deadline() {
             .await
             .unwrap();
         let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 1024).collect();
-        cluster
-            .step(&[(1, prompt.clone()), (2, prompt.clone())], &[], false)
+        // dp = 2: one sequence in each group, with the same block ids in each group's pool.
+        assert_eq!(cluster.dp(), 2);
+        let blocks = [0u32];
+        let first = cluster
+            .step(&[
+                work(1, 0, 0, &prompt, &blocks),
+                work(2, 1, 0, &prompt, &blocks),
+            ])
             .await
             .unwrap();
+        assert_eq!(
+            first.logits[&1], first.logits[&2],
+            "same prompt, same logits"
+        );
+        assert_eq!(first.comm_seconds.len(), 2);
+        // Every token is routed to top-k experts once, summed over the ranks.
+        let c = cluster.config().clone();
+        assert_eq!(
+            first.expert_tokens.len(),
+            c.num_hidden_layers * c.num_local_experts
+        );
+        assert_eq!(
+            first.expert_tokens.iter().sum::<u64>(),
+            (2 * 12 * c.num_experts_per_tok * c.num_hidden_layers) as u64
+        );
         let pid = cluster.pid(0).unwrap().to_string();
         assert!(Command::new("kill")
             .args(["-STOP", &pid])
@@ -247,7 +299,7 @@ fn a_stalled_worker_is_named_within_the_deadline() {
             .success());
         let t = Instant::now();
         let err = cluster
-            .step(&[(1, vec![3]), (2, vec![4])], &[], false)
+            .step(&[work(1, 0, 12, &[3], &blocks), work(2, 1, 12, &[4], &blocks)])
             .await
             .unwrap_err();
         let took = t.elapsed();
@@ -259,9 +311,73 @@ fn a_stalled_worker_is_named_within_the_deadline() {
         assert!(took < Duration::from_secs(10), "took {took:?}");
         assert!(matches!(err, ClusterError::Rank { rank: 0, .. }), "{err}");
         cluster.restart(0).await.unwrap();
-        cluster.step(&[(3, prompt)], &[], false).await.unwrap();
+        cluster
+            .step(&[work(3, 1, 0, &prompt, &blocks)])
+            .await
+            .unwrap();
         cluster.shutdown().await;
     });
+}
+
+#[test]
+fn invalid_work_is_refused_before_any_rank_sees_it() {
+    runtime().block_on(async {
+        let mut cluster = Cluster::start(&fixture(), options(2, 1, 2, "t0ken"), &mut |_, _, _| {})
+            .await
+            .unwrap();
+        let prompt: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 1024).collect();
+        let cases = [
+            (vec![work(1, 2, 0, &prompt, &[0, 1])], "group 2"),
+            (vec![work(1, 0, 0, &prompt, &[0, 64])], "block id 64"),
+            (vec![work(1, 0, 0, &prompt, &[0])], "needs 2"),
+            (
+                vec![
+                    work(1, 0, 0, &prompt, &[0, 1]),
+                    work(1, 1, 0, &prompt, &[0, 1]),
+                ],
+                "twice",
+            ),
+            (
+                vec![
+                    work(1, 1, 0, &prompt, &[0, 1]),
+                    work(2, 1, 0, &prompt, &[1, 2]),
+                ],
+                "block 1 is written",
+            ),
+            (vec![work(1, 0, 0, &[], &[0])], "no tokens"),
+            (vec![work(1, 0, 250, &prompt, &[0; 17])], "context"),
+        ];
+        for (w, want) in cases {
+            let err = cluster.step(&w).await.unwrap_err();
+            assert!(
+                matches!(err, ClusterError::InvalidWork(_)) && err.to_string().contains(want),
+                "{want}: {err}"
+            );
+        }
+        // The same blocks in different groups are different blocks.
+        let out = cluster
+            .step(&[
+                work(1, 0, 0, &prompt, &[0, 1]),
+                work(2, 1, 0, &prompt[..5], &[0]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(out.logits.len(), 2);
+        assert_eq!(cluster.failed_rank(), None);
+        cluster.shutdown().await;
+    });
+}
+
+#[test]
+fn a_pool_smaller_than_one_context_is_refused() {
+    let mut opts = options(1, 1, 1, "t0ken");
+    // The fixture's context is 256 positions: 16 blocks of 16.
+    opts.kv_blocks = 15;
+    let err = runtime()
+        .block_on(Cluster::start(&fixture(), opts, &mut |_, _, _| {}))
+        .err()
+        .expect("must be refused");
+    assert!(err.to_string().contains("need between 16"), "{err}");
 }
 
 #[test]

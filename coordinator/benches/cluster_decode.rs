@@ -3,17 +3,18 @@
 //!
 //! `cargo build --release -p grok-worker && cargo bench -p grok-coordinator --bench cluster_decode`
 
-use grok_coordinator::cluster::{Cluster, ClusterOptions};
+use grok_coordinator::cluster::{Cluster, ClusterOptions, SeqWork};
 use grok_shared::checkpoint::{init, open_model};
 use grok_shared::config::ModelConfig;
 use grok_shared::cpu::CpuModel;
-use grok_shared::model::{Forward, LogitsMode, ModelWeights, SeqStep};
+use grok_shared::model::{blocks_for, LogitsMode, ModelWeights, SeqKv};
 use grok_shared::sampling::argmax;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const PROMPT: usize = 16;
 const STEPS: usize = 32;
+const BLOCK: usize = 16;
 
 fn prompt() -> Vec<u32> {
     (0..PROMPT as u32)
@@ -26,29 +27,17 @@ fn in_process(dir: &Path) -> (f64, Vec<u32>) {
     let m = open_model(dir).expect("open");
     let model = CpuModel::new(ModelWeights::load(m.source.as_ref(), &m.config).expect("load"))
         .expect("model");
-    let mut cache = model.new_cache();
-    let mut out = model
-        .forward(
-            &mut [SeqStep {
-                tokens: &prompt(),
-                cache: &mut cache,
-            }],
-            LogitsMode::Last,
-        )
+    let mut cache = SeqKv::new(&model);
+    let mut out = cache
+        .step(&model, &prompt(), LogitsMode::Last)
         .expect("prefill");
     let mut toks = Vec::new();
     let t = Instant::now();
     for _ in 0..STEPS {
-        let next = argmax(&out[0]).unwrap_or(0) as u32;
+        let next = argmax(&out).unwrap_or(0) as u32;
         toks.push(next);
-        out = model
-            .forward(
-                &mut [SeqStep {
-                    tokens: &[next],
-                    cache: &mut cache,
-                }],
-                LogitsMode::Last,
-            )
+        out = cache
+            .step(&model, &[next], LogitsMode::Last)
             .expect("decode");
     }
     (STEPS as f64 / t.elapsed().as_secs_f64(), toks)
@@ -70,21 +59,30 @@ async fn on_cluster(dir: &Path, workers: usize, tp: usize, ep: usize) -> (f64, V
         worker_bin: bin,
         step_timeout: Duration::from_secs(30),
         comm_timeout: Duration::from_secs(10),
+        // One sequence of the prompt and its decoded tokens: blocks 0.. of one small pool.
+        kv_blocks: blocks_for(ModelConfig::tiny().max_seq_len, BLOCK),
+        block_size: BLOCK,
     };
     let mut cluster = Cluster::start(dir, opts, &mut |_, _, _| {})
         .await
         .expect("cluster");
-    let mut out = cluster
-        .step(&[(0, prompt())], &[], false)
-        .await
-        .expect("prefill");
+    let blocks: Vec<u32> = (0..blocks_for(PROMPT + STEPS, BLOCK) as u32).collect();
+    let step = |start: usize, tokens: Vec<u32>| SeqWork {
+        seq_id: 0,
+        group: 0,
+        start,
+        tokens,
+        blocks: blocks.clone(),
+        logits: LogitsMode::Last,
+    };
+    let mut out = cluster.step(&[step(0, prompt())]).await.expect("prefill");
     let mut toks = Vec::new();
     let t = Instant::now();
-    for _ in 0..STEPS {
-        let next = argmax(&out[&0]).unwrap_or(0) as u32;
+    for i in 0..STEPS {
+        let next = argmax(&out.logits[&0]).unwrap_or(0) as u32;
         toks.push(next);
         out = cluster
-            .step(&[(0, vec![next])], &[], false)
+            .step(&[step(PROMPT + i, vec![next])])
             .await
             .expect("decode");
     }

@@ -1,14 +1,20 @@
 //! The coordinator's view of a cluster: worker processes it spawned on loopback (or remote
 //! ones it joined), each given a rank, the plan, its peers and the token; every step sent to
 //! every rank in lockstep with a deadline; a failed rank named, and restartable alone.
+//!
+//! Each rank holds a paged KV pool of `kv_blocks` blocks and no per-sequence state: the caller
+//! owns the block accounting (one [`BlockAllocator`](grok_shared::model::BlockAllocator) per
+//! data-parallel group, whose ranks all hold the same block ids) and says in every
+//! [`SeqWork`] where a sequence's keys and values live.
 
 use grok_proto::worker::v1 as pb;
 use grok_proto::worker::v1::worker_client::WorkerClient;
 use grok_shared::checkpoint::model_config;
 use grok_shared::config::ModelConfig;
+use grok_shared::cpu::CpuShard;
+use grok_shared::model::{blocks_for, check_steps, LogitsMode, SeqStep};
 use grok_shared::parallel::Plan;
 use grok_worker::auth::AddToken;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
@@ -24,6 +30,63 @@ pub enum ClusterError {
     Setup(String),
     #[error("the cluster is unhealthy after a failure of rank {0}: restart that rank first")]
     Unhealthy(usize),
+    /// The step's work is inconsistent (refused before any rank saw it; the cluster stays
+    /// healthy).
+    #[error("invalid step: {0}")]
+    InvalidWork(String),
+}
+
+/// One sequence's part of a step.
+#[derive(Debug, Clone)]
+pub struct SeqWork {
+    pub seq_id: u64,
+    /// Data-parallel group that holds the sequence's KV blocks (0..plan.dp()).
+    pub group: usize,
+    /// Positions already in the KV cache; the new tokens take positions start.. .
+    pub start: usize,
+    pub tokens: Vec<u32>,
+    /// Block table covering start + tokens.len() positions (ids within the group's pool).
+    pub blocks: Vec<u32>,
+    pub logits: grok_shared::model::LogitsMode,
+}
+
+/// What one step returns.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// rows × vocab per sequence that asked for logits.
+    pub logits: std::collections::HashMap<u64, Vec<f32>>,
+    /// Tokens routed to each expert this step, [layers * experts], summed over ranks.
+    pub expert_tokens: Vec<u64>,
+    /// Seconds each rank spent in collectives this step (index = rank).
+    pub comm_seconds: Vec<f64>,
+}
+
+/// Bytes one KV block of `block_size` positions takes on the rank of `plan` that needs the
+/// most (the one with the most kv heads): every rank of a group gets the same block count, so
+/// this sizes the pools.
+pub fn kv_block_bytes(config: &ModelConfig, plan: &Plan, block_size: usize) -> usize {
+    (0..plan.world)
+        .map(|r| CpuShard::kv_block_bytes(config, plan, r, block_size))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Blocks of `block_size` positions that fit in `bytes_per_rank` on every rank of `plan`.
+pub fn kv_blocks_within(
+    config: &ModelConfig,
+    plan: &Plan,
+    block_size: usize,
+    bytes_per_rank: usize,
+) -> usize {
+    bytes_per_rank / kv_block_bytes(config, plan, block_size).max(1)
+}
+
+fn to_pb_logits(mode: LogitsMode) -> pb::LogitsMode {
+    match mode {
+        LogitsMode::None => pb::LogitsMode::None,
+        LogitsMode::Last => pb::LogitsMode::Last,
+        LogitsMode::All => pb::LogitsMode::All,
+    }
 }
 
 type Client = WorkerClient<InterceptedService<Channel, AddToken>>;
@@ -41,6 +104,11 @@ pub struct ClusterOptions {
     pub step_timeout: Duration,
     /// Deadline of each collective wait between workers.
     pub comm_timeout: Duration,
+    /// Blocks of each rank's KV pool (per data-parallel group: every rank of a group holds the
+    /// same ids). At least one full context, `blocks_for(max_seq_len, block_size)`.
+    pub kv_blocks: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
 }
 
 struct Rank {
@@ -50,6 +118,8 @@ struct Rank {
     peer_addr: String,
     /// Weight bytes the rank holds, as it reported when its load finished.
     weight_bytes: u64,
+    /// Bytes of its KV pool, as it reported.
+    kv_bytes: u64,
 }
 
 pub struct Cluster {
@@ -142,6 +212,24 @@ impl Cluster {
         if opts.token.is_empty() {
             return Err(ClusterError::Setup("the cluster token is empty".into()));
         }
+        let need = blocks_for(config.max_seq_len, opts.block_size);
+        if opts.block_size == 0 || opts.block_size > u32::MAX as usize {
+            return Err(ClusterError::Setup(format!(
+                "the KV block size {} must be between 1 and {}",
+                opts.block_size,
+                u32::MAX
+            )));
+        }
+        if opts.kv_blocks < need || opts.kv_blocks > u32::MAX as usize {
+            return Err(ClusterError::Setup(format!(
+                "{} KV blocks of {} positions per rank: need between {need} (one full context \
+                 of {} positions) and {}",
+                opts.kv_blocks,
+                opts.block_size,
+                config.max_seq_len,
+                u32::MAX
+            )));
+        }
         let mut ranks = Vec::with_capacity(world);
         for rank in 0..world {
             ranks.push(Self::open_rank(&opts, rank, opts.worker_addrs.get(rank).cloned()).await?);
@@ -189,6 +277,7 @@ impl Cluster {
             child,
             peer_addr: info.peer_addr,
             weight_bytes: 0,
+            kv_bytes: 0,
         })
     }
 
@@ -210,6 +299,9 @@ impl Cluster {
                 rank: r as u32,
                 plan: Some(plan),
                 model_path: self.model_path.display().to_string(),
+                // Checked against u32 in `start`.
+                kv_blocks: self.opts.kv_blocks as u32,
+                block_size: self.opts.block_size as u32,
             };
             let tx = tx.clone();
             tasks.push(tokio::spawn(async move {
@@ -227,7 +319,7 @@ impl Cluster {
                         .map_err(|s| err(format!("load failed: {}", s.message())))?
                         .ok_or_else(|| err("load stream ended early".into()))?;
                     if msg.done {
-                        return Ok::<u64, ClusterError>(msg.weight_bytes);
+                        return Ok::<(u64, u64), ClusterError>((msg.weight_bytes, msg.kv_bytes));
                     }
                     let _ = tx.send((r, msg.layers_done, msg.layers_total));
                 }
@@ -240,9 +332,11 @@ impl Cluster {
             }
         }
         for (&r, t) in ranks.iter().zip(tasks) {
-            self.ranks[r].weight_bytes = t
+            let (weights, kv) = t
                 .await
                 .map_err(|e| ClusterError::Setup(format!("load task: {e}")))??;
+            self.ranks[r].weight_bytes = weights;
+            self.ranks[r].kv_bytes = kv;
         }
         Ok(())
     }
@@ -337,6 +431,26 @@ impl Cluster {
         self.ranks.iter().map(|r| r.weight_bytes).collect()
     }
 
+    /// Bytes of each rank's KV pool (address space; resident as blocks are written).
+    pub fn kv_bytes(&self) -> Vec<u64> {
+        self.ranks.iter().map(|r| r.kv_bytes).collect()
+    }
+
+    /// Blocks in each data-parallel group's KV pool (ids `0..kv_blocks`).
+    pub fn kv_blocks(&self) -> usize {
+        self.opts.kv_blocks
+    }
+
+    /// Positions per KV block.
+    pub fn block_size(&self) -> usize {
+        self.opts.block_size
+    }
+
+    /// Data-parallel groups: each holds its own sequences' KV blocks.
+    pub fn dp(&self) -> usize {
+        self.plan.dp()
+    }
+
     /// Asks every rank for its health (2 s deadline each); the first rank that does not
     /// answer "ready" marks the cluster unhealthy and is named in the error.
     pub async fn health(&mut self) -> Result<(), ClusterError> {
@@ -367,35 +481,90 @@ impl Cluster {
         self.failed
     }
 
-    /// One step: `seqs` are (sequence id, new tokens); each sequence lives on data-parallel
-    /// group `id % dp` for its whole life. `free` drops sequences' caches everywhere. Returns
-    /// each sequence's logits (`[rows, V]`).
-    pub async fn step(
-        &mut self,
-        seqs: &[(u64, Vec<u32>)],
-        free: &[u64],
-        all_logits: bool,
-    ) -> Result<HashMap<u64, Vec<f32>>, ClusterError> {
+    /// Checks `work` as every rank would, so a bad request is refused here, before any rank
+    /// runs part of a step its peers refuse (which would leave them waiting on each other).
+    fn check_work(&self, work: &[SeqWork]) -> Result<(), ClusterError> {
+        let dp = self.plan.dp();
+        let mut ids = std::collections::HashSet::new();
+        for w in work {
+            if w.group >= dp {
+                return Err(ClusterError::InvalidWork(format!(
+                    "sequence {} is in data-parallel group {}, but the plan has {dp} group(s)",
+                    w.seq_id, w.group
+                )));
+            }
+            if !ids.insert(w.seq_id) {
+                return Err(ClusterError::InvalidWork(format!(
+                    "sequence {} appears twice in one step",
+                    w.seq_id
+                )));
+            }
+        }
+        for g in 0..dp {
+            let mine: Vec<&SeqWork> = work.iter().filter(|w| w.group == g).collect();
+            let batch: Vec<SeqStep> = mine
+                .iter()
+                .map(|w| SeqStep {
+                    tokens: &w.tokens,
+                    start: w.start,
+                    blocks: &w.blocks,
+                    logits: w.logits,
+                })
+                .collect();
+            if let Err(e) = check_steps(
+                &self.config,
+                self.opts.block_size,
+                self.opts.kv_blocks,
+                &batch,
+            ) {
+                let seqs: Vec<u64> = mine.iter().map(|w| w.seq_id).collect();
+                return Err(ClusterError::InvalidWork(format!(
+                    "data-parallel group {g}, whose batch entries are sequences {seqs:?}: {e}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// One step: each rank runs the work of its data-parallel group (`plan.dp_index(rank)`),
+    /// every group in lockstep. Returns the logits of the sequences that asked for them, the
+    /// expert routing counts and each rank's time in collectives.
+    ///
+    /// Invalid work is refused before anything is sent ([`ClusterError::InvalidWork`]). A
+    /// failed step names the rank at fault and leaves the cluster unhealthy until
+    /// [`Cluster::restart`]; the blocks the step wrote may be half-written on any rank.
+    pub async fn step(&mut self, work: &[SeqWork]) -> Result<StepOutput, ClusterError> {
         if let Some(r) = self.failed {
             return Err(ClusterError::Unhealthy(r));
         }
-        let dp = self.plan.dp() as u64;
+        self.check_work(work)?;
+        // Starts and block ids fit u32: checked against the context and the pool above.
+        let inputs: Vec<(usize, pb::SeqInput)> = work
+            .iter()
+            .map(|w| {
+                (
+                    w.group,
+                    pb::SeqInput {
+                        seq_id: w.seq_id,
+                        tokens: w.tokens.clone(),
+                        start: w.start as u32,
+                        blocks: w.blocks.clone(),
+                        logits: to_pb_logits(w.logits) as i32,
+                    },
+                )
+            })
+            .collect();
         self.next_step += 1;
         let mut tasks = Vec::new();
         for (r, rank) in self.ranks.iter().enumerate() {
-            let group = self.plan.dp_index(r) as u64;
+            let group = self.plan.dp_index(r);
             let req = pb::StepRequest {
                 step_id: self.next_step,
-                seqs: seqs
+                seqs: inputs
                     .iter()
-                    .filter(|(id, _)| id % dp == group)
-                    .map(|(id, t)| pb::SeqInput {
-                        seq_id: *id,
-                        tokens: t.clone(),
-                    })
+                    .filter(|(g, _)| *g == group)
+                    .map(|(_, s)| s.clone())
                     .collect(),
-                all_logits,
-                free: free.to_vec(),
             };
             let mut client = rank.client.clone();
             let deadline = self.opts.step_timeout;
@@ -411,14 +580,24 @@ impl Cluster {
                 }
             }));
         }
-        let mut out = HashMap::new();
+        let mut out = StepOutput {
+            comm_seconds: vec![0.0; self.ranks.len()],
+            ..StepOutput::default()
+        };
         let mut errors = Vec::new();
         for (r, t) in tasks.into_iter().enumerate() {
             match t.await {
                 Ok(Ok(reply)) => {
                     for l in reply.logits {
-                        out.insert(l.seq_id, l.logits);
+                        out.logits.insert(l.seq_id, l.logits);
                     }
+                    if out.expert_tokens.len() < reply.expert_tokens.len() {
+                        out.expert_tokens.resize(reply.expert_tokens.len(), 0);
+                    }
+                    for (sum, n) in out.expert_tokens.iter_mut().zip(reply.expert_tokens) {
+                        *sum += n;
+                    }
+                    out.comm_seconds[r] = reply.comm_seconds;
                 }
                 Ok(Err((gone, msg))) => errors.push((gone, r, msg)),
                 Err(e) => errors.push((false, r, format!("step task: {e}"))),
@@ -431,18 +610,26 @@ impl Cluster {
             self.failed = Some(r);
             return Err(ClusterError::Rank { rank: r, msg });
         }
-        for (id, _) in seqs {
-            if !out.contains_key(id) {
+        let vocab = self.config.vocab_size;
+        for w in work {
+            let want = w.logits.rows(w.tokens.len()) * vocab;
+            let got = out.logits.get(&w.seq_id).map_or(0, Vec::len);
+            if got != want {
                 return Err(ClusterError::Setup(format!(
-                    "no logits came back for sequence {id}"
+                    "sequence {}: {got} logits came back, expected {want}",
+                    w.seq_id
                 )));
             }
         }
         Ok(out)
     }
 
-    /// Replaces `rank` with a fresh process (local clusters), which loads only its own slice;
-    /// then every rank reconnects its collectives. KV caches of all sequences are dropped.
+    /// Replaces `rank` with a fresh process (local clusters), which loads only its own slice
+    /// and a KV pool of the same size; then every rank reconnects its collectives.
+    ///
+    /// The KV contents of every sequence must be considered lost: the new rank's pool is
+    /// empty and the others may hold half-written blocks of the failed step. The caller
+    /// recomputes each sequence from its tokens (a step with `start` 0) before continuing it.
     pub async fn restart(&mut self, rank: usize) -> Result<(), ClusterError> {
         if rank >= self.ranks.len() {
             return Err(ClusterError::Setup(format!("no rank {rank}")));

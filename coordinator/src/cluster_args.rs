@@ -1,7 +1,13 @@
 //! Flags that run a command through a cluster of worker processes instead of in-process.
 
 use anyhow::{bail, Context, Result};
-use grok_coordinator::cluster::{default_worker_bin, Cluster, ClusterOptions};
+use grok_coordinator::cluster::{
+    default_worker_bin, kv_block_bytes, kv_blocks_within, Cluster, ClusterOptions,
+};
+use grok_shared::checkpoint::model_config;
+use grok_shared::config::ModelConfig;
+use grok_shared::model::blocks_for;
+use grok_shared::parallel::Plan;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,7 +31,16 @@ pub struct ClusterArgs {
     /// The worker executable (default: `grok-worker` beside this one).
     #[arg(long, env = "GROK_WORKER_BIN")]
     pub worker_bin: Option<PathBuf>,
+    /// KV cache of each worker, in MiB: its pool of KV blocks (pages are only resident once
+    /// written). Must hold at least one full context.
+    #[arg(long, env = "GROK_KV_CACHE_MB", default_value_t = 512)]
+    pub kv_cache_mb: usize,
+    /// Positions per KV cache block (page).
+    #[arg(long, env = "GROK_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
 }
+
+const MIB: usize = 1 << 20;
 
 /// 128 random bits as hex, from the standard library's randomly seeded hasher.
 fn random_token() -> String {
@@ -48,7 +63,40 @@ impl ClusterArgs {
         self.workers.is_some() || !self.worker_addrs.is_empty()
     }
 
-    pub fn options(&self) -> Result<ClusterOptions> {
+    /// The KV pool of every rank: (blocks, block size), from --kv-cache-mb and --block-size
+    /// on the rank of `plan` whose blocks are largest (all ranks of a group hold the same ids).
+    pub fn kv_pool(&self, config: &ModelConfig, plan: &Plan) -> Result<(usize, usize)> {
+        let (bs, ctx) = (self.block_size, config.max_seq_len);
+        if bs == 0 {
+            bail!("--block-size must be at least 1 (positions per KV block; 16 is usual)");
+        }
+        if bs > ctx {
+            bail!(
+                "--block-size {bs} is larger than the model's context of {ctx} positions: \
+                 give at most {ctx} (16 is usual)"
+            );
+        }
+        if self.kv_cache_mb == 0 {
+            bail!("--kv-cache-mb must be at least 1 (MiB of KV cache per worker)");
+        }
+        let budget = self.kv_cache_mb.saturating_mul(MIB);
+        // Block ids travel as u32.
+        let blocks = kv_blocks_within(config, plan, bs, budget).min(u32::MAX as usize);
+        let need = blocks_for(ctx, bs);
+        if blocks < need {
+            let min_mb = (need * kv_block_bytes(config, plan, bs)).div_ceil(MIB);
+            bail!(
+                "--kv-cache-mb {} holds {blocks} KV block(s) of {bs} positions per worker, but \
+                 one full context of {ctx} positions needs {need}: give --kv-cache-mb {min_mb} \
+                 or more (or more --tp, which splits the KV heads)",
+                self.kv_cache_mb
+            );
+        }
+        Ok((blocks, bs))
+    }
+
+    /// Options for a cluster running `config` (the model's shape sizes the KV pools).
+    pub fn options(&self, config: &ModelConfig) -> Result<ClusterOptions> {
         if self.workers.is_some() && !self.worker_addrs.is_empty() {
             bail!("give either --workers N (spawn local workers) or --worker-addrs (join running ones), not both");
         }
@@ -62,6 +110,9 @@ impl ClusterArgs {
                 bail!("--worker-addrs needs the workers' --cluster-token (or GROK_CLUSTER_TOKEN)")
             }
         };
+        let world = self.workers.unwrap_or(self.worker_addrs.len());
+        let plan = Plan::new(config, world, self.tp, self.ep)?;
+        let (kv_blocks, block_size) = self.kv_pool(config, &plan)?;
         Ok(ClusterOptions {
             workers: self.workers.unwrap_or(0),
             tp: self.tp,
@@ -72,12 +123,15 @@ impl ClusterArgs {
             // Within the 10 s promise: a stalled rank is named by then, its peers time out at 5 s.
             step_timeout: Duration::from_secs(8),
             comm_timeout: Duration::from_secs(5),
+            kv_blocks,
+            block_size,
         })
     }
 
     /// Starts the cluster for the model at `dir`, showing each rank's load progress.
     pub async fn start(&self, dir: &Path) -> Result<Cluster> {
-        let opts = self.options()?;
+        let config = model_config(dir).with_context(|| format!("reading {}", dir.display()))?;
+        let opts = self.options(&config)?;
         let bars = indicatif::MultiProgress::new();
         let mut per_rank: Vec<indicatif::ProgressBar> = Vec::new();
         let style = indicatif::ProgressStyle::with_template(

@@ -4,7 +4,9 @@
 //! released text (stop strings, logprobs), [`metrics`] counts it all. The `grok` binary builds
 //! its commands on it.
 
+pub mod api;
 pub mod cluster;
 pub mod metrics;
+pub mod output;
 pub mod request;
 pub mod scheduler;

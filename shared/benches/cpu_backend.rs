@@ -9,7 +9,7 @@ use grok_shared::checkpoint::{init, open_model};
 use grok_shared::config::{ffn_width, ModelConfig};
 use grok_shared::cpu::matmul::{matmul_f32, qmatmul};
 use grok_shared::cpu::CpuModel;
-use grok_shared::model::{Forward, LogitsMode, ModelWeights, SeqStep};
+use grok_shared::model::{LogitsMode, ModelWeights, SeqKv};
 use rayon::prelude::*;
 use std::time::Instant;
 
@@ -124,44 +124,26 @@ fn bench_model(name: &str, cfg: &ModelConfig, mem: Memory, prompt_len: usize) {
     // Prefill: the whole prompt in one forward.
     let reps = if quick() { 2 } else { 4 };
     let prefill = best_of(reps, || {
-        let mut cache = model.new_cache();
-        let out = model
-            .forward(
-                &mut [SeqStep {
-                    tokens: &prompt,
-                    cache: &mut cache,
-                }],
-                LogitsMode::Last,
-            )
+        let mut cache = SeqKv::new(&model);
+        let out = cache
+            .step(&model, &prompt, LogitsMode::Last)
             .expect("forward");
         std::hint::black_box(out);
     });
 
     // Decode at batch 1 after a 16-token prompt.
     let steps = if quick() { 8 } else { 32 };
-    let mut cache = model.new_cache();
-    model
-        .forward(
-            &mut [SeqStep {
-                tokens: &prompt[..16],
-                cache: &mut cache,
-            }],
-            LogitsMode::Last,
-        )
+    let mut cache = SeqKv::new(&model);
+    cache
+        .step(&model, &prompt[..16], LogitsMode::Last)
         .expect("prefill");
     let mut tok = 42u32;
     let t = Instant::now();
     for _ in 0..steps {
-        let out = model
-            .forward(
-                &mut [SeqStep {
-                    tokens: &[tok],
-                    cache: &mut cache,
-                }],
-                LogitsMode::Last,
-            )
+        let out = cache
+            .step(&model, &[tok], LogitsMode::Last)
             .expect("decode");
-        tok = grok_shared::sampling::argmax(&out[0]).unwrap_or(0) as u32;
+        tok = grok_shared::sampling::argmax(&out).unwrap_or(0) as u32;
     }
     let per_token = t.elapsed().as_secs_f64() / steps as f64;
     let bytes = decode_weight_bytes(model.weights());
@@ -180,9 +162,10 @@ fn bench_model(name: &str, cfg: &ModelConfig, mem: Memory, prompt_len: usize) {
         share(bw, mem),
         rss as f64 / 1e6,
         stored as f64 / 1e6,
-        cache.nbytes() as f64 / 1e6,
-        (stored + cache.nbytes()) as f64 / 1e6,
-        rss as f64 / (stored + cache.nbytes()) as f64,
+        // The pool spans the whole context, but only the filled positions' pages are touched.
+        cache.used_bytes() as f64 / 1e6,
+        (stored + cache.used_bytes()) as f64 / 1e6,
+        rss as f64 / (stored + cache.used_bytes()) as f64,
     );
 }
 

@@ -1,7 +1,7 @@
 //! Generation for one sequence in one process: prefill the prompt, then decode token by token
 //! from the KV cache until `max_tokens`, end of sequence, or the context is full.
 
-use crate::model::{Forward, LogitsMode, ModelError, SeqStep};
+use crate::model::{Forward, LogitsMode, ModelError, SeqKv};
 use crate::sampling::{Sampler, SamplingError};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,14 +43,9 @@ pub fn generate(
     eos: Option<u32>,
     on_token: impl FnMut(u32),
 ) -> Result<Generation, GenerateError> {
-    let mut cache = model.new_cache();
+    let mut cache = SeqKv::new(model);
     let mut step = |input: &[u32]| -> Result<Vec<f32>, GenerateError> {
-        let mut batch = [SeqStep {
-            tokens: input,
-            cache: &mut cache,
-        }];
-        let mut logits = model.forward(&mut batch, LogitsMode::Last)?;
-        Ok(logits.pop().unwrap_or_default())
+        Ok(cache.step(model, input, LogitsMode::Last)?)
     };
     let ctx = model.config().max_seq_len;
     generate_with(&mut step, ctx, prompt, max_tokens, sampler, eos, on_token)

@@ -95,16 +95,79 @@ impl Sampler {
         })
     }
 
+    /// A sampler for parameters already checked with [`SamplingParams::validate`].
+    pub fn from_valid(params: SamplingParams) -> Self {
+        debug_assert!(params.validate().is_ok());
+        Sampler {
+            params,
+            rng: Rng::new(params.seed),
+        }
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
 
+    /// Draws the next token. Costs O(V) (one `exp` per logit) unless a top-k or top-p cut
+    /// needs the best candidates in order: then only those are selected and sorted.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32, SamplingError> {
-        let p = &self.params;
+        let p = self.params;
         if p.temperature == 0.0 {
             return argmax(logits).map(|i| i as u32).ok_or(SamplingError::Empty);
         }
-        // Candidates sorted by logit (ties: lower id first), then the top-k cut.
+        let max = logits
+            .iter()
+            .filter(|v| !v.is_nan())
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        if max == f32::NEG_INFINITY && !logits.contains(&f32::NEG_INFINITY) {
+            return Err(SamplingError::Empty);
+        }
+        let t = p.temperature as f64;
+        let weight = |v: f32| {
+            if v.is_nan() {
+                0.0
+            } else if max == f32::NEG_INFINITY {
+                // Every logit is -inf: all equally likely.
+                1.0
+            } else if max == f32::INFINITY {
+                // Only the +inf logits share the mass.
+                if v == f32::INFINITY {
+                    1.0
+                } else {
+                    0.0
+                }
+            } else {
+                ((v as f64 - max as f64) / t).exp()
+            }
+        };
+        let valid = logits.iter().filter(|v| !v.is_nan()).count();
+        let k = if p.top_k == 0 {
+            valid
+        } else {
+            p.top_k.min(valid)
+        };
+        if k == valid && p.top_p >= 1.0 {
+            // No cut: one pass in id order, the same distribution as over sorted candidates.
+            let weights: Vec<f64> = logits.iter().map(|&v| weight(v)).collect();
+            let total: f64 = weights.iter().sum();
+            if total <= 0.0 {
+                return argmax(logits).map(|i| i as u32).ok_or(SamplingError::Empty);
+            }
+            let mut r = self.rng.next_f64() * total;
+            let mut last = 0;
+            for (i, &w) in weights.iter().enumerate() {
+                if w > 0.0 {
+                    if r < w {
+                        return Ok(i as u32);
+                    }
+                    r -= w;
+                    last = i;
+                }
+            }
+            return Ok(last as u32);
+        }
+        // Candidates by logit, best first (ties: lower id first).
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -114,25 +177,32 @@ impl Sampler {
         if cand.is_empty() {
             return Err(SamplingError::Empty);
         }
-        let k = if p.top_k == 0 {
-            cand.len()
+        // The mass the nucleus is measured against: all of the top-k candidates.
+        let total: f64 = if k == cand.len() {
+            logits.iter().map(|&v| weight(v)).sum()
         } else {
-            p.top_k.min(cand.len())
-        };
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            cand.select_nth_unstable_by(k - 1, order);
             cand.truncate(k);
+            cand.iter().map(|&(_, v)| weight(v)).sum()
+        };
+        // Sort only as many of the best as the nucleus needs: grow the sorted prefix until
+        // its mass reaches top_p of the total.
+        let mut sorted = k.min(64);
+        loop {
+            if sorted < cand.len() {
+                cand.select_nth_unstable_by(sorted - 1, order);
+            }
+            cand[..sorted].sort_unstable_by(order);
+            let mass: f64 = cand[..sorted].iter().map(|&(_, v)| weight(v)).sum();
+            if sorted == cand.len() || p.top_p < 1.0 && mass >= p.top_p as f64 * total {
+                break;
+            }
+            sorted = (sorted * 4).min(cand.len());
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        // Softmax at the temperature, in f64 for a stable cumulative sum.
-        let max = cand[0].1 as f64;
-        let t = p.temperature as f64;
-        let mut probs: Vec<f64> = cand
+        let probs: Vec<f64> = cand[..sorted]
             .iter()
-            .map(|&(_, v)| ((v as f64 - max) / t).exp())
+            .map(|&(_, v)| weight(v) / total)
             .collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
         // Nucleus: the smallest prefix whose mass reaches top_p.
         let mut keep = probs.len();
         if p.top_p < 1.0 {
@@ -146,6 +216,9 @@ impl Sampler {
             }
         }
         let mass: f64 = probs[..keep].iter().sum();
+        if mass <= 0.0 {
+            return Ok(cand[0].0);
+        }
         let mut r = self.rng.next_f64() * mass;
         for (i, q) in probs[..keep].iter().enumerate() {
             if r < *q {
@@ -211,6 +284,31 @@ mod tests {
             .filter(|_| s.sample(&logits).unwrap() == 1)
             .count();
         assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.02, "{ones}");
+    }
+
+    #[test]
+    fn infinite_and_nan_logits_never_panic() {
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 3)).unwrap();
+        let inf = f32::INFINITY;
+        assert_eq!(s.sample(&[0.0, inf, f32::NAN]).unwrap(), 1);
+        let all_neg = [f32::NEG_INFINITY; 3];
+        assert!(s.sample(&all_neg).unwrap() < 3);
+        assert_eq!(s.sample(&[f32::NAN; 4]), Err(SamplingError::Empty));
+        let mut s = Sampler::new(params(1.0, 2, 0.5, 3)).unwrap();
+        assert_eq!(s.sample(&[f32::NAN, 1.0, 9.0, 2.0]).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_nucleus_over_a_large_vocabulary_keeps_only_the_likely_tokens() {
+        // 3 tokens hold ~all the mass; the rest of 100k is negligible.
+        let mut logits = vec![-20.0f32; 100_000];
+        logits[70_000] = 5.0;
+        logits[3] = 4.5;
+        logits[99_999] = 4.0;
+        let mut s = Sampler::new(params(1.0, 0, 0.9, 5)).unwrap();
+        let seen: std::collections::HashSet<u32> =
+            (0..300).map(|_| s.sample(&logits).unwrap()).collect();
+        assert_eq!(seen, [70_000, 3, 99_999].into_iter().collect());
     }
 
     #[test]

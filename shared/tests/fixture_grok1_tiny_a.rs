@@ -4,7 +4,9 @@
 use grok_shared::checkpoint::open_model;
 use grok_shared::cpu::CpuModel;
 use grok_shared::generate::generate;
-use grok_shared::model::{Forward, LogitsMode, ModelWeights, SeqStep};
+use grok_shared::model::{
+    blocks_for, BlockAllocator, Forward, LogitsMode, ModelWeights, PagedKv, SeqKv, SeqStep,
+};
 use grok_shared::sampling::{Sampler, SamplingParams};
 use grok_shared::test_support::tiny_a_dir;
 use safetensors::SafeTensors;
@@ -53,22 +55,40 @@ fn expected() -> Expected {
     }
 }
 
+const BLOCK: usize = 16;
+
+/// A pool with room for `seqs` sequences of `len` positions, and each sequence's blocks.
+fn pool_for(model: &dyn Forward, seqs: usize, len: usize) -> (PagedKv, Vec<Vec<u32>>) {
+    let per = blocks_for(len, BLOCK);
+    let mut alloc = BlockAllocator::new(seqs * per);
+    let tables = (0..seqs).map(|_| alloc.alloc(per).unwrap()).collect();
+    (model.new_kv(alloc.total(), BLOCK), tables)
+}
+
+/// One step of `seqs` (each from position 0) in a fresh pool: every sequence's logits.
+fn forward_fresh(model: &dyn Forward, seqs: &[&[u32]], logits: LogitsMode) -> Vec<Vec<f32>> {
+    let len = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+    let (mut kv, tables) = pool_for(model, seqs.len(), len);
+    let batch: Vec<SeqStep> = seqs
+        .iter()
+        .zip(&tables)
+        .map(|(s, blocks)| SeqStep {
+            tokens: s,
+            start: 0,
+            blocks,
+            logits,
+        })
+        .collect();
+    model.forward(&mut kv, &batch).unwrap()
+}
+
 pub fn check_model_against_fixture(model: &dyn Forward) {
     let e = expected();
     let tg = e.t + 6;
     let v = e.vocab;
     // Full causal forward of each greedy row, all rows in one batch.
-    let mut caches: Vec<_> = (0..e.b).map(|_| model.new_cache()).collect();
     let rows: Vec<&[u32]> = (0..e.b).map(|b| &e.greedy[b * tg..(b + 1) * tg]).collect();
-    let mut batch: Vec<SeqStep> = rows
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(r, c)| SeqStep {
-            tokens: r,
-            cache: c,
-        })
-        .collect();
-    let out = model.forward(&mut batch, LogitsMode::All).unwrap();
+    let out = forward_fresh(model, &rows, LogitsMode::All);
     let mut worst = 0f32;
     for (b, row_logits) in out.iter().enumerate() {
         for t in 0..tg {
@@ -131,34 +151,15 @@ fn incremental_decoding_equals_full_forward() {
     let tg = e.t + 6;
     let v = e.vocab;
     let row = &e.greedy[..tg];
-    let mut full_cache = model.new_cache();
-    let full = model
-        .forward(
-            &mut [SeqStep {
-                tokens: row,
-                cache: &mut full_cache,
-            }],
-            LogitsMode::All,
-        )
-        .unwrap()
-        .remove(0);
+    let full = forward_fresh(&model, &[row], LogitsMode::All).remove(0);
     // prefill 5 tokens, then chunks of 1, 3, 1, ...
-    let mut cache = model.new_cache();
+    let mut cache = SeqKv::new(&model);
     let mut pos = 0;
     let mut chunk = 5;
     let mut worst = 0f32;
     while pos < tg {
         let end = (pos + chunk).min(tg);
-        let out = model
-            .forward(
-                &mut [SeqStep {
-                    tokens: &row[pos..end],
-                    cache: &mut cache,
-                }],
-                LogitsMode::All,
-            )
-            .unwrap()
-            .remove(0);
+        let out = cache.step(&model, &row[pos..end], LogitsMode::All).unwrap();
         for (a, b) in out.iter().zip(&full[pos * v..end * v]) {
             worst = worst.max((a - b).abs());
         }
@@ -181,30 +182,21 @@ fn batch_of_unequal_sequences_equals_each_alone() {
     ];
     let alone: Vec<Vec<f32>> = seqs
         .iter()
-        .map(|s| {
-            let mut c = model.new_cache();
-            model
-                .forward(
-                    &mut [SeqStep {
-                        tokens: s,
-                        cache: &mut c,
-                    }],
-                    LogitsMode::All,
-                )
-                .unwrap()
-                .remove(0)
-        })
+        .map(|s| forward_fresh(&model, &[s], LogitsMode::All).remove(0))
         .collect();
-    let mut caches: Vec<_> = seqs.iter().map(|_| model.new_cache()).collect();
-    let mut batch: Vec<SeqStep> = seqs
+    // Room for one more token each: the decode step below.
+    let (mut kv, tables) = pool_for(&model, seqs.len(), tg + 1);
+    let batch: Vec<SeqStep> = seqs
         .iter()
-        .zip(caches.iter_mut())
-        .map(|(s, c)| SeqStep {
+        .zip(&tables)
+        .map(|(s, blocks)| SeqStep {
             tokens: s,
-            cache: c,
+            start: 0,
+            blocks,
+            logits: LogitsMode::All,
         })
         .collect();
-    let together = model.forward(&mut batch, LogitsMode::All).unwrap();
+    let together = model.forward(&mut kv, &batch).unwrap();
     for (a, b) in together.iter().zip(&alone) {
         assert_eq!(a.len(), b.len());
         let worst = a
@@ -216,28 +208,22 @@ fn batch_of_unequal_sequences_equals_each_alone() {
     }
     // Then a batched decode step of one token each continues each cache correctly.
     let next: Vec<u32> = vec![5, 6, 7];
-    let mut batch: Vec<SeqStep> = next
+    let batch: Vec<SeqStep> = next
         .iter()
-        .zip(caches.iter_mut())
-        .map(|(t, c)| SeqStep {
+        .zip(&seqs)
+        .zip(&tables)
+        .map(|((t, s), blocks)| SeqStep {
             tokens: std::slice::from_ref(t),
-            cache: c,
+            start: s.len(),
+            blocks,
+            logits: LogitsMode::Last,
         })
         .collect();
-    let step = model.forward(&mut batch, LogitsMode::Last).unwrap();
+    let step = model.forward(&mut kv, &batch).unwrap();
     for (i, s) in seqs.iter().enumerate() {
         let mut full: Vec<u32> = s.to_vec();
         full.push(next[i]);
-        let mut c = model.new_cache();
-        let want = model
-            .forward(
-                &mut [SeqStep {
-                    tokens: &full,
-                    cache: &mut c,
-                }],
-                LogitsMode::Last,
-            )
-            .unwrap();
+        let want = forward_fresh(&model, &[&full], LogitsMode::Last);
         let worst = step[i]
             .iter()
             .zip(&want[0])

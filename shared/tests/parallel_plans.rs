@@ -6,7 +6,9 @@ use grok_shared::checkpoint::open_model;
 use grok_shared::comm::local::LocalComm;
 use grok_shared::comm::Communicator;
 use grok_shared::cpu::{CpuModel, CpuShard};
-use grok_shared::model::{Forward, LogitsMode, ModelWeights, SeqStep, Slices};
+use grok_shared::model::{
+    blocks_for, BlockAllocator, LogitsMode, ModelWeights, SeqKv, SeqStep, Slices,
+};
 use grok_shared::parallel::Plan;
 use grok_shared::test_support::tiny_a_dir;
 use std::time::Duration;
@@ -28,6 +30,8 @@ type Outputs = Vec<(Vec<f32>, Vec<f32>)>;
 /// What one rank answers: (sequence index, prefill logits, decode logits).
 type Answer = (usize, Vec<f32>, Vec<f32>);
 
+const BLOCK: usize = 4;
+
 fn one_process() -> Outputs {
     let dir = open_model(&tiny_a_dir()).unwrap();
     let model =
@@ -36,31 +40,17 @@ fn one_process() -> Outputs {
     seqs.iter()
         .zip(&next)
         .map(|(s, &n)| {
-            let mut cache = model.new_cache();
-            let a = model
-                .forward(
-                    &mut [SeqStep {
-                        tokens: s,
-                        cache: &mut cache,
-                    }],
-                    LogitsMode::All,
-                )
-                .unwrap();
-            let b = model
-                .forward(
-                    &mut [SeqStep {
-                        tokens: &[n],
-                        cache: &mut cache,
-                    }],
-                    LogitsMode::Last,
-                )
-                .unwrap();
-            (a[0].clone(), b[0].clone())
+            let mut cache = SeqKv::new(&model);
+            let a = cache.step(&model, s, LogitsMode::All).unwrap();
+            let b = cache.step(&model, &[n], LogitsMode::Last).unwrap();
+            (a, b)
         })
         .collect()
 }
 
-fn cluster(world: usize, tp: usize, ep: usize) -> Outputs {
+/// Every plan's outputs, and the tokens each expert of each layer got summed over ranks
+/// (prefill and decode steps).
+fn cluster(world: usize, tp: usize, ep: usize) -> (Outputs, Vec<u64>) {
     let dir = open_model(&tiny_a_dir()).unwrap();
     let cfg = dir.config.clone();
     let plan = Plan::new(&cfg, world, tp, ep).unwrap();
@@ -77,7 +67,7 @@ fn cluster(world: usize, tp: usize, ep: usize) -> Outputs {
         .collect();
     let comms = LocalComm::group(world, Duration::from_secs(30));
     let (seqs, next) = sequences();
-    let results: Vec<Vec<Answer>> = std::thread::scope(|s| {
+    let results: Vec<(Vec<Answer>, Vec<u64>)> = std::thread::scope(|s| {
         let handles: Vec<_> = shards
             .iter()
             .zip(&comms)
@@ -89,30 +79,46 @@ fn cluster(world: usize, tp: usize, ep: usize) -> Outputs {
                     let mine: Vec<usize> = (0..seqs.len())
                         .filter(|i| i % plan.dp() == plan.dp_index(rank))
                         .collect();
-                    let mut caches: Vec<_> = mine.iter().map(|_| shard.new_cache()).collect();
-                    let mut batch: Vec<SeqStep> = mine
+                    // Every rank of a group allocates the same way: the same block ids.
+                    let mut alloc = BlockAllocator::new(64);
+                    let mut kv = shard.new_kv(alloc.total(), BLOCK);
+                    let tables: Vec<Vec<u32>> = mine
                         .iter()
-                        .zip(caches.iter_mut())
-                        .map(|(&i, c)| SeqStep {
+                        .map(|&i| alloc.alloc(blocks_for(seqs[i].len() + 1, BLOCK)).unwrap())
+                        .collect();
+                    let batch: Vec<SeqStep> = mine
+                        .iter()
+                        .zip(&tables)
+                        .map(|(&i, blocks)| SeqStep {
                             tokens: &seqs[i],
-                            cache: c,
+                            start: 0,
+                            blocks,
+                            logits: LogitsMode::All,
                         })
                         .collect();
                     let a = shard
-                        .forward(comm as &dyn Communicator, &mut batch, LogitsMode::All)
+                        .forward(comm as &dyn Communicator, &mut kv, &batch)
                         .unwrap();
-                    let mut batch: Vec<SeqStep> = mine
+                    let batch: Vec<SeqStep> = mine
                         .iter()
-                        .zip(caches.iter_mut())
-                        .map(|(&i, c)| SeqStep {
+                        .zip(&tables)
+                        .map(|(&i, blocks)| SeqStep {
                             tokens: std::slice::from_ref(&next[i]),
-                            cache: c,
+                            start: seqs[i].len(),
+                            blocks,
+                            logits: LogitsMode::Last,
                         })
                         .collect();
                     let b = shard
-                        .forward(comm as &dyn Communicator, &mut batch, LogitsMode::Last)
+                        .forward(comm as &dyn Communicator, &mut kv, &batch)
                         .unwrap();
-                    match (a, b) {
+                    let routed: Vec<u64> = a
+                        .expert_tokens
+                        .iter()
+                        .zip(&b.expert_tokens)
+                        .map(|(x, y)| x + y)
+                        .collect();
+                    let answers = match (a.logits, b.logits) {
                         (Some(a), Some(b)) => mine
                             .into_iter()
                             .zip(a.into_iter().zip(b))
@@ -120,20 +126,29 @@ fn cluster(world: usize, tp: usize, ep: usize) -> Outputs {
                             .collect(),
                         (None, None) => Vec::new(),
                         _ => panic!("rank {rank}: logits on one step but not the other"),
-                    }
+                    };
+                    (answers, routed)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let mut out: Vec<Option<(Vec<f32>, Vec<f32>)>> = vec![None; seqs.len()];
-    for (i, a, b) in results.into_iter().flatten() {
-        assert!(out[i].is_none(), "sequence {i} answered twice");
-        out[i] = Some((a, b));
+    let mut routed = vec![0u64; cfg.num_hidden_layers * cfg.num_local_experts];
+    for (answers, r) in results {
+        for (sum, x) in routed.iter_mut().zip(r) {
+            *sum += x;
+        }
+        for (i, a, b) in answers {
+            assert!(out[i].is_none(), "sequence {i} answered twice");
+            out[i] = Some((a, b));
+        }
     }
-    out.into_iter()
+    let out = out
+        .into_iter()
         .map(|o| o.expect("every sequence answered"))
-        .collect()
+        .collect();
+    (out, routed)
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -153,8 +168,20 @@ fn argmax_rows(v: &[f32], vocab: usize) -> Vec<usize> {
 #[test]
 fn every_issue_plan_equals_one_process() {
     let want = one_process();
+    let (seqs, next) = sequences();
+    let tokens = seqs.iter().map(Vec::len).sum::<usize>() + next.len();
+    let cfg = open_model(&tiny_a_dir()).unwrap().config;
     for (w, tp, ep) in grok_shared::test_support::TINY_A_PLANS {
-        let got = cluster(w, tp, ep);
+        let (got, routed) = cluster(w, tp, ep);
+        // Every token is routed once per chosen expert, by exactly one rank.
+        assert_eq!(routed.len(), cfg.num_hidden_layers * cfg.num_local_experts);
+        for (l, layer) in routed.chunks(cfg.num_local_experts).enumerate() {
+            assert_eq!(
+                layer.iter().sum::<u64>(),
+                (cfg.num_experts_per_tok * tokens) as u64,
+                "W={w} tp={tp} ep={ep} layer {l}: tokens x top-k"
+            );
+        }
         for (i, ((ga, gb), (wa, wb))) in got.iter().zip(&want).enumerate() {
             let (da, db) = (max_diff(ga, wa), max_diff(gb, wb));
             assert!(

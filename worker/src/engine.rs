@@ -1,14 +1,16 @@
-//! The engine: one thread that owns this rank's model slice, its collectives and its KV
-//! caches, and runs the coordinator's commands one at a time (an actor). The gRPC handlers
+//! The engine: one thread that owns this rank's model slice, its collectives and its paged KV
+//! pool, and runs the coordinator's commands one at a time (an actor). The gRPC handlers
 //! only pass messages to it, so no lock is ever held across a wait.
+//!
+//! The engine keeps no per-sequence state: each step names, for every sequence, the positions
+//! it already holds and its block table in the pool. The coordinator does the accounting.
 
 use grok_proto::worker::v1 as pb;
 use grok_shared::checkpoint::open_model;
 use grok_shared::comm::grpc::GrpcComm;
 use grok_shared::cpu::CpuShard;
-use grok_shared::model::{KvCache, LogitsMode, ModelWeights, SeqStep, Slices};
+use grok_shared::model::{LogitsMode, ModelError, ModelWeights, PagedKv, SeqStep, Slices};
 use grok_shared::parallel::Plan;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,11 +36,19 @@ pub enum EngineError {
 
 pub type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
+/// What a finished load reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Loaded {
+    pub weight_bytes: u64,
+    /// The KV pool's size (address space: pages become resident as blocks are written).
+    pub kv_bytes: u64,
+}
+
 pub enum Command {
     Load {
         req: pb::LoadRequest,
         progress: mpsc::Sender<pb::LoadProgress>,
-        reply: Reply<u64>,
+        reply: Reply<Loaded>,
     },
     Connect {
         req: pb::JoinPeersRequest,
@@ -69,7 +79,8 @@ struct Engine {
     status: Arc<Mutex<Status>>,
     shard: Option<CpuShard>,
     comm: Option<GrpcComm>,
-    caches: HashMap<u64, KvCache>,
+    /// The rank's KV pool, made with the shard (so it always fits it).
+    kv: Option<PagedKv>,
 }
 
 /// Starts the engine thread; commands go in through the returned sender.
@@ -90,7 +101,7 @@ pub fn spawn(
         status,
         shard: None,
         comm: None,
-        caches: HashMap::new(),
+        kv: None,
     };
     std::thread::Builder::new()
         .name("grok-engine".into())
@@ -139,7 +150,7 @@ impl Engine {
         &mut self,
         req: pb::LoadRequest,
         progress: &mpsc::Sender<pb::LoadProgress>,
-    ) -> Result<u64, EngineError> {
+    ) -> Result<Loaded, EngineError> {
         let path = req.model_path.clone();
         let fail = |msg: String| EngineError::Load {
             path: path.clone(),
@@ -149,9 +160,18 @@ impl Engine {
             .plan
             .ok_or_else(|| EngineError::BadRequest("LoadRequest has no plan".into()))?;
         let rank = req.rank as usize;
+        // Checked before the (long) load so a bad request fails at once.
+        if req.kv_blocks == 0 || req.block_size == 0 {
+            return Err(EngineError::BadRequest(format!(
+                "kv_blocks ({}) and block_size ({}) must both be > 0: the coordinator sizes \
+                 the KV pool from --kv-cache-mb and --block-size",
+                req.kv_blocks, req.block_size
+            )));
+        }
         set_state(&self.status, "loading", req.rank);
+        // Drop the old slice and pool before loading the new ones, not after.
         self.shard = None;
-        self.caches.clear();
+        self.kv = None;
         let dir = open_model(std::path::Path::new(&path)).map_err(|e| fail(e.to_string()))?;
         let plan = Plan::new(&dir.config, p.world as usize, p.tp as usize, p.ep as usize)
             .map_err(|e| EngineError::BadRequest(e.to_string()))?;
@@ -163,12 +183,23 @@ impl Engine {
         }
         let total = dir.config.num_hidden_layers as u32;
         let slices = Slices::for_rank(&plan, &dir.config, rank);
+        let (blocks, bs) = (req.kv_blocks as usize, req.block_size as usize);
+        let kv_dim = slices.kv_heads.len() * dir.config.head_dim;
+        // The allocation itself cannot fail politely, so refuse sizes that overflow first.
+        let kv_bytes = PagedKv::bytes_for(dir.config.num_hidden_layers, kv_dim, bs, blocks)
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| {
+                EngineError::BadRequest(format!(
+                    "a KV pool of {blocks} blocks of {bs} positions does not fit in memory"
+                ))
+            })?;
         let mut report = |done: usize| {
             let _ = progress.blocking_send(pb::LoadProgress {
                 layers_done: done as u32,
                 layers_total: total,
                 done: false,
                 weight_bytes: 0,
+                kv_bytes: 0,
             });
         };
         let weights = ModelWeights::load_slices_with_progress(
@@ -180,10 +211,14 @@ impl Engine {
         .map_err(|e| fail(e.to_string()))?;
         let bytes = weights.stored_bytes() as u64;
         let shard = CpuShard::new(weights, plan, rank).map_err(|e| fail(e.to_string()))?;
+        self.kv = Some(shard.new_kv(blocks, bs));
         self.shard = Some(shard);
         set_state(&self.status, "loaded", req.rank);
-        tracing::info!(rank, bytes, "loaded");
-        Ok(bytes)
+        tracing::info!(rank, bytes, kv_bytes, blocks, bs, "loaded");
+        Ok(Loaded {
+            weight_bytes: bytes,
+            kv_bytes: kv_bytes as u64,
+        })
     }
 
     fn connect(&mut self, req: pb::JoinPeersRequest) -> Result<(), EngineError> {
@@ -221,12 +256,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Drops the mesh and every KV cache (sequences cannot continue without their peers).
+    /// Drops the mesh. The KV pool stays allocated; what it holds is the coordinator's to
+    /// trust or recompute (after a peer restarted, it recomputes).
     fn leave(&mut self) {
         if let Some(old) = self.comm.take() {
             old.shutdown();
         }
-        self.caches.clear();
         if self.shard.is_some() {
             let rank = self.shard.as_ref().map_or(0, |s| s.rank() as u32);
             set_state(&self.status, "loaded", rank);
@@ -235,12 +270,11 @@ impl Engine {
 
     fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepReply, EngineError> {
         let shard = self.shard.as_ref().ok_or(EngineError::NotLoaded)?;
+        let kv = self.kv.as_mut().ok_or(EngineError::NotLoaded)?;
         let comm = self.comm.as_ref().ok_or(EngineError::NotConnected)?;
         let rank = shard.rank();
-        for id in &req.free {
-            self.caches.remove(id);
-        }
         let mut seen = std::collections::HashSet::new();
+        let mut batch = Vec::with_capacity(req.seqs.len());
         for s in &req.seqs {
             if !seen.insert(s.seq_id) {
                 return Err(EngineError::BadRequest(format!(
@@ -248,43 +282,22 @@ impl Engine {
                     s.seq_id
                 )));
             }
-            self.caches
-                .entry(s.seq_id)
-                .or_insert_with(|| shard.new_cache());
+            batch.push(SeqStep {
+                tokens: &s.tokens,
+                start: s.start as usize,
+                blocks: &s.blocks,
+                logits: logits_mode(s)?,
+            });
         }
-        // Take the caches out so each batch entry can borrow its own mutably.
-        let mut taken: Vec<(u64, KvCache)> = req
-            .seqs
-            .iter()
-            .filter_map(|s| self.caches.remove(&s.seq_id).map(|c| (s.seq_id, c)))
-            .collect();
-        let mode = if req.all_logits {
-            LogitsMode::All
-        } else {
-            LogitsMode::Last
-        };
-        let result = {
-            let mut batch: Vec<SeqStep> = req
-                .seqs
-                .iter()
-                .zip(taken.iter_mut())
-                .map(|(s, (_, cache))| SeqStep {
-                    tokens: &s.tokens,
-                    cache,
-                })
-                .collect();
-            shard.forward(comm, &mut batch, mode)
-        };
-        match result {
+        match shard.forward(comm, kv, &batch) {
             Ok(out) => {
-                for (id, cache) in taken {
-                    self.caches.insert(id, cache);
-                }
                 let logits = out
+                    .logits
                     .map(|rows| {
                         req.seqs
                             .iter()
                             .zip(rows)
+                            .filter(|(_, l)| !l.is_empty())
                             .map(|(s, l)| pb::SeqLogits {
                                 seq_id: s.seq_id,
                                 logits: l,
@@ -295,13 +308,31 @@ impl Engine {
                 Ok(pb::StepReply {
                     step_id: req.step_id,
                     logits,
+                    expert_tokens: out.expert_tokens,
+                    comm_seconds: out.comm_time.as_secs_f64(),
                 })
             }
-            // The step's caches may be half-updated: they are dropped, the requests fail.
-            Err(e) => Err(EngineError::Step {
+            // A peer failed part-way: the pool may hold half-written blocks of this step's
+            // positions; the coordinator recomputes them, so nothing is cleaned up here.
+            Err(e @ (ModelError::Comm(_) | ModelError::Peer { .. })) => Err(EngineError::Step {
                 rank,
                 msg: e.to_string(),
             }),
+            // Refused before anything ran (bad block ids, tokens, ...): the request's fault.
+            Err(e) => Err(EngineError::BadRequest(e.to_string())),
         }
+    }
+}
+
+/// A sequence's logits mode; an unset mode is refused rather than read as "none".
+fn logits_mode(s: &pb::SeqInput) -> Result<LogitsMode, EngineError> {
+    match pb::LogitsMode::try_from(s.logits) {
+        Ok(pb::LogitsMode::None) => Ok(LogitsMode::None),
+        Ok(pb::LogitsMode::Last) => Ok(LogitsMode::Last),
+        Ok(pb::LogitsMode::All) => Ok(LogitsMode::All),
+        Ok(pb::LogitsMode::Unspecified) | Err(_) => Err(EngineError::BadRequest(format!(
+            "sequence {}: logits mode {} is not NONE, LAST or ALL",
+            s.seq_id, s.logits
+        ))),
     }
 }

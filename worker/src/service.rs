@@ -1,6 +1,6 @@
 //! The `Worker` gRPC service: thin handlers that forward to the engine thread.
 
-use crate::engine::{Command, EngineError, Status as EngineStatus};
+use crate::engine::{Command, EngineError, Loaded, Status as EngineStatus};
 use grok_proto::worker::v1 as pb;
 use grok_proto::worker::v1::worker_server::Worker;
 use std::net::SocketAddr;
@@ -83,11 +83,15 @@ impl Worker for WorkerService {
                 }
             }
             let last = match reply_rx.await {
-                Ok(Ok(bytes)) => Ok(pb::LoadProgress {
+                Ok(Ok(Loaded {
+                    weight_bytes,
+                    kv_bytes,
+                })) => Ok(pb::LoadProgress {
                     layers_done: 0,
                     layers_total: 0,
                     done: true,
-                    weight_bytes: bytes,
+                    weight_bytes,
+                    kv_bytes,
                 }),
                 Ok(Err(e)) => Err(to_status(e)),
                 Err(_) => Err(to_status(EngineError::Gone)),

@@ -1,8 +1,9 @@
 use crate::cluster_args::{self, ClusterArgs};
 use crate::model_args::{ModelArgs, TokenizerArgs};
 use anyhow::{bail, Context, Result};
+use grok_coordinator::cluster::SeqWork;
 use grok_shared::generate::{generate, generate_with, GenerateError, Generation};
-use grok_shared::model::Forward;
+use grok_shared::model::{blocks_for, BlockAllocator, Forward, LogitsMode};
 use grok_shared::sampling::{Sampler, SamplingParams};
 use grok_shared::tokenizer::Tokenizer;
 use std::io::Write;
@@ -80,11 +81,37 @@ pub fn run(args: Args) -> Result<()> {
             let result = match check_prompt(&prompt, vocab, tokenizer.as_ref(), args.print_ids) {
                 Ok(()) => tokio::task::block_in_place(|| {
                     let handle = tokio::runtime::Handle::current();
+                    // The one sequence lives in group 0; its blocks are taken as it grows.
+                    let bs = cluster.block_size();
+                    let mut pool = BlockAllocator::new(cluster.kv_blocks());
+                    let mut blocks: Vec<u32> = Vec::new();
+                    let mut len = 0;
                     let mut step = |input: &[u32]| -> Result<Vec<f32>, GenerateError> {
+                        let need = blocks_for(len + input.len(), bs);
+                        if need > blocks.len() {
+                            // The pool holds at least one full context (checked at start), so
+                            // this fails only if the generation loop overran the context.
+                            let more = pool.alloc(need - blocks.len()).ok_or_else(|| {
+                                GenerateError::Backend(format!(
+                                    "the KV cache has no room for {} positions",
+                                    len + input.len()
+                                ))
+                            })?;
+                            blocks.extend(more);
+                        }
+                        let work = SeqWork {
+                            seq_id: 0,
+                            group: 0,
+                            start: len,
+                            tokens: input.to_vec(),
+                            blocks: blocks.clone(),
+                            logits: LogitsMode::Last,
+                        };
                         let mut out = handle
-                            .block_on(cluster.step(&[(0, input.to_vec())], &[], false))
+                            .block_on(cluster.step(&[work]))
                             .map_err(|e| GenerateError::Backend(e.to_string()))?;
-                        out.remove(&0).ok_or_else(|| {
+                        len += input.len();
+                        out.logits.remove(&0).ok_or_else(|| {
                             GenerateError::Backend("no logits for the sequence".into())
                         })
                     };

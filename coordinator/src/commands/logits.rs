@@ -1,8 +1,10 @@
 use crate::cluster_args::{self, ClusterArgs};
 use crate::model_args::ModelArgs;
 use anyhow::{bail, Context, Result};
-use grok_shared::model::{Forward, LogitsMode, SeqStep};
+use grok_coordinator::cluster::SeqWork;
+use grok_shared::model::{blocks_for, BlockAllocator, Forward, LogitsMode, SeqStep};
 use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -62,14 +64,25 @@ pub fn run(args: Args) -> Result<()> {
         let model = args.model.load_cpu()?;
         let c = model.config();
         check_rows(&args, t, c.max_seq_len)?;
-        let mut caches: Vec<_> = (0..b).map(|_| model.new_cache()).collect();
-        let mut batch: Vec<SeqStep> = ids
+        // One pool with every row's blocks: all rows in one batch.
+        let bs = grok_shared::model::DEFAULT_BLOCK_SIZE;
+        let per_row = blocks_for(t, bs);
+        let mut kv = model.new_kv(b * per_row, bs);
+        let tables: Vec<Vec<u32>> = (0..b as u32)
+            .map(|i| (i * per_row as u32..(i + 1) * per_row as u32).collect())
+            .collect();
+        let batch: Vec<SeqStep> = ids
             .chunks_exact(t)
-            .zip(caches.iter_mut())
-            .map(|(row, cache)| SeqStep { tokens: row, cache })
+            .zip(&tables)
+            .map(|(row, blocks)| SeqStep {
+                tokens: row,
+                start: 0,
+                blocks,
+                logits: LogitsMode::All,
+            })
             .collect();
         model
-            .forward(&mut batch, LogitsMode::All)
+            .forward(&mut kv, &batch)
             .with_context(|| format!("running {}", args.input.display()))?
     };
     let vocab = rows.first().map_or(0, |r| r.len() / t);
@@ -95,7 +108,8 @@ fn check_rows(args: &Args, t: usize, max: usize) -> Result<()> {
     Ok(())
 }
 
-/// One step through the cluster: row i is sequence i, all logits.
+/// Through the cluster: row i is sequence i, all logits, in as few steps as the workers' KV
+/// pools allow.
 fn logits_on_cluster(args: &Args, b: usize, t: usize, ids: &[u32]) -> Result<Vec<Vec<f32>>> {
     let dir = args.model.dir()?;
     cluster_args::runtime()?.block_on(async {
@@ -109,12 +123,40 @@ fn logits_on_cluster(args: &Args, b: usize, t: usize, ids: &[u32]) -> Result<Vec
                     args.input.display()
                 );
             }
-            let seqs: Vec<(u64, Vec<u32>)> = ids
-                .chunks_exact(t)
-                .enumerate()
-                .map(|(i, r)| (i as u64, r.to_vec()))
+            // Row i is sequence i in group i % dp; each step takes as many rows as the
+            // groups' pools hold (every pool holds at least one full row).
+            let (dp, bs) = (cluster.dp(), cluster.block_size());
+            let per_row = blocks_for(t, bs);
+            let mut pools: Vec<BlockAllocator> = (0..dp)
+                .map(|_| BlockAllocator::new(cluster.kv_blocks()))
                 .collect();
-            let mut out = cluster.step(&seqs, &[], true).await?;
+            let mut out: HashMap<u64, Vec<f32>> = HashMap::new();
+            let mut next = 0;
+            while next < b {
+                let mut work = Vec::new();
+                while next < b {
+                    let group = next % dp;
+                    let Some(blocks) = pools[group].alloc(per_row) else {
+                        break;
+                    };
+                    work.push(SeqWork {
+                        seq_id: next as u64,
+                        group,
+                        start: 0,
+                        tokens: ids[next * t..(next + 1) * t].to_vec(),
+                        blocks,
+                        logits: LogitsMode::All,
+                    });
+                    next += 1;
+                }
+                if work.is_empty() {
+                    bail!("a row of {t} tokens does not fit the KV cache of a worker");
+                }
+                out.extend(cluster.step(&work).await?.logits);
+                for w in &work {
+                    pools[w.group].release(&w.blocks);
+                }
+            }
             (0..b as u64)
                 .map(|i| out.remove(&i).context("missing logits"))
                 .collect::<Result<Vec<_>>>()

@@ -3,11 +3,22 @@
 //! KV blocks allow, runs decodes and budget-sized prefill chunks together, samples, releases
 //! text, and frees the blocks of finished or abandoned requests.
 
-use crate::metrics::Metrics;
-use crate::request::{Event, GenerationRequest, SubmitError};
+pub mod backend;
+mod sequence;
+
+pub use backend::{LocalBackend, StepBackend};
+
+use crate::cluster::{SeqWork, StepOutput};
+use crate::metrics::{ExpertLabels, Metrics, RankLabels};
+use crate::request::{Event, FinishReason, GenerationRequest, SubmitError};
+use grok_shared::model::{blocks_for, BlockAllocator, LogitsMode};
+use grok_shared::tokenizer::Tokenizer;
+use sequence::{Progress, Sequence};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
 
 /// A request on its way into the scheduler, with where its events go.
 pub struct Submission {
@@ -37,7 +48,12 @@ pub struct Inbox {
 
 impl SchedulerHandle {
     /// A handle and the inbox a scheduler task reads; `context` and `vocab` are the model's.
-    pub fn channel(max_queued: usize, context: usize, vocab: usize, metrics: Metrics) -> (Self, Inbox) {
+    pub fn channel(
+        max_queued: usize,
+        context: usize,
+        vocab: usize,
+        metrics: Metrics,
+    ) -> (Self, Inbox) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let ready = Arc::new(AtomicBool::new(false));
@@ -107,3 +123,451 @@ impl SchedulerHandle {
         &self.metrics
     }
 }
+
+/// Batching limits.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences in the running batch at most.
+    pub max_running: usize,
+    /// New tokens per step at most (decodes count one each; prefill chunks fill the rest),
+    /// so a long prompt is spread over steps instead of stalling every decode.
+    pub max_step_tokens: usize,
+    /// Requests waiting for admission at most; beyond, submissions are refused (429).
+    pub max_queued: usize,
+    /// How often an idle scheduler checks the ranks' health.
+    pub health_interval: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_running: 64,
+            max_step_tokens: 512,
+            max_queued: 256,
+            health_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Starts the scheduler task on the current runtime. It runs until `shutdown` turns true
+/// (or every handle is dropped), then fails what is still in flight and shuts the backend down.
+pub fn start<B: StepBackend>(
+    backend: B,
+    cfg: SchedulerConfig,
+    tokenizer: Arc<Tokenizer>,
+    metrics: Metrics,
+    shutdown: watch::Receiver<bool>,
+) -> (SchedulerHandle, tokio::task::JoinHandle<()>) {
+    let c = backend.config();
+    let (handle, inbox) =
+        SchedulerHandle::channel(cfg.max_queued, c.max_seq_len, c.vocab_size, metrics.clone());
+    inbox.ready.store(true, Ordering::Release);
+    let scheduler = Scheduler::new(backend, cfg, tokenizer, metrics, inbox);
+    let task = tokio::spawn(scheduler.run(shutdown));
+    (handle, task)
+}
+
+struct Scheduler<B> {
+    backend: B,
+    cfg: SchedulerConfig,
+    tokenizer: Arc<Tokenizer>,
+    metrics: Metrics,
+    inbox: Inbox,
+    /// One block pool per data-parallel group.
+    pools: Vec<BlockAllocator>,
+    block_size: usize,
+    context: usize,
+    vocab: usize,
+    eos: Option<u32>,
+    /// Admitted sequences, oldest first (the youngest are preempted first).
+    running: Vec<Sequence>,
+    /// Preempted sequences first, then new arrivals, in order.
+    waiting: VecDeque<Sequence>,
+    next_id: u64,
+    /// Steps that failed in a row; the running requests fail after two.
+    failures: usize,
+}
+
+impl<B: StepBackend> Scheduler<B> {
+    fn new(
+        backend: B,
+        cfg: SchedulerConfig,
+        tokenizer: Arc<Tokenizer>,
+        metrics: Metrics,
+        inbox: Inbox,
+    ) -> Self {
+        let c = backend.config();
+        let (context, vocab) = (c.max_seq_len, c.vocab_size);
+        let pools = (0..backend.groups())
+            .map(|_| BlockAllocator::new(backend.blocks_per_group()))
+            .collect();
+        metrics
+            .kv_blocks_total
+            .set((backend.groups() * backend.blocks_per_group()) as i64);
+        Scheduler {
+            block_size: backend.block_size(),
+            eos: tokenizer.eos_id(),
+            backend,
+            cfg,
+            tokenizer,
+            metrics,
+            inbox,
+            pools,
+            context,
+            vocab,
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            next_id: 0,
+            failures: 0,
+        }
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut health = tokio::time::interval(self.cfg.health_interval);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
+        while open && !*shutdown.borrow() {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                // Idle: wait for work, a health check, or the end.
+                tokio::select! {
+                    sub = self.inbox.rx.recv() => match sub {
+                        Some(sub) => self.accept(sub),
+                        None => open = false,
+                    },
+                    _ = health.tick() => self.check_health().await,
+                    _ = shutdown.changed() => {}
+                }
+            }
+            loop {
+                match self.inbox.rx.try_recv() {
+                    Ok(sub) => self.accept(sub),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            if !self.running.is_empty() || !self.waiting.is_empty() {
+                self.step().await;
+            }
+            self.update_gauges();
+        }
+        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            s.fail("the server is shutting down".into());
+        }
+        self.inbox.ready.store(false, Ordering::Release);
+        self.backend.shutdown().await;
+    }
+
+    fn accept(&mut self, sub: Submission) {
+        self.next_id += 1;
+        // The API validates sampling parameters; this is a second line of defence.
+        if let Err(e) = sub.request.sampling.validate() {
+            self.inbox.queued.fetch_sub(1, Ordering::AcqRel);
+            let _ = sub.events.send(Event::Error(e.to_string()));
+            return;
+        }
+        self.waiting
+            .push_back(Sequence::new(self.next_id, sub, self.tokenizer.clone()));
+    }
+
+    fn release(&mut self, seq: &mut Sequence) {
+        self.pools[seq.group].release(&seq.blocks);
+        seq.blocks.clear();
+        seq.computed = 0;
+    }
+
+    fn unqueue(&self, seq: &mut Sequence) {
+        if seq.queued {
+            seq.queued = false;
+            self.inbox.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A client that went away frees its blocks now.
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].cancelled() {
+                let mut s = self.running.remove(i);
+                self.release(&mut s);
+                self.observe_end(&s);
+            } else {
+                i += 1;
+            }
+        }
+        let mut kept = VecDeque::with_capacity(self.waiting.len());
+        while let Some(mut s) = self.waiting.pop_front() {
+            if s.cancelled() {
+                self.unqueue(&mut s);
+                self.observe_end(&s);
+            } else {
+                kept.push_back(s);
+            }
+        }
+        self.waiting = kept;
+    }
+
+    async fn check_health(&mut self) {
+        if let Err(e) = self.backend.check_health().await {
+            tracing::warn!("unhealthy: {e}");
+            self.recover().await;
+        }
+    }
+
+    /// After a failure: restart what failed, then recompute every running sequence (their
+    /// KV contents are gone; their blocks are kept and refilled).
+    async fn recover(&mut self) -> bool {
+        self.inbox.ready.store(false, Ordering::Release);
+        match self.backend.recover().await {
+            Ok(()) => {
+                self.inbox.ready.store(true, Ordering::Release);
+                for s in &mut self.running {
+                    s.computed = 0;
+                }
+                tracing::info!("recovered; recomputing {} sequence(s)", self.running.len());
+                true
+            }
+            Err(e) => {
+                tracing::error!("recovery failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Moves `running[i]` back to the waiting line (ahead of new arrivals), freeing its blocks.
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        self.release(&mut s);
+        self.metrics.preemptions.inc();
+        let at = self.waiting.iter().take_while(|w| !w.queued).count();
+        self.waiting.insert(at, s);
+    }
+
+    /// Chooses this step's work: running sequences first (oldest first; a decode is one
+    /// token, a prefill a chunk within the budget), preempting the youngest when a group runs
+    /// out of blocks; then admits waiting sequences while blocks and budget allow.
+    fn plan_step(&mut self) -> Vec<(usize, SeqWork)> {
+        let bs = self.block_size;
+        let mut budget = self.cfg.max_step_tokens;
+        let mut chosen: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens)
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            let n = s.pending().min(budget);
+            let need = blocks_for(s.computed + n, bs).saturating_sub(s.blocks.len());
+            let g = s.group;
+            if self.pools[g].free() < need {
+                // The youngest sequence of this group after `i` makes room; else `i` itself.
+                match (i + 1..self.running.len())
+                    .rev()
+                    .find(|&j| self.running[j].group == g)
+                {
+                    Some(j) => self.preempt(j),
+                    None => self.preempt(i),
+                }
+                continue;
+            }
+            if let Some(b) = self.pools[g].alloc(need) {
+                self.running[i].blocks.extend(b);
+            }
+            chosen.push((i, n));
+            budget -= n;
+            i += 1;
+        }
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(s) = self.waiting.front() else { break };
+            // Admission: blocks for everything it holds now must be free in some group.
+            let need = blocks_for(s.len(), bs);
+            let g = (0..self.pools.len())
+                .max_by_key(|&g| (self.pools[g].free(), std::cmp::Reverse(g)))
+                .unwrap_or(0);
+            if need > self.pools[g].total() {
+                // Only possible with a pool smaller than one context: fail, never wait forever.
+                if let Some(mut s) = self.waiting.pop_front() {
+                    self.unqueue(&mut s);
+                    s.fail(format!(
+                        "the sequence needs {need} KV blocks but a group has {}; raise --kv-cache-mb",
+                        self.pools[g].total()
+                    ));
+                    self.observe_end(&s);
+                }
+                continue;
+            }
+            let Some(blocks) = self.pools[g].alloc(need) else {
+                break;
+            };
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            self.unqueue(&mut s);
+            s.group = g;
+            s.blocks = blocks;
+            s.computed = 0;
+            let n = s.pending().min(budget);
+            self.running.push(s);
+            chosen.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        chosen
+            .into_iter()
+            .map(|(i, n)| {
+                let s = &self.running[i];
+                let from = s.computed;
+                let done = from + n == s.len();
+                let logits = if s.wants_prompt_logprobs() && from < s.req.prompt.len() {
+                    LogitsMode::All
+                } else if done {
+                    LogitsMode::Last
+                } else {
+                    LogitsMode::None
+                };
+                let work = SeqWork {
+                    seq_id: s.id,
+                    group: s.group,
+                    start: from,
+                    tokens: (from..from + n).map(|p| s.token(p)).collect(),
+                    blocks: s.blocks.clone(),
+                    logits,
+                };
+                (i, work)
+            })
+            .collect()
+    }
+
+    async fn step(&mut self) {
+        let plan = self.plan_step();
+        if plan.is_empty() {
+            return;
+        }
+        let work: Vec<SeqWork> = plan.iter().map(|(_, w)| w.clone()).collect();
+        let started = Instant::now();
+        let result = self.backend.step(&work).await;
+        self.metrics
+            .step_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let out = match result {
+            Ok(out) => {
+                self.failures = 0;
+                out
+            }
+            Err(e) => {
+                tracing::warn!("step failed: {e}");
+                self.failures += 1;
+                let recovered = self.recover().await;
+                if !recovered || self.failures >= 2 {
+                    let msg = format!("the cluster failed: {e}");
+                    for mut s in std::mem::take(&mut self.running) {
+                        self.release(&mut s);
+                        s.fail(msg.clone());
+                        self.observe_end(&s);
+                    }
+                    self.failures = 0;
+                }
+                return;
+            }
+        };
+        self.record_step(&out);
+        let now = Instant::now();
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        let mut out = out;
+        for (i, w) in plan {
+            let s = &mut self.running[i];
+            s.computed = w.start + w.tokens.len();
+            if w.logits == LogitsMode::None {
+                continue;
+            }
+            let Some(rows) = out.logits.remove(&w.seq_id) else {
+                s.fail("internal error: the cluster returned no logits".into());
+                finished.push((i, FinishReason::Stop));
+                continue;
+            };
+            if w.logits == LogitsMode::All {
+                s.take_prompt_logprobs(&self.tokenizer, &rows, w.start, self.vocab);
+            }
+            if s.computed < s.len() {
+                continue;
+            }
+            s.send_prompt(&self.tokenizer);
+            let last = &rows[rows.len().saturating_sub(self.vocab)..];
+            let progress = s.advance(&self.tokenizer, last, self.eos, self.context, now);
+            match s.last_token_before_this() {
+                None => self
+                    .metrics
+                    .ttft
+                    .observe((now - s.req.arrived).as_secs_f64()),
+                Some(prev) => self.metrics.itl.observe((now - prev).as_secs_f64()),
+            }
+            match progress {
+                Ok(Progress::Running) => {}
+                Ok(Progress::Finished(f)) => finished.push((i, f)),
+                Err(e) => {
+                    s.fail(format!("sampling: {e}"));
+                    finished.push((i, FinishReason::Stop));
+                }
+            }
+        }
+        // Remove from the back so earlier indices stay valid.
+        finished.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, f) in finished {
+            let mut s = self.running.remove(i);
+            s.finish(f);
+            self.release(&mut s);
+            self.observe_end(&s);
+        }
+    }
+
+    fn record_step(&self, out: &StepOutput) {
+        let experts = self.backend.config().num_local_experts.max(1);
+        for (k, &n) in out.expert_tokens.iter().enumerate() {
+            if n > 0 {
+                self.metrics
+                    .expert_tokens
+                    .get_or_create(&ExpertLabels {
+                        layer: (k / experts) as u32,
+                        expert: (k % experts) as u32,
+                    })
+                    .inc_by(n);
+            }
+        }
+        for (rank, &secs) in out.comm_seconds.iter().enumerate() {
+            self.metrics
+                .collective_seconds
+                .get_or_create(&RankLabels { rank: rank as u32 })
+                .inc_by(secs);
+        }
+    }
+
+    /// Latency and token metrics of a request that ended (finished, failed or abandoned).
+    fn observe_end(&self, s: &Sequence) {
+        let m = &self.metrics;
+        let arrived = s.req.arrived;
+        m.e2e.observe(arrived.elapsed().as_secs_f64());
+        m.prompt_tokens.inc_by(s.req.prompt.len() as u64);
+        m.generation_tokens.inc_by(s.generated.len() as u64);
+        m.request_prompt_tokens.observe(s.req.prompt.len() as f64);
+        m.request_generation_tokens
+            .observe(s.generated.len() as f64);
+        if let (Some(first), Some(last)) = (s.first_token, s.last_token) {
+            if s.generated.len() > 1 {
+                let per = (last - first).as_secs_f64() / (s.generated.len() - 1) as f64;
+                m.tpot.observe(per);
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.queue_depth
+            .set(self.inbox.queued.load(Ordering::Acquire) as i64);
+        m.running.set(self.running.len() as i64);
+        m.waiting.set(self.waiting.len() as i64);
+        m.kv_blocks_used
+            .set(self.pools.iter().map(BlockAllocator::used).sum::<usize>() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,5 +1,8 @@
 //! Incremental decoding, and the byte-run → text rule it shares with [`Tokenizer::decode`].
 
+use std::ops::Deref;
+use std::sync::Arc;
+
 use super::{Tokenizer, TokenizerError};
 
 const REPLACEMENT: char = '\u{FFFD}';
@@ -139,7 +142,7 @@ impl BosSpace {
 /// ```
 #[derive(Debug, Clone)]
 pub struct DecodeStream<'a> {
-    tok: &'a Tokenizer,
+    tok: TokenizerRef<'a>,
     /// Held-back bytes of an unfinished, so far valid character (at most 3).
     pending: Vec<u8>,
     bos: BosSpace,
@@ -149,7 +152,7 @@ pub struct DecodeStream<'a> {
 impl<'a> DecodeStream<'a> {
     pub(super) fn new(tok: &'a Tokenizer) -> Self {
         Self {
-            tok,
+            tok: TokenizerRef::Borrowed(tok),
             pending: Vec::with_capacity(4),
             bos: BosSpace::new(),
             text_empty: true,
@@ -171,7 +174,7 @@ impl<'a> DecodeStream<'a> {
             push_byte_run(&self.pending, &mut out);
             self.pending.clear();
             let text_empty = self.text_empty && out.is_empty();
-            self.bos.push_piece(self.tok, id, text_empty, &mut out);
+            self.bos.push_piece(&self.tok, id, text_empty, &mut out);
         }
         if out.is_empty() {
             return Ok(None);
@@ -180,11 +183,64 @@ impl<'a> DecodeStream<'a> {
         Ok(Some(out))
     }
 
+    /// The held-back bytes of an unfinished character (empty when none); they come out with
+    /// a later step, or from [`DecodeStream::finish`].
+    pub fn pending_bytes(&self) -> &[u8] {
+        &self.pending
+    }
+
     /// Ends the stream, returning the text of any held-back bytes (an unfinished character
     /// becomes one U+FFFD per byte, as in [`Tokenizer::decode`]).
     pub fn finish(self) -> String {
         let mut out = String::new();
         push_byte_run(&self.pending, &mut out);
         out
+    }
+}
+
+impl DecodeStream<'static> {
+    /// A stream holding a share of its tokenizer rather than a borrow, so that it can live in
+    /// long-lived, `Send + 'static` state (e.g. one per sequence in a server).
+    ///
+    /// ```
+    /// # use grok_shared::tokenizer::{DecodeStream, Tokenizer};
+    /// # use std::sync::Arc;
+    /// let tok = Arc::new(Tokenizer::builtin()?);
+    /// let ids = tok.encode("€ and 🚀");
+    /// let mut stream = DecodeStream::shared(Arc::clone(&tok));
+    /// let mut text = String::new();
+    /// for &id in &ids {
+    ///     text.extend(stream.step(id)?);
+    /// }
+    /// text.push_str(&stream.finish());
+    /// assert_eq!(text, tok.decode(&ids)?);
+    /// # Ok::<(), grok_shared::tokenizer::TokenizerError>(())
+    /// ```
+    pub fn shared(tok: Arc<Tokenizer>) -> Self {
+        Self {
+            tok: TokenizerRef::Shared(tok),
+            pending: Vec::with_capacity(4),
+            bos: BosSpace::new(),
+            text_empty: true,
+        }
+    }
+}
+
+/// How a [`DecodeStream`] holds its tokenizer.
+#[derive(Debug, Clone)]
+enum TokenizerRef<'a> {
+    Borrowed(&'a Tokenizer),
+    Shared(Arc<Tokenizer>),
+}
+
+impl Deref for TokenizerRef<'_> {
+    type Target = Tokenizer;
+
+    #[inline]
+    fn deref(&self) -> &Tokenizer {
+        match self {
+            Self::Borrowed(tok) => tok,
+            Self::Shared(tok) => tok,
+        }
     }
 }

@@ -1,0 +1,292 @@
+//! The scheduler on the in-process backend with the `grok1-tiny-a` fixture: batching,
+//! chunked prefill and preemption never change a request's tokens; cancelled requests free
+//! their blocks; the queue is bounded.
+
+use super::*;
+use crate::request::TokenLogprob;
+use grok_shared::checkpoint::open_model;
+use grok_shared::model::ModelWeights;
+use grok_shared::sampling::SamplingParams;
+
+fn backend(blocks: usize, block_size: usize) -> LocalBackend {
+    let dir = open_model(&grok_shared::test_support::tiny_a_dir()).expect("fixture");
+    let w = ModelWeights::load(dir.source.as_ref(), &dir.config).expect("weights");
+    LocalBackend::new(w, blocks, block_size).expect("backend")
+}
+
+fn tokenizer() -> Arc<Tokenizer> {
+    Arc::new(Tokenizer::builtin().expect("builtin tokenizer"))
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            seed,
+        },
+        stop: Vec::new(),
+        logprobs: None,
+        echo: false,
+        arrived: Instant::now(),
+    }
+}
+
+struct Run {
+    handle: SchedulerHandle,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start_with(blocks: usize, block_size: usize, cfg: SchedulerConfig) -> Run {
+    let (stop, rx) = watch::channel(false);
+    let (handle, task) = start(
+        backend(blocks, block_size),
+        cfg,
+        tokenizer(),
+        Metrics::new(),
+        rx,
+    );
+    Run { handle, stop, task }
+}
+
+impl Run {
+    async fn end(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Collects a request's events: generated token ids, text, and how it ended.
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, String, Event) {
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text { text: t, tokens } => {
+                text.push_str(&t);
+                ids.extend(tokens.iter().map(|t: &TokenLogprob| t.id));
+            }
+            Event::Prompt { .. } => {}
+            end @ (Event::Done { .. } | Event::Error(_)) => return (ids, text, end),
+        }
+    }
+    panic!("events ended without Done");
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    // Different lengths, so prefills and decodes mix in the same steps.
+    (0..6)
+        .map(|i| {
+            (0..(5 + 23 * i))
+                .map(|j| ((j * 37 + i * 11) % 1000 + 3) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+async fn alone(prompt: &[u32], max: usize, temp: f32, seed: u64) -> Vec<u32> {
+    let run = start_with(64, 16, SchedulerConfig::default());
+    let rx = run
+        .handle
+        .submit(request(prompt.to_vec(), max, temp, seed))
+        .unwrap();
+    let (ids, _, end) = collect(rx).await;
+    assert!(matches!(end, Event::Done { .. }), "{end:?}");
+    run.end().await;
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_give_the_tokens_each_gives_alone() {
+    let ps = prompts();
+    let mut want = Vec::new();
+    for (i, p) in ps.iter().enumerate() {
+        let temp = if i % 2 == 0 { 0.0 } else { 0.9 };
+        want.push(alone(p, 24, temp, i as u64 + 7).await);
+    }
+    // A small token budget chunks the long prompts; a small pool forces preemption.
+    let cfg = SchedulerConfig {
+        max_step_tokens: 24,
+        ..SchedulerConfig::default()
+    };
+    let run = start_with(36, 4, cfg);
+    let rxs: Vec<_> = ps
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let temp = if i % 2 == 0 { 0.0 } else { 0.9 };
+            run.handle
+                .submit(request(p.clone(), 24, temp, i as u64 + 7))
+                .unwrap()
+        })
+        .collect();
+    let got = futures_util::future::join_all(rxs.into_iter().map(collect)).await;
+    for (i, (ids, _, end)) in got.into_iter().enumerate() {
+        assert!(matches!(end, Event::Done { .. }), "request {i}: {end:?}");
+        assert_eq!(ids, want[i], "request {i}");
+    }
+    assert!(
+        run.handle.metrics().preemptions.get() > 0,
+        "the small pool should have forced a preemption"
+    );
+    // Gauges are refreshed after each step, just after the last events went out.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run.handle.metrics().kv_blocks_used.get() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "blocks still held after every request ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    run.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_receiver_frees_its_blocks() {
+    let run = start_with(64, 16, SchedulerConfig::default());
+    let rx = run
+        .handle
+        .submit(request(prompts()[3].clone(), 150, 0.0, 1))
+        .unwrap();
+    let mut rx = rx;
+    // Wait until it is generating, then hang up.
+    while !matches!(rx.recv().await, Some(Event::Text { .. })) {}
+    assert!(run.handle.metrics().kv_blocks_used.get() > 0);
+    drop(rx);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while run.handle.metrics().kv_blocks_used.get() != 0 || run.handle.metrics().running.get() != 0
+    {
+        assert!(Instant::now() < deadline, "blocks not freed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    run.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_is_bounded() {
+    let cfg = SchedulerConfig {
+        max_queued: 2,
+        max_running: 1,
+        ..SchedulerConfig::default()
+    };
+    let run = start_with(64, 16, cfg);
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..20 {
+        match run.handle.submit(request(vec![5, 6, 7], 50, 0.0, 0)) {
+            Ok(rx) => held.push(rx),
+            Err(SubmitError::QueueFull { .. }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused > 0, "a flood must be refused");
+    for rx in held {
+        let (_, _, end) = collect(rx).await;
+        assert!(matches!(end, Event::Done { .. }));
+    }
+    // Once drained, requests are accepted again.
+    let rx = run
+        .handle
+        .submit(request(vec![5, 6, 7], 2, 0.0, 0))
+        .unwrap();
+    assert!(matches!(collect(rx).await.2, Event::Done { .. }));
+    run.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_what_cannot_fit_and_stops_at_max_tokens() {
+    let run = start_with(64, 16, SchedulerConfig::default());
+    let context = run.handle.context_len();
+    let long = vec![5u32; context];
+    assert!(matches!(
+        run.handle.submit(request(long, 1, 0.0, 0)),
+        Err(SubmitError::TooLong { .. })
+    ));
+    assert_eq!(
+        run.handle.submit(request(vec![], 1, 0.0, 0)).unwrap_err(),
+        SubmitError::EmptyPrompt
+    );
+    assert!(matches!(
+        run.handle.submit(request(vec![5000], 1, 0.0, 0)),
+        Err(SubmitError::BadToken { id: 5000, .. })
+    ));
+    let rx = run
+        .handle
+        .submit(request(vec![5, 6, 7], 3, 0.0, 0))
+        .unwrap();
+    let (ids, _, end) = collect(rx).await;
+    assert_eq!(ids.len(), 3);
+    match end {
+        Event::Done { finish, usage } => {
+            assert_eq!(finish, FinishReason::Length);
+            assert_eq!(usage.prompt_tokens, 3);
+            assert_eq!(usage.completion_tokens, 3);
+        }
+        e => panic!("{e:?}"),
+    }
+    run.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_ends_the_text_before_it() {
+    let prompt = prompts()[1].clone();
+    let run = start_with(64, 16, SchedulerConfig::default());
+    let (_, text, _) = collect(
+        run.handle
+            .submit(request(prompt.clone(), 16, 0.0, 0))
+            .unwrap(),
+    )
+    .await;
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 6, "need some text to cut: {text:?}");
+    // A stop string from the middle of the text (it may span tokens).
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+    let cut = text.find(&stop).unwrap();
+    let mut req = request(prompt, 16, 0.0, 0);
+    req.stop = vec![stop.clone()];
+    let (_, got, end) = collect(run.handle.submit(req).unwrap()).await;
+    assert_eq!(got, text[..cut], "stop {stop:?}");
+    assert!(matches!(
+        end,
+        Event::Done {
+            finish: FinishReason::Stop,
+            ..
+        }
+    ));
+    run.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_with_logprobs_scores_the_prompt_even_when_chunked() {
+    let prompt = prompts()[2].clone();
+    let mut events = Vec::new();
+    for budget in [512, 7] {
+        let cfg = SchedulerConfig {
+            max_step_tokens: budget,
+            ..SchedulerConfig::default()
+        };
+        let run = start_with(64, 4, cfg);
+        let mut req = request(prompt.clone(), 2, 0.0, 0);
+        req.echo = true;
+        req.logprobs = Some(2);
+        let mut rx = run.handle.submit(req).unwrap();
+        let Some(Event::Prompt { tokens, .. }) = rx.recv().await else {
+            panic!("the prompt comes first")
+        };
+        assert_eq!(tokens.len(), prompt.len());
+        assert_eq!(tokens[0].logprob, None);
+        assert!(tokens[1..]
+            .iter()
+            .all(|t| t.logprob.is_some_and(|l| l <= 0.0) && t.top.len() == 2));
+        events.push(tokens);
+        run.end().await;
+    }
+    for (a, b) in events[0].iter().zip(&events[1]) {
+        let (x, y) = (a.logprob.unwrap_or(0.0), b.logprob.unwrap_or(0.0));
+        assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+    }
+}

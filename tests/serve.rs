@@ -1,0 +1,440 @@
+//! `grok serve` end to end: a real cluster of worker processes behind the OpenAI-compatible
+//! HTTP API, driven over loopback HTTP like any client would.
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    base: String,
+    /// Everything the server printed (for failure messages).
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// `grok serve` on the fixture with 2 workers (ep 2) and `extra` flags; returns once ready.
+    fn start(extra: &[&str]) -> Server {
+        let model = grok_shared::test_support::tiny_a_dir();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_grok"))
+            .args(["serve", "--model", model.to_str().unwrap()])
+            .args(["--workers", "2", "--ep", "2", "--port", "0"])
+            .args(["--served-model-name", "tiny-a"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting grok serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(i) = line.find("at http://") {
+                    let _ = tx.send(line[i + 3..].trim_end_matches("/v1").to_string());
+                }
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("grok serve did not report ready: {}", log.lock().unwrap()));
+        Server { child, base, log }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGINT first: the server shuts its workers down; kill if it does not exit.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Prompts of different lengths, as token ids (the fixture's vocabulary is 1024 ids).
+fn prompt(i: usize) -> Vec<u32> {
+    (0..(4 + 29 * i))
+        .map(|j| ((j * 41 + i * 7) % 1000 + 3) as u32)
+        .collect()
+}
+
+async fn complete(c: &reqwest::Client, s: &Server, body: Value) -> (u16, Value) {
+    let r = c
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A streamed completion's text, finish reason and usage, read from its SSE events.
+async fn stream_text(c: &reqwest::Client, s: &Server, mut body: Value) -> (String, String, Value) {
+    body["stream"] = json!(true);
+    let r = c
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let raw = r.text().await.unwrap();
+    let (mut text, mut finish, mut usage) = (String::new(), String::new(), Value::Null);
+    let mut done = false;
+    for ev in raw.split("\n\n").filter(|e| !e.trim().is_empty()) {
+        let data = ev
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("not SSE: {ev:?}"));
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(ch) = v["choices"].as_array().and_then(|c| c.first()) {
+            text.push_str(ch["text"].as_str().unwrap_or(""));
+            if let Some(f) = ch["finish_reason"].as_str() {
+                finish = f.to_string();
+            }
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    assert!(done, "stream did not end with [DONE]: {raw}");
+    (text, finish, usage)
+}
+
+#[test]
+fn concurrent_streams_give_each_request_its_own_tokens() {
+    let s = Server::start(&["--max-step-tokens", "32"]);
+    rt().block_on(async {
+        let c = client();
+        let bodies: Vec<Value> = (0..5)
+            .map(|i| {
+                let mut b =
+                    json!({"model": "tiny-a", "prompt": prompt(i), "max_tokens": 10 + 3 * i});
+                if i % 2 == 1 {
+                    b["temperature"] = json!(0.8);
+                    b["seed"] = json!(100 + i);
+                } else {
+                    b["temperature"] = json!(0.0);
+                }
+                b
+            })
+            .collect();
+        let mut alone = Vec::new();
+        for b in &bodies {
+            alone.push(stream_text(&c, &s, b.clone()).await);
+        }
+        let together =
+            futures_util::future::join_all(bodies.iter().map(|b| stream_text(&c, &s, b.clone())))
+                .await;
+        for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+            assert_eq!(a, t, "request {i}");
+            assert_eq!(a.2["completion_tokens"], json!(10 + 3 * i), "request {i}");
+        }
+        // Non-streaming gives the same text as streaming.
+        let (status, v) = complete(&c, &s, bodies[0].clone()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"].as_str().unwrap(), alone[0].0);
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(v["usage"]["total_tokens"], json!(prompt(0).len() + 10));
+    });
+}
+
+#[test]
+fn stop_strings_logprobs_and_echo() {
+    let s = Server::start(&[]);
+    rt().block_on(async {
+        let c = client();
+        let body =
+            json!({"model": "tiny-a", "prompt": prompt(1), "max_tokens": 16, "temperature": 0});
+        let (_, v) = complete(&c, &s, body.clone()).await;
+        let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+        let chars: Vec<char> = text.chars().collect();
+        assert!(chars.len() > 8, "{text:?}");
+        let stop: String = chars[chars.len() / 2..chars.len() / 2 + 3].iter().collect();
+        let cut = text.find(&stop).unwrap();
+
+        let mut b = body.clone();
+        b["stop"] = json!([stop.clone(), "never appears"]);
+        let (_, v) = complete(&c, &s, b.clone()).await;
+        assert_eq!(v["choices"][0]["text"], text[..cut], "stop {stop:?}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let (streamed, finish, _) = stream_text(&c, &s, b).await;
+        assert_eq!(streamed, text[..cut]);
+        assert_eq!(finish, "stop");
+
+        let mut b = body.clone();
+        b["logprobs"] = json!(3);
+        b["max_tokens"] = json!(4);
+        let (status, v) = complete(&c, &s, b).await;
+        assert_eq!(status, 200, "{v}");
+        let lp = &v["choices"][0]["logprobs"];
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), 4, "{lp}");
+        for (x, top) in lp["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(lp["top_logprobs"].as_array().unwrap())
+        {
+            let x = x.as_f64().unwrap();
+            assert!(x <= 0.0);
+            let top = top.as_object().unwrap();
+            assert!(!top.is_empty() && top.len() <= 3);
+            // Greedy: the chosen token is the most likely one.
+            let best = top
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .fold(f64::MIN, f64::max);
+            assert!((best - x).abs() < 1e-4, "{best} vs {x}");
+        }
+
+        let mut b = body.clone();
+        b["echo"] = json!(true);
+        b["logprobs"] = json!(1);
+        b["max_tokens"] = json!(2);
+        let (status, v) = complete(&c, &s, b).await;
+        assert_eq!(status, 200, "{v}");
+        let lp = &v["choices"][0]["logprobs"];
+        let n = prompt(1).len() + 2;
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), n, "{lp}");
+        assert!(lp["token_logprobs"][0].is_null());
+        assert!(lp["token_logprobs"][1].as_f64().unwrap() <= 0.0);
+    });
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in metrics"))
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_blocks() {
+    let s = Server::start(&[]);
+    rt().block_on(async {
+        let c = client();
+        let body = json!({"model": "tiny-a", "prompt": prompt(2), "max_tokens": 180, "stream": true, "temperature": 0});
+        let mut r = c.post(s.url("/v1/completions")).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        // Read until generation is under way, then hang up.
+        let mut seen = String::new();
+        while !seen.contains("\"text\"") {
+            let chunk = r.chunk().await.unwrap().expect("stream ended early");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        let m = c.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        assert!(metric(&m, "grok_kv_blocks_used") > 0.0, "{m}");
+        drop(r);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let m = c.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+            if metric(&m, "grok_kv_blocks_used") == 0.0 && metric(&m, "grok_running_sequences") == 0.0 {
+                assert!(m.contains("status=\"499\""), "{m}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "blocks not freed: {m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+#[test]
+fn a_flood_gets_429s_and_the_server_stays_healthy() {
+    let s = Server::start(&["--max-queued", "2", "--max-running", "1"]);
+    rt().block_on(async {
+        let c = client();
+        let body = json!({"model": "tiny-a", "prompt": prompt(1), "max_tokens": 20});
+        let replies = futures_util::future::join_all((0..24).map(|_| {
+            let c = c.clone();
+            let url = s.url("/v1/completions");
+            let body = body.clone();
+            async move { c.post(url).json(&body).send().await.unwrap() }
+        }))
+        .await;
+        let mut ok = 0;
+        let mut limited = 0;
+        for r in replies {
+            match r.status().as_u16() {
+                200 => ok += 1,
+                429 => {
+                    assert!(r.headers().contains_key("retry-after"));
+                    let v: Value = r.json().await.unwrap();
+                    assert!(v["error"]["message"].is_string(), "{v}");
+                    limited += 1;
+                }
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        assert!(ok >= 1 && limited >= 1, "ok {ok}, 429 {limited}");
+        for path in ["/health", "/ready"] {
+            assert_eq!(
+                c.get(s.url(path)).send().await.unwrap().status(),
+                200,
+                "{path}"
+            );
+        }
+        let (status, _) = complete(&c, &s, body).await;
+        assert_eq!(status, 200);
+    });
+}
+
+#[test]
+fn malformed_requests_get_the_right_4xx() {
+    let s = Server::start(&["--api-key", "sekrit"]);
+    rt().block_on(async {
+        let c = client();
+        let post = |path: &'static str, body: Vec<u8>| {
+            let c = c.clone();
+            let url = s.url(path);
+            async move {
+                let r = c
+                    .post(url)
+                    .header("authorization", "Bearer sekrit")
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            }
+        };
+        let long: Vec<u32> = vec![5; 300];
+        let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
+            ("bad json", b"{\"model\": ".to_vec(), 400, None),
+            (
+                "wrong type",
+                br#"{"model":"tiny-a","prompt":[5],"max_tokens":"ten"}"#.to_vec(),
+                400,
+                Some("max_tokens"),
+            ),
+            (
+                "negative max_tokens",
+                br#"{"model":"tiny-a","prompt":[5],"max_tokens":-1}"#.to_vec(),
+                400,
+                Some("max_tokens"),
+            ),
+            (
+                "empty prompt",
+                br#"{"model":"tiny-a","prompt":""}"#.to_vec(),
+                400,
+                Some("prompt"),
+            ),
+            (
+                "prompt too long",
+                json!({"model":"tiny-a","prompt":long})
+                    .to_string()
+                    .into_bytes(),
+                400,
+                Some("prompt"),
+            ),
+            (
+                "invalid utf-8",
+                b"{\"model\":\"tiny-a\",\"prompt\":\"\xff\xfe\"}".to_vec(),
+                400,
+                None,
+            ),
+            (
+                "unknown model",
+                br#"{"model":"gpt-4","prompt":[5]}"#.to_vec(),
+                404,
+                Some("model"),
+            ),
+            (
+                "unknown field",
+                br#"{"model":"tiny-a","prompt":[5],"frobnicate":1}"#.to_vec(),
+                400,
+                Some("frobnicate"),
+            ),
+            (
+                "token outside the vocabulary",
+                br#"{"model":"tiny-a","prompt":[999999]}"#.to_vec(),
+                400,
+                Some("prompt"),
+            ),
+            (
+                "temperature out of range",
+                br#"{"model":"tiny-a","prompt":[5],"temperature":9}"#.to_vec(),
+                400,
+                Some("temperature"),
+            ),
+        ];
+        for (what, body, status, param) in cases {
+            let (got, v) = post("/v1/completions", body).await;
+            assert_eq!(got, status, "{what}: {v}");
+            assert!(v["error"]["message"].is_string(), "{what}: {v}");
+            if let Some(p) = param {
+                assert_eq!(v["error"]["param"], p, "{what}: {v}");
+            }
+        }
+        let (got, v) = post(
+            "/v1/chat/completions",
+            br#"{"model":"tiny-a","messages":[]}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(got, 400, "{v}");
+        // No key, or a wrong one: 401.
+        let r = c
+            .post(s.url("/v1/completions"))
+            .json(&json!({"model":"tiny-a","prompt":[5]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert_eq!(c.get(s.url("/health")).send().await.unwrap().status(), 200);
+        // Every refusal was counted; the server still serves.
+        let m = c
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(m.contains("status=\"400\""), "{m}");
+        let (got, v) = post(
+            "/v1/completions",
+            br#"{"model":"tiny-a","prompt":[5,6],"max_tokens":2}"#.to_vec(),
+        )
+        .await;
+        assert_eq!(got, 200, "{v}");
+        let _ = &s.log;
+    });
+}
