@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Tensor payloads as `Bytes`: decoding slices the receive buffer instead of copying.
         .bytes(".grok.peer.v1.TensorChunk.payload")
+        .bytes(".grok.worker.v1.SeqLogits.logits_f32")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -177,7 +177,11 @@ async fn connect(addr: &str, token: &str, rank: usize) -> Result<Client, Cluster
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| err(format!("bad address {addr}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Step replies carry whole logits rows (0.5 MB per sequence for Grok-1's vocabulary):
+        // HTTP/2's default 64 KiB windows would make every reply wait on window updates.
+        .initial_stream_window_size(Some(16 << 20))
+        .initial_connection_window_size(Some(32 << 20));
     let channel = endpoint
         .connect()
         .await
@@ -589,7 +593,21 @@ impl Cluster {
             match t.await {
                 Ok(Ok(reply)) => {
                     for l in reply.logits {
-                        out.logits.insert(l.seq_id, l.logits);
+                        if l.logits_f32.len() % 4 != 0 {
+                            errors.push((
+                                false,
+                                r,
+                                format!(
+                                    "sequence {}: {} logits bytes, not whole f32s",
+                                    l.seq_id,
+                                    l.logits_f32.len()
+                                ),
+                            ));
+                            continue;
+                        }
+                        let mut row = Vec::with_capacity(l.logits_f32.len() / 4);
+                        grok_shared::bytes::extend_f32_le(&mut row, &l.logits_f32);
+                        out.logits.insert(l.seq_id, row);
                     }
                     if out.expert_tokens.len() < reply.expert_tokens.len() {
                         out.expert_tokens.resize(reply.expert_tokens.len(), 0);

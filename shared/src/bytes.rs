@@ -84,3 +84,48 @@ mod tests {
         assert!(bad.is_none());
     }
 }
+
+/// f32 values as little-endian bytes (what tensors travel as): on little-endian machines the
+/// vector's own memory, not a copy.
+pub fn f32_le_bytes(data: Vec<f32>) -> bytes::Bytes {
+    if cfg!(target_endian = "little") {
+        bytes::Bytes::from_owner(F32Bytes(data))
+    } else {
+        data.iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>()
+            .into()
+    }
+}
+
+struct F32Bytes(Vec<f32>);
+
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
+/// Appends little-endian f32 `bytes` (a multiple of 4 long; a ragged tail is ignored, callers
+/// check lengths) to `out`. As fast as a memcpy (measured), and no zero-filling first.
+pub fn extend_f32_le(out: &mut Vec<f32>, bytes: &[u8]) {
+    out.extend(
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+    );
+}
+
+#[cfg(test)]
+mod f32_tests {
+    #[test]
+    fn f32_round_trip_through_le_bytes() {
+        let v = vec![1.5f32, -0.0, f32::INFINITY, 3.25e-7];
+        let b = super::f32_le_bytes(v.clone());
+        assert_eq!(b.len(), 16);
+        assert_eq!(&b[..4], &1.5f32.to_le_bytes());
+        let mut back = Vec::new();
+        super::extend_f32_le(&mut back, &b);
+        assert_eq!(back, v);
+    }
+}

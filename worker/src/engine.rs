@@ -300,7 +300,7 @@ impl Engine {
                             .filter(|(_, l)| !l.is_empty())
                             .map(|(s, l)| pb::SeqLogits {
                                 seq_id: s.seq_id,
-                                logits: l,
+                                logits_f32: grok_shared::bytes::f32_le_bytes(l),
                             })
                             .collect()
                     })

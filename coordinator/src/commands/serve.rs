@@ -136,12 +136,14 @@ pub fn run(args: Args) -> Result<()> {
             p.etp(),
             api_cfg.model_name,
         );
-        let shutdown = async {
+        // Ctrl-C stops the scheduler first: it ends every open stream (with an error event),
+        // so the HTTP server's graceful shutdown does not wait on them.
+        let shutdown = async move {
             let _ = tokio::signal::ctrl_c().await;
             eprintln!("shutting down");
+            let _ = stop_tx.send(true);
         };
         let served = api::serve(listener, api::router(state), shutdown).await;
-        let _ = stop_tx.send(true);
         let _ = task.await;
         served.context("the HTTP server failed")
     })

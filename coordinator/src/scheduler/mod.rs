@@ -235,7 +235,8 @@ impl<B: StepBackend> Scheduler<B> {
                         None => open = false,
                     },
                     _ = health.tick() => self.check_health().await,
-                    _ = shutdown.changed() => {}
+                    // A dropped sender means the server is gone: stop too.
+                    changed = shutdown.changed() => if changed.is_err() { open = false },
                 }
             }
             loop {

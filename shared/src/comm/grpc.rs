@@ -652,31 +652,11 @@ impl Chunks {
     fn new(seq: u64, data: Vec<f32>) -> Chunks {
         Chunks {
             seq,
-            bytes: le_bytes(data),
+            bytes: crate::bytes::f32_le_bytes(data),
             pos: 0,
             index: 0,
             done: false,
         }
-    }
-}
-
-/// The tensor as little-endian bytes: on little-endian machines its own memory, not a copy.
-fn le_bytes(data: Vec<f32>) -> Bytes {
-    if cfg!(target_endian = "little") {
-        Bytes::from_owner(F32Bytes(data))
-    } else {
-        data.iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect::<Vec<u8>>()
-            .into()
-    }
-}
-
-struct F32Bytes(Vec<f32>);
-
-impl AsRef<[u8]> for F32Bytes {
-    fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
     }
 }
 
@@ -911,11 +891,7 @@ fn accept_chunk(
         ));
     }
     // As fast as a memcpy (measured), and no zero-filling first.
-    p.data.extend(
-        payload
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-    );
+    crate::bytes::extend_f32_le(&mut p.data, payload);
     p.next_chunk = p.next_chunk.wrapping_add(1);
     if !c.last {
         return Ok(None);
