@@ -160,6 +160,7 @@ fn work(id: u64, group: usize, start: usize, tokens: &[u32], blocks: &[u32]) -> 
         tokens: tokens.to_vec(),
         blocks: blocks.to_vec(),
         logits: LogitsMode::Last,
+        sample: None,
     }
 }
 

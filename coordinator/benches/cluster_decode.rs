@@ -74,6 +74,7 @@ async fn on_cluster(dir: &Path, workers: usize, tp: usize, ep: usize) -> (f64, V
         tokens,
         blocks: blocks.clone(),
         logits: LogitsMode::Last,
+        sample: None,
     };
     let mut out = cluster.step(&[step(0, prompt())]).await.expect("prefill");
     let mut toks = Vec::new();

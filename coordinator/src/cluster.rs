@@ -14,6 +14,7 @@ use grok_shared::config::ModelConfig;
 use grok_shared::cpu::CpuShard;
 use grok_shared::model::{blocks_for, check_steps, LogitsMode, SeqStep};
 use grok_shared::parallel::Plan;
+use grok_shared::sampling::{SampleSpec, Sampled};
 use grok_worker::auth::AddToken;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,13 +49,18 @@ pub struct SeqWork {
     /// Block table covering start + tokens.len() positions (ids within the group's pool).
     pub blocks: Vec<u32>,
     pub logits: grok_shared::model::LogitsMode,
+    /// Choose the next token on the worker from the last row (needs `Last` or `All`): a
+    /// decode step then returns a token, not a vocabulary of logits.
+    pub sample: Option<SampleSpec>,
 }
 
 /// What one step returns.
 #[derive(Debug, Default)]
 pub struct StepOutput {
-    /// rows × vocab per sequence that asked for logits.
+    /// rows × vocab per sequence that asked for logits (not for a sampled `Last` step).
     pub logits: std::collections::HashMap<u64, Vec<f32>>,
+    /// The token chosen for each sequence that asked for sampling.
+    pub sampled: std::collections::HashMap<u64, Sampled>,
     /// Tokens routed to each expert this step, [layers * experts], summed over ranks.
     pub expert_tokens: Vec<u64>,
     /// Seconds each rank spent in collectives this step (index = rank).
@@ -503,6 +509,20 @@ impl Cluster {
                     w.seq_id
                 )));
             }
+            if let Some(spec) = &w.sample {
+                if w.logits == LogitsMode::None {
+                    return Err(ClusterError::InvalidWork(format!(
+                        "sequence {}: sampling needs logits (Last or All)",
+                        w.seq_id
+                    )));
+                }
+                if let Err(e) = spec.params.validate() {
+                    return Err(ClusterError::InvalidWork(format!(
+                        "sequence {}: {e}",
+                        w.seq_id
+                    )));
+                }
+            }
         }
         for g in 0..dp {
             let mine: Vec<&SeqWork> = work.iter().filter(|w| w.group == g).collect();
@@ -554,6 +574,14 @@ impl Cluster {
                         start: w.start as u32,
                         blocks: w.blocks.clone(),
                         logits: to_pb_logits(w.logits) as i32,
+                        sampling: w.sample.map(|x| pb::Sampling {
+                            temperature: x.params.temperature,
+                            top_k: x.params.top_k.min(u32::MAX as usize) as u32,
+                            top_p: x.params.top_p,
+                            rng_state: x.rng_state,
+                            logprobs: x.logprobs.is_some(),
+                            top_logprobs: x.logprobs.unwrap_or(0).min(u32::MAX as usize) as u32,
+                        }),
                     },
                 )
             })
@@ -605,9 +633,32 @@ impl Cluster {
                             ));
                             continue;
                         }
-                        let mut row = Vec::with_capacity(l.logits_f32.len() / 4);
-                        grok_shared::bytes::extend_f32_le(&mut row, &l.logits_f32);
-                        out.logits.insert(l.seq_id, row);
+                        if let Some(x) = l.sampled {
+                            if x.token as usize >= self.config.vocab_size
+                                || x.top_ids.len() != x.top_logprobs.len()
+                            {
+                                errors.push((
+                                    false,
+                                    r,
+                                    format!("sequence {}: a malformed sampled token", l.seq_id),
+                                ));
+                                continue;
+                            }
+                            out.sampled.insert(
+                                l.seq_id,
+                                Sampled {
+                                    token: x.token,
+                                    rng_state: x.rng_state,
+                                    logprob: x.logprob,
+                                    top: x.top_ids.into_iter().zip(x.top_logprobs).collect(),
+                                },
+                            );
+                        }
+                        if !l.logits_f32.is_empty() {
+                            let mut row = Vec::with_capacity(l.logits_f32.len() / 4);
+                            grok_shared::bytes::extend_f32_le(&mut row, &l.logits_f32);
+                            out.logits.insert(l.seq_id, row);
+                        }
                     }
                     if out.expert_tokens.len() < reply.expert_tokens.len() {
                         out.expert_tokens.resize(reply.expert_tokens.len(), 0);
@@ -630,7 +681,16 @@ impl Cluster {
         }
         let vocab = self.config.vocab_size;
         for w in work {
-            let want = w.logits.rows(w.tokens.len()) * vocab;
+            if w.sample.is_some() && !out.sampled.contains_key(&w.seq_id) {
+                return Err(ClusterError::Setup(format!(
+                    "sequence {}: no sampled token came back",
+                    w.seq_id
+                )));
+            }
+            let want = match (w.sample.is_some(), w.logits) {
+                (true, LogitsMode::Last) => 0,
+                _ => w.logits.rows(w.tokens.len()) * vocab,
+            };
             let got = out.logits.get(&w.seq_id).map_or(0, Vec::len);
             if got != want {
                 return Err(ClusterError::Setup(format!(

@@ -8,6 +8,7 @@ pub mod comm;
 pub mod config;
 pub mod cpu;
 pub mod generate;
+pub mod logprobs;
 pub mod model;
 pub mod parallel;
 pub mod sampling;

@@ -153,6 +153,21 @@ impl Sampler {
         }
     }
 
+    /// A sampler whose random stream continues from `rng_state` (see [`Sampler::rng_state`]):
+    /// how a sequence's sampling moves between machines without changing its tokens.
+    pub fn resume(params: SamplingParams, rng_state: u64) -> Result<Self, SamplingError> {
+        params.validate()?;
+        Ok(Sampler {
+            params,
+            rng: Rng(rng_state),
+        })
+    }
+
+    /// Where the random stream stands (a fresh sampler's is its seed).
+    pub fn rng_state(&self) -> u64 {
+        self.rng.0
+    }
+
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }
@@ -283,6 +298,66 @@ impl Sampler {
     }
 }
 
+/// What a worker needs to choose one sequence's next token: the request's parameters, where
+/// its random stream stands, and how many alternatives' log-probabilities to report
+/// (`None`: no log-probabilities at all).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleSpec {
+    pub params: SamplingParams,
+    pub rng_state: u64,
+    pub logprobs: Option<usize>,
+}
+
+/// The chosen token, the random stream after it, and its log-probabilities when asked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub rng_state: u64,
+    pub logprob: Option<f32>,
+    /// The most likely tokens, best first (empty unless asked).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Samples from one row of logits as [`Sampler`] would at `spec.rng_state`.
+pub fn sample_row(row: &[f32], spec: &SampleSpec) -> Result<Sampled, SamplingError> {
+    let mut s = Sampler::resume(spec.params, spec.rng_state)?;
+    let token = s.sample(row)?;
+    let (logprob, top) = match spec.logprobs {
+        Some(n) => {
+            let (lp, top) = crate::logprobs::token_and_top(row, token, n);
+            (Some(lp), top)
+        }
+        None => (None, Vec::new()),
+    };
+    Ok(Sampled {
+        token,
+        rng_state: s.rng_state(),
+        logprob,
+        top,
+    })
+}
+
+/// For each sequence with a spec, samples from the last `vocab` logits of its rows, one
+/// sequence per thread. An error names the index of the sequence it came from.
+pub fn sample_last_rows(
+    rows: &[Vec<f32>],
+    specs: &[Option<SampleSpec>],
+    vocab: usize,
+) -> Result<Vec<Option<Sampled>>, (usize, SamplingError)> {
+    use rayon::prelude::*;
+    rows.par_iter()
+        .zip(specs)
+        .enumerate()
+        .map(|(i, (r, spec))| match spec {
+            Some(spec) if !r.is_empty() => {
+                let last = &r[r.len().saturating_sub(vocab)..];
+                sample_row(last, spec).map(Some).map_err(|e| (i, e))
+            }
+            _ => Ok(None),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,6 +451,29 @@ mod tests {
         assert_eq!(exp_nonpositive(0.0), 1.0);
         assert_eq!(exp_nonpositive(-200.0), 0.0f32.max(exp_nonpositive(-200.0)));
         assert!(exp_nonpositive(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_stream() {
+        let logits: Vec<f32> = (0..300).map(|i| (i as f32 * 0.11).cos()).collect();
+        let p = params(0.9, 0, 0.95, 77);
+        let mut one = Sampler::new(p).unwrap();
+        let want: Vec<u32> = (0..20).map(|_| one.sample(&logits).unwrap()).collect();
+        let mut state = 77;
+        let mut got = Vec::new();
+        for _ in 0..20 {
+            let spec = SampleSpec {
+                params: p,
+                rng_state: state,
+                logprobs: Some(2),
+            };
+            let s = sample_row(&logits, &spec).unwrap();
+            assert_eq!(s.top.len(), 2);
+            assert!(s.logprob.is_some_and(|l| l <= 0.0));
+            state = s.rng_state;
+            got.push(s.token);
+        }
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use grok_shared::comm::grpc::GrpcComm;
 use grok_shared::cpu::CpuShard;
 use grok_shared::model::{LogitsMode, ModelError, ModelWeights, PagedKv, SeqStep, Slices};
 use grok_shared::parallel::Plan;
+use grok_shared::sampling::{sample_last_rows, SampleSpec, SamplingParams};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -275,6 +276,7 @@ impl Engine {
         let rank = shard.rank();
         let mut seen = std::collections::HashSet::new();
         let mut batch = Vec::with_capacity(req.seqs.len());
+        let mut specs = Vec::with_capacity(req.seqs.len());
         for s in &req.seqs {
             if !seen.insert(s.seq_id) {
                 return Err(EngineError::BadRequest(format!(
@@ -282,29 +284,46 @@ impl Engine {
                     s.seq_id
                 )));
             }
+            let logits = logits_mode(s)?;
+            specs.push(sample_spec(s, logits)?);
             batch.push(SeqStep {
                 tokens: &s.tokens,
                 start: s.start as usize,
                 blocks: &s.blocks,
-                logits: logits_mode(s)?,
+                logits,
             });
         }
+        let vocab = shard.weights().config.vocab_size;
         match shard.forward(comm, kv, &batch) {
             Ok(out) => {
-                let logits = out
-                    .logits
-                    .map(|rows| {
-                        req.seqs
-                            .iter()
-                            .zip(rows)
-                            .filter(|(_, l)| !l.is_empty())
-                            .map(|(s, l)| pb::SeqLogits {
-                                seq_id: s.seq_id,
-                                logits_f32: grok_shared::bytes::f32_le_bytes(l),
-                            })
-                            .collect()
+                // Sampling happens where the logits are: a decode step then returns a token,
+                // not a vocabulary of logits.
+                let rows = out.logits.unwrap_or_default();
+                let sampled = sample_last_rows(&rows, &specs, vocab).map_err(|(i, e)| {
+                    EngineError::BadRequest(format!("sequence {}: {e}", req.seqs[i].seq_id))
+                })?;
+                let logits = rows
+                    .into_iter()
+                    .zip(sampled)
+                    .zip(req.seqs.iter().zip(&batch))
+                    .filter(|((r, _), _)| !r.is_empty())
+                    .map(|((r, x), (s, step))| pb::SeqLogits {
+                        seq_id: s.seq_id,
+                        // A sampled LAST step needs no logits back; ALL (prompt scoring) does.
+                        logits_f32: if x.is_some() && step.logits == LogitsMode::Last {
+                            Default::default()
+                        } else {
+                            grok_shared::bytes::f32_le_bytes(r)
+                        },
+                        sampled: x.map(|x| pb::SampledToken {
+                            token: x.token,
+                            rng_state: x.rng_state,
+                            logprob: x.logprob,
+                            top_ids: x.top.iter().map(|t| t.0).collect(),
+                            top_logprobs: x.top.iter().map(|t| t.1).collect(),
+                        }),
                     })
-                    .unwrap_or_default();
+                    .collect();
                 Ok(pb::StepReply {
                     step_id: req.step_id,
                     logits,
@@ -322,6 +341,33 @@ impl Engine {
             Err(e) => Err(EngineError::BadRequest(e.to_string())),
         }
     }
+}
+
+/// What a sequence asked to be sampled with, checked before the step runs.
+fn sample_spec(s: &pb::SeqInput, mode: LogitsMode) -> Result<Option<SampleSpec>, EngineError> {
+    let Some(p) = &s.sampling else {
+        return Ok(None);
+    };
+    if mode == LogitsMode::None {
+        return Err(EngineError::BadRequest(format!(
+            "sequence {}: sampling needs logits (mode LAST or ALL)",
+            s.seq_id
+        )));
+    }
+    let params = SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        seed: 0,
+    };
+    params
+        .validate()
+        .map_err(|e| EngineError::BadRequest(format!("sequence {}: {e}", s.seq_id)))?;
+    Ok(Some(SampleSpec {
+        params,
+        rng_state: p.rng_state,
+        logprobs: p.logprobs.then_some(p.top_logprobs as usize),
+    }))
 }
 
 /// A sequence's logits mode; an unset mode is refused rather than read as "none".

@@ -80,6 +80,7 @@ fn seq(id: u64, tokens: &[u32], start: u32, blocks: &[u32], mode: pb::LogitsMode
         start,
         blocks: blocks.to_vec(),
         logits: mode as i32,
+        sampling: None,
     }
 }
 
@@ -153,6 +154,24 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
         "block 1 is written",
     );
 
+    let greedy = pb::Sampling {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        rng_state: 0,
+        logprobs: true,
+        top_logprobs: 3,
+    };
+    let mut no_logits = seq(1, &prompt, 0, &[0, 1], pb::LogitsMode::None);
+    no_logits.sampling = Some(greedy);
+    bad(h.step(vec![no_logits]), "sampling needs logits");
+    let mut hot = seq(1, &prompt, 0, &[0, 1], last);
+    hot.sampling = Some(pb::Sampling {
+        temperature: -1.0,
+        ..greedy
+    });
+    bad(h.step(vec![hot]), "temperature");
+
     // After all that, the engine still serves: a chunked prefill without logits, then a
     // decode step, over scattered blocks.
     let blocks = [5, 2];
@@ -184,4 +203,17 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
         .fold(0f32, f32::max);
     assert_eq!(got.len(), want.len());
     assert!(worst <= 1e-4, "engine vs one process: {worst}");
+
+    // Sampling on the worker: a greedy LAST step returns the argmax and its logprobs, no logits.
+    let mut again = seq(10, &prompt, 0, &[3, 4], last);
+    again.sampling = Some(greedy);
+    let r = h.step(vec![again]).unwrap();
+    let x = r.logits[0].sampled.clone().expect("a sampled token");
+    assert!(r.logits[0].logits_f32.is_empty());
+    assert_eq!(Some(x.token as usize), grok_shared::sampling::argmax(&want));
+    assert_eq!(x.top_ids.len(), 3);
+    assert_eq!(x.top_ids[0], x.token);
+    assert!(x
+        .logprob
+        .is_some_and(|l| l <= 0.0 && (l - x.top_logprobs[0]).abs() < 1e-6));
 }

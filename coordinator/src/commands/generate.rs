@@ -106,6 +106,7 @@ pub fn run(args: Args) -> Result<()> {
                             tokens: input.to_vec(),
                             blocks: blocks.clone(),
                             logits: LogitsMode::Last,
+                            sample: None,
                         };
                         let mut out = handle
                             .block_on(cluster.step(&[work]))

@@ -146,6 +146,7 @@ fn logits_on_cluster(args: &Args, b: usize, t: usize, ids: &[u32]) -> Result<Vec
                         tokens: ids[next * t..(next + 1) * t].to_vec(),
                         blocks,
                         logits: LogitsMode::All,
+                        sample: None,
                     });
                     next += 1;
                 }

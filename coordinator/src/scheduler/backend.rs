@@ -6,9 +6,9 @@ use crate::cluster::{Cluster, ClusterError, SeqWork, StepOutput};
 use grok_shared::comm::local::LocalComm;
 use grok_shared::config::ModelConfig;
 use grok_shared::cpu::CpuShard;
-use grok_shared::model::{ModelWeights, PagedKv, SeqStep};
+use grok_shared::model::{LogitsMode, ModelWeights, PagedKv, SeqStep};
 use grok_shared::parallel::Plan;
-use std::collections::HashMap;
+use grok_shared::sampling::sample_last_rows;
 use std::future::Future;
 use std::time::Duration;
 
@@ -126,6 +126,7 @@ impl StepBackend for LocalBackend {
                 w.seq_id, w.group
             )));
         }
+        let vocab = self.config.vocab_size;
         let (shard, comm, mut kv) = self.state.take().ok_or_else(lost)?;
         let work = work.to_vec();
         let joined = tokio::task::spawn_blocking(move || {
@@ -140,28 +141,35 @@ impl StepBackend for LocalBackend {
                 .collect();
             let result = shard.forward(&comm, &mut kv, &batch);
             drop(batch);
-            let out = result.map(|o| {
-                let logits: HashMap<u64, Vec<f32>> = work
-                    .iter()
-                    .zip(o.logits.unwrap_or_default())
-                    .filter(|(_, l)| !l.is_empty())
-                    .map(|(w, l)| (w.seq_id, l))
-                    .collect();
-                StepOutput {
-                    logits,
+            let out = result.map_err(|e| e.to_string()).and_then(|o| {
+                let rows = o.logits.unwrap_or_default();
+                let specs: Vec<_> = work.iter().map(|w| w.sample).collect();
+                let sampled = sample_last_rows(&rows, &specs, vocab)
+                    .map_err(|(i, e)| format!("sequence {}: {e}", work[i].seq_id))?;
+                let mut out = StepOutput {
                     expert_tokens: o.expert_tokens,
                     comm_seconds: vec![o.comm_time.as_secs_f64()],
+                    ..StepOutput::default()
+                };
+                for ((w, l), x) in work.iter().zip(rows).zip(sampled) {
+                    if let Some(x) = x {
+                        out.sampled.insert(w.seq_id, x);
+                        if w.logits == LogitsMode::Last {
+                            continue;
+                        }
+                    }
+                    if !l.is_empty() {
+                        out.logits.insert(w.seq_id, l);
+                    }
                 }
+                Ok(out)
             });
             (shard, comm, kv, out)
         })
         .await;
         let (shard, comm, kv, out) = joined.map_err(|_| lost())?;
         self.state = Some((shard, comm, kv));
-        out.map_err(|e| ClusterError::Rank {
-            rank: 0,
-            msg: e.to_string(),
-        })
+        out.map_err(|msg| ClusterError::Rank { rank: 0, msg })
     }
     async fn check_health(&mut self) -> Result<(), ClusterError> {
         self.state.as_ref().map(|_| ()).ok_or_else(lost)

@@ -432,6 +432,7 @@ impl<B: StepBackend> Scheduler<B> {
                     tokens: (from..from + n).map(|p| s.token(p)).collect(),
                     blocks: s.blocks.clone(),
                     logits,
+                    sample: done.then(|| s.sample_spec()),
                 };
                 (i, work)
             })
@@ -472,7 +473,7 @@ impl<B: StepBackend> Scheduler<B> {
         };
         self.record_step(&out);
         let now = Instant::now();
-        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        let mut finished: Vec<(usize, Option<FinishReason>)> = Vec::new();
         let mut out = out;
         for (i, w) in plan {
             let s = &mut self.running[i];
@@ -480,20 +481,28 @@ impl<B: StepBackend> Scheduler<B> {
             if w.logits == LogitsMode::None {
                 continue;
             }
-            let Some(rows) = out.logits.remove(&w.seq_id) else {
-                s.fail("internal error: the cluster returned no logits".into());
-                finished.push((i, FinishReason::Stop));
-                continue;
-            };
             if w.logits == LogitsMode::All {
-                s.take_prompt_logprobs(&self.tokenizer, &rows, w.start, self.vocab);
+                match out.logits.remove(&w.seq_id) {
+                    Some(rows) => {
+                        s.take_prompt_logprobs(&self.tokenizer, &rows, w.start, self.vocab)
+                    }
+                    None => {
+                        s.fail("internal error: the cluster returned no logits".into());
+                        finished.push((i, None));
+                        continue;
+                    }
+                }
             }
             if s.computed < s.len() {
                 continue;
             }
+            let Some(x) = out.sampled.remove(&w.seq_id) else {
+                s.fail("internal error: the cluster returned no token".into());
+                finished.push((i, None));
+                continue;
+            };
             s.send_prompt(&self.tokenizer);
-            let last = &rows[rows.len().saturating_sub(self.vocab)..];
-            let progress = s.advance(&self.tokenizer, last, self.eos, self.context, now);
+            let progress = s.advance(&self.tokenizer, x, self.eos, self.context, now);
             match s.last_token_before_this() {
                 None => self
                     .metrics
@@ -501,20 +510,18 @@ impl<B: StepBackend> Scheduler<B> {
                     .observe((now - s.req.arrived).as_secs_f64()),
                 Some(prev) => self.metrics.itl.observe((now - prev).as_secs_f64()),
             }
-            match progress {
-                Ok(Progress::Running) => {}
-                Ok(Progress::Finished(f)) => finished.push((i, f)),
-                Err(e) => {
-                    s.fail(format!("sampling: {e}"));
-                    finished.push((i, FinishReason::Stop));
-                }
+            if let Progress::Finished(f) = progress {
+                finished.push((i, Some(f)));
             }
         }
         // Remove from the back so earlier indices stay valid.
         finished.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
         for (i, f) in finished {
             let mut s = self.running.remove(i);
-            s.finish(f);
+            // `None`: the request already failed with an error event.
+            if let Some(f) = f {
+                s.finish(f);
+            }
             self.release(&mut s);
             self.observe_end(&s);
         }

@@ -2,9 +2,9 @@
 //! cache has computed, its sampler and text output, and the timestamps its metrics need.
 
 use super::Submission;
-use crate::output::{token_logprob, token_text, TextOutput};
+use crate::output::{token_logprob, token_text, with_texts, TextOutput};
 use crate::request::{Event, FinishReason, GenerationRequest, TokenLogprob, Usage};
-use grok_shared::sampling::{Sampler, SamplingError};
+use grok_shared::sampling::{SampleSpec, Sampled};
 use grok_shared::tokenizer::Tokenizer;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +14,9 @@ pub(super) struct Sequence {
     pub id: u64,
     pub req: GenerationRequest,
     pub events: mpsc::UnboundedSender<Event>,
-    sampler: Sampler,
+    /// Where the request's random stream stands (its seed at first): sampling runs on the
+    /// workers, which hand the advanced state back with each token.
+    rng_state: u64,
     output: TextOutput,
     pub generated: Vec<u32>,
     /// Data-parallel group holding the blocks (meaningful while `blocks` is non-empty).
@@ -43,12 +45,11 @@ pub(super) enum Progress {
 impl Sequence {
     /// `sub`'s sampling parameters must be valid (checked by the caller).
     pub fn new(id: u64, sub: Submission, tokenizer: Arc<Tokenizer>) -> Self {
-        let sampler = Sampler::from_valid(sub.request.sampling);
         let output = TextOutput::new(tokenizer, &sub.request.prompt, sub.request.stop.clone());
         Sequence {
             id,
             events: sub.events,
-            sampler,
+            rng_state: sub.request.sampling.seed,
             output,
             generated: Vec::new(),
             group: 0,
@@ -137,41 +138,48 @@ impl Sequence {
         let _ = self.events.send(Event::Prompt { text, tokens });
     }
 
-    /// Samples the next token from the last position's logits and releases its text.
+    /// How the workers should choose this sequence's next token.
+    pub fn sample_spec(&self) -> SampleSpec {
+        SampleSpec {
+            params: self.req.sampling,
+            rng_state: self.rng_state,
+            logprobs: self.req.logprobs,
+        }
+    }
+
+    /// Takes the token the workers chose and releases its text.
     pub fn advance(
         &mut self,
         tok: &Tokenizer,
-        row: &[f32],
+        x: Sampled,
         eos: Option<u32>,
         context: usize,
         now: Instant,
-    ) -> Result<Progress, SamplingError> {
-        let id = self.sampler.sample(row)?;
-        let info = match self.req.logprobs {
-            Some(n) => token_logprob(tok, row, id, n),
-            None => TokenLogprob {
-                id,
-                text: String::new(),
-                logprob: None,
-                top: Vec::new(),
-            },
+    ) -> Progress {
+        let id = x.token;
+        self.rng_state = x.rng_state;
+        let info = TokenLogprob {
+            id,
+            text: String::new(),
+            logprob: x.logprob,
+            top: with_texts(tok, x.top),
         };
         self.generated.push(id);
         self.first_token.get_or_insert(now);
         self.prev_token = self.last_token.replace(now);
         if Some(id) == eos {
-            return Ok(Progress::Finished(FinishReason::Stop));
+            return Progress::Finished(FinishReason::Stop);
         }
         let released = self.output.push(info);
         let stopped = released.stopped;
         self.send_text(released.text, released.tokens);
         if stopped {
-            return Ok(Progress::Finished(FinishReason::Stop));
+            return Progress::Finished(FinishReason::Stop);
         }
         if self.generated.len() >= self.req.max_tokens || self.len() >= context {
-            return Ok(Progress::Finished(FinishReason::Length));
+            return Progress::Finished(FinishReason::Length);
         }
-        Ok(Progress::Running)
+        Progress::Running
     }
 
     fn send_text(&self, text: String, tokens: Vec<TokenLogprob>) {
