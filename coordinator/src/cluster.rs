@@ -54,6 +54,18 @@ pub struct SeqWork {
     pub sample: Option<SampleSpec>,
 }
 
+impl SeqWork {
+    /// The borrowed form the model's checks and forward pass take.
+    pub fn as_step(&self) -> SeqStep<'_> {
+        SeqStep {
+            tokens: &self.tokens,
+            start: self.start,
+            blocks: &self.blocks,
+            logits: self.logits,
+        }
+    }
+}
+
 /// What one step returns.
 #[derive(Debug, Default)]
 pub struct StepOutput {
@@ -526,15 +538,7 @@ impl Cluster {
         }
         for g in 0..dp {
             let mine: Vec<&SeqWork> = work.iter().filter(|w| w.group == g).collect();
-            let batch: Vec<SeqStep> = mine
-                .iter()
-                .map(|w| SeqStep {
-                    tokens: &w.tokens,
-                    start: w.start,
-                    blocks: &w.blocks,
-                    logits: w.logits,
-                })
-                .collect();
+            let batch: Vec<SeqStep> = mine.iter().map(|w| w.as_step()).collect();
             if let Err(e) = check_steps(
                 &self.config,
                 self.opts.block_size,

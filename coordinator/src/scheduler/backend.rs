@@ -130,15 +130,7 @@ impl StepBackend for LocalBackend {
         let (shard, comm, mut kv) = self.state.take().ok_or_else(lost)?;
         let work = work.to_vec();
         let joined = tokio::task::spawn_blocking(move || {
-            let batch: Vec<SeqStep> = work
-                .iter()
-                .map(|w| SeqStep {
-                    tokens: &w.tokens,
-                    start: w.start,
-                    blocks: &w.blocks,
-                    logits: w.logits,
-                })
-                .collect();
+            let batch: Vec<SeqStep> = work.iter().map(SeqWork::as_step).collect();
             let result = shard.forward(&comm, &mut kv, &batch);
             drop(batch);
             let out = result.map_err(|e| e.to_string()).and_then(|o| {
