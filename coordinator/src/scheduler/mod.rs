@@ -417,10 +417,12 @@ impl<B: StepBackend> Scheduler<B> {
             .map(|(i, n)| {
                 let s = &self.running[i];
                 let from = s.computed;
-                let done = from + n == s.len();
+                // The step that completes the sequence's tokens chooses the next one, unless
+                // no more are wanted (`max_tokens` 0 with `echo`).
+                let sample = from + n == s.len() && s.generated.len() < s.req.max_tokens;
                 let logits = if s.wants_prompt_logprobs() && from < s.req.prompt.len() {
                     LogitsMode::All
-                } else if done {
+                } else if sample {
                     LogitsMode::Last
                 } else {
                     LogitsMode::None
@@ -432,7 +434,7 @@ impl<B: StepBackend> Scheduler<B> {
                     tokens: (from..from + n).map(|p| s.token(p)).collect(),
                     blocks: s.blocks.clone(),
                     logits,
-                    sample: done.then(|| s.sample_spec()),
+                    sample: sample.then(|| s.sample_spec()),
                 };
                 (i, work)
             })
@@ -494,6 +496,11 @@ impl<B: StepBackend> Scheduler<B> {
                 }
             }
             if s.computed < s.len() {
+                continue;
+            }
+            if s.generated.len() >= s.req.max_tokens {
+                s.send_prompt(&self.tokenizer);
+                finished.push((i, Some(FinishReason::Length)));
                 continue;
             }
             let Some(x) = out.sampled.remove(&w.seq_id) else {

@@ -290,3 +290,24 @@ async fn echo_with_logprobs_scores_the_prompt_even_when_chunked() {
         assert!((x - y).abs() < 1e-3, "{x} vs {y}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_with_no_new_tokens_returns_just_the_prompt() {
+    let run = start_with(64, 16, SchedulerConfig::default());
+    let mut req = request(vec![5, 6, 7, 8], 0, 0.0, 0);
+    req.echo = true;
+    req.logprobs = Some(1);
+    let mut rx = run.handle.submit(req).unwrap();
+    let Some(Event::Prompt { tokens, .. }) = rx.recv().await else {
+        panic!("the prompt comes first")
+    };
+    assert_eq!(tokens.len(), 4);
+    match rx.recv().await {
+        Some(Event::Done { finish, usage }) => {
+            assert_eq!(finish, FinishReason::Length);
+            assert_eq!(usage.completion_tokens, 0);
+        }
+        e => panic!("{e:?}"),
+    }
+    run.end().await;
+}
