@@ -12,7 +12,6 @@
 //! scheduler the numbers of [`TokenLogprob`].
 
 use crate::request::TokenLogprob;
-pub use grok_shared::logprobs::{logprob_of, top_logprobs};
 use grok_shared::tokenizer::{DecodeStream, PieceKind, Tokenizer};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -353,20 +352,12 @@ mod tests {
         Arc::clone(TOK.get_or_init(|| Arc::new(Tokenizer::builtin().expect("builtin tokenizer"))))
     }
 
-    /// SplitMix64, so the test's sequences do not depend on other modules.
-    struct Rng(u64);
+    /// The project's seeded generator, with the bounded draw these tests use.
+    struct Rng(grok_shared::sampling::Rng);
 
     impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
         fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
+            (self.0.next_u64() % n as u64) as usize
         }
     }
 
@@ -473,7 +464,7 @@ mod tests {
     #[test]
     fn streaming_equals_one_shot_decode_difference() {
         let t = tok();
-        let mut rng = Rng(0x5EED);
+        let mut rng = Rng(grok_shared::sampling::Rng::new(0x5EED));
         let mut compared = 0;
         for case in 0..400 {
             let prompt = match case % 4 {
@@ -514,7 +505,7 @@ mod tests {
     #[test]
     fn long_generation_matches_and_is_incremental() {
         let t = tok();
-        let mut rng = Rng(7);
+        let mut rng = Rng(grok_shared::sampling::Rng::new(7));
         let prompt = t.encode("Once upon a time");
         let gen = random_ids(&mut rng, 20_000);
         let r = run(&prompt, &gen, &["\u{1}never"]);
@@ -729,7 +720,7 @@ mod tests {
             .collect();
         let stop_sets: [&[&str]; 4] = [&["abc"], &["ca", "bb"], &["a a", "cab", "bcb"], &["ccc"]];
         let prompt = t.encode("x");
-        let mut rng = Rng(99);
+        let mut rng = Rng(grok_shared::sampling::Rng::new(99));
         let mut stopped_runs = 0;
         for case in 0..500 {
             let gen: Vec<u32> = (0..rng.below(20))
@@ -824,91 +815,11 @@ mod tests {
         check::<Released>();
     }
 
-    fn random_logits(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| ((rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale)
-            .collect()
-    }
-
     #[test]
-    fn logprobs_sum_to_one() {
-        let mut rng = Rng(3);
-        for (n, scale) in [
-            (1, 1.0),
-            (10, 5.0),
-            (131_072, 20.0),
-            (1000, 1e4),
-            (50, 1e30),
-        ] {
-            let logits = random_logits(&mut rng, n, scale);
-            let norm = grok_shared::logprobs::LogSoftmax::new(&logits);
-            let total: f64 = logits
-                .iter()
-                .map(|&x| f64::from(norm.logprob(x)).exp())
-                .sum();
-            assert!((total - 1.0).abs() < 1e-4, "n {n} scale {scale}: {total}");
-            for i in [0, n / 2, n - 1] {
-                let lp = logprob_of(&logits, i as u32);
-                assert!(lp <= 0.0 && !lp.is_nan());
-                assert_eq!(lp, norm.logprob(logits[i]));
-            }
-        }
-        // Uniform: each is -ln n.
-        let lp = logprob_of(&[3.0; 8], 5);
-        assert!((lp - -(8f32).ln()).abs() < 1e-6);
-        assert_eq!(logprob_of(&[1.0, 2.0], 2), f32::NEG_INFINITY);
-        assert_eq!(logprob_of(&[], 0), f32::NEG_INFINITY);
-    }
-
-    #[test]
-    fn nan_and_infinite_logits_do_not_panic() {
-        let logits = [f32::NAN, 0.0, f32::NAN, 0.0];
-        assert_eq!(logprob_of(&logits, 0), f32::NEG_INFINITY);
-        assert!((logprob_of(&logits, 1) - -(2f32).ln()).abs() < 1e-6);
-        assert_eq!(
-            top_logprobs(&logits, 4)
-                .iter()
-                .map(|p| p.0)
-                .collect::<Vec<_>>(),
-            [1, 3, 0, 2]
-        );
-        let all_nan = [f32::NAN; 3];
-        assert_eq!(logprob_of(&all_nan, 1), f32::NEG_INFINITY);
-        assert_eq!(top_logprobs(&all_nan, 2).len(), 2);
-        let inf = [1.0, f32::INFINITY, f32::INFINITY, f32::NEG_INFINITY];
-        assert_eq!(logprob_of(&inf, 0), f32::NEG_INFINITY);
-        assert!((logprob_of(&inf, 2) - -(2f32).ln()).abs() < 1e-6);
-        assert_eq!(top_logprobs(&inf, 1)[0].0, 1);
+    fn token_logprob_of_an_all_nan_row_is_minus_infinity() {
         let t = tok();
-        let tl = token_logprob(&t, &all_nan, 0, 2);
+        let tl = token_logprob(&t, &[f32::NAN; 3], 0, 2);
         assert_eq!(tl.logprob, Some(f32::NEG_INFINITY));
-    }
-
-    #[test]
-    fn top_logprobs_order_and_ties() {
-        let logits = [1.0, 3.0, 2.0, 3.0, -0.0, 0.0, 3.0];
-        let top = top_logprobs(&logits, 5);
-        let ids: Vec<u32> = top.iter().map(|p| p.0).collect();
-        assert_eq!(ids, [1, 3, 6, 2, 0]);
-        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
-        assert_eq!(top[0].1, logprob_of(&logits, 1));
-        // -0.0 and 0.0 tie: lower id first.
-        let ids: Vec<u32> = top_logprobs(&logits, 7).iter().map(|p| p.0).collect();
-        assert_eq!(ids, [1, 3, 6, 2, 0, 4, 5]);
-        assert_eq!(top_logprobs(&logits, 100).len(), 7);
-        assert!(top_logprobs(&logits, 0).is_empty());
-        assert!(top_logprobs(&[], 3).is_empty());
-        // Against a full sort, with many ties.
-        let mut rng = Rng(11);
-        let logits: Vec<f32> = (0..5000).map(|_| (rng.below(40) as f32) - 20.0).collect();
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .total_cmp(&logits[a as usize])
-                .then(a.cmp(&b))
-        });
-        let got: Vec<u32> = top_logprobs(&logits, 25).iter().map(|p| p.0).collect();
-        assert_eq!(got, order[..25]);
     }
 
     #[test]
@@ -921,7 +832,10 @@ mod tests {
         let tl = token_logprob(&t, &logits, 7, 2);
         assert_eq!(tl.id, 7);
         assert_eq!(tl.text, token_text(&t, 7));
-        assert_eq!(tl.logprob, Some(logprob_of(&logits, 7)));
+        assert_eq!(
+            tl.logprob,
+            Some(grok_shared::logprobs::logprob_of(&logits, 7))
+        );
         assert_eq!(tl.top.len(), 2);
         assert_eq!((tl.top[0].0, tl.top[0].1.as_str()), (is, " is"));
         assert_eq!(tl.top[1].0, 7);

@@ -156,3 +156,95 @@ pub fn token_and_top(logits: &[f32], id: u32, n: usize) -> (f32, Vec<(u32, f32)>
     };
     (logprob, top)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampling::Rng;
+
+    fn random_logits(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_f64() * 2.0 - 1.0) as f32 * scale)
+            .collect()
+    }
+
+    #[test]
+    fn logprobs_sum_to_one() {
+        let mut rng = Rng::new(3);
+        for (n, scale) in [
+            (1, 1.0),
+            (10, 5.0),
+            (131_072, 20.0),
+            (1000, 1e4),
+            (50, 1e30),
+        ] {
+            let logits = random_logits(&mut rng, n, scale);
+            let norm = LogSoftmax::new(&logits);
+            let total: f64 = logits
+                .iter()
+                .map(|&x| f64::from(norm.logprob(x)).exp())
+                .sum();
+            assert!((total - 1.0).abs() < 1e-4, "n {n} scale {scale}: {total}");
+            for i in [0, n / 2, n - 1] {
+                let lp = logprob_of(&logits, i as u32);
+                assert!(lp <= 0.0 && !lp.is_nan());
+                assert_eq!(lp, norm.logprob(logits[i]));
+            }
+        }
+        // Uniform: each is -ln n.
+        let lp = logprob_of(&[3.0; 8], 5);
+        assert!((lp - -(8f32).ln()).abs() < 1e-6);
+        assert_eq!(logprob_of(&[1.0, 2.0], 2), f32::NEG_INFINITY);
+        assert_eq!(logprob_of(&[], 0), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn nan_and_infinite_logits_do_not_panic() {
+        let logits = [f32::NAN, 0.0, f32::NAN, 0.0];
+        assert_eq!(logprob_of(&logits, 0), f32::NEG_INFINITY);
+        assert!((logprob_of(&logits, 1) - -(2f32).ln()).abs() < 1e-6);
+        assert_eq!(
+            top_logprobs(&logits, 4)
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>(),
+            [1, 3, 0, 2]
+        );
+        let all_nan = [f32::NAN; 3];
+        assert_eq!(logprob_of(&all_nan, 1), f32::NEG_INFINITY);
+        assert_eq!(top_logprobs(&all_nan, 2).len(), 2);
+        let inf = [1.0, f32::INFINITY, f32::INFINITY, f32::NEG_INFINITY];
+        assert_eq!(logprob_of(&inf, 0), f32::NEG_INFINITY);
+        assert!((logprob_of(&inf, 2) - -(2f32).ln()).abs() < 1e-6);
+        assert_eq!(top_logprobs(&inf, 1)[0].0, 1);
+    }
+
+    #[test]
+    fn top_logprobs_order_and_ties() {
+        let logits = [1.0, 3.0, 2.0, 3.0, -0.0, 0.0, 3.0];
+        let top = top_logprobs(&logits, 5);
+        let ids: Vec<u32> = top.iter().map(|p| p.0).collect();
+        assert_eq!(ids, [1, 3, 6, 2, 0]);
+        assert!(top.windows(2).all(|w| w[0].1 >= w[1].1));
+        assert_eq!(top[0].1, logprob_of(&logits, 1));
+        // -0.0 and 0.0 tie: lower id first.
+        let ids: Vec<u32> = top_logprobs(&logits, 7).iter().map(|p| p.0).collect();
+        assert_eq!(ids, [1, 3, 6, 2, 0, 4, 5]);
+        assert_eq!(top_logprobs(&logits, 100).len(), 7);
+        assert!(top_logprobs(&logits, 0).is_empty());
+        assert!(top_logprobs(&[], 3).is_empty());
+        // Against a full sort, with many ties.
+        let mut rng = Rng::new(11);
+        let logits: Vec<f32> = (0..5000)
+            .map(|_| ((rng.next_u64() % 40) as f32) - 20.0)
+            .collect();
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .total_cmp(&logits[a as usize])
+                .then(a.cmp(&b))
+        });
+        let got: Vec<u32> = top_logprobs(&logits, 25).iter().map(|p| p.0).collect();
+        assert_eq!(got, order[..25]);
+    }
+}

@@ -144,15 +144,6 @@ impl Sampler {
         })
     }
 
-    /// A sampler for parameters already checked with [`SamplingParams::validate`].
-    pub fn from_valid(params: SamplingParams) -> Self {
-        debug_assert!(params.validate().is_ok());
-        Sampler {
-            params,
-            rng: Rng::new(params.seed),
-        }
-    }
-
     /// A sampler whose random stream continues from `rng_state` (see [`Sampler::rng_state`]):
     /// how a sequence's sampling moves between machines without changing its tokens.
     pub fn resume(params: SamplingParams, rng_state: u64) -> Result<Self, SamplingError> {
