@@ -1,71 +1,26 @@
 //! `grok serve` end to end: a real cluster of worker processes behind the OpenAI-compatible
 //! HTTP API, driven over loopback HTTP like any client would.
 
+mod common;
+
+use common::{metric, Server};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-struct Server {
-    child: Child,
-    base: String,
-    /// Everything the server printed (for failure messages).
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    /// `grok serve` on the fixture with 2 workers (ep 2) and `extra` flags; returns once ready.
-    fn start(extra: &[&str]) -> Server {
-        let model = grok_shared::test_support::tiny_a_dir();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_grok"))
-            .args(["serve", "--model", model.to_str().unwrap()])
-            .args(["--workers", "2", "--ep", "2", "--port", "0"])
-            .args(["--served-model-name", "tiny-a"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting grok serve");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("at http://") {
-                    let _ = tx.send(line[i + 3..].trim_end_matches("/v1").to_string());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let base = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("grok serve did not report ready: {}", log.lock().unwrap()));
-        Server { child, base, log }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGINT first: the server shuts its workers down; kill if it does not exit.
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `grok serve` on the fixture with 2 workers (ep 2) and `extra` flags; returns once ready.
+fn start_server(extra: &[&str]) -> Server {
+    let model = grok_shared::test_support::tiny_a_dir();
+    let mut args = vec!["--model", model.to_str().unwrap()];
+    args.extend([
+        "--workers",
+        "2",
+        "--ep",
+        "2",
+        "--served-model-name",
+        "tiny-a",
+    ]);
+    args.extend(extra);
+    Server::start(&args)
 }
 
 fn client() -> reqwest::Client {
@@ -139,7 +94,7 @@ async fn stream_text(c: &reqwest::Client, s: &Server, mut body: Value) -> (Strin
 
 #[test]
 fn concurrent_streams_give_each_request_its_own_tokens() {
-    let s = Server::start(&["--max-step-tokens", "32"]);
+    let s = start_server(&["--max-step-tokens", "32"]);
     rt().block_on(async {
         let c = client();
         let bodies: Vec<Value> = (0..5)
@@ -177,7 +132,7 @@ fn concurrent_streams_give_each_request_its_own_tokens() {
 
 #[test]
 fn stop_strings_logprobs_and_echo() {
-    let s = Server::start(&[]);
+    let s = start_server(&[]);
     rt().block_on(async {
         let c = client();
         let body =
@@ -237,17 +192,9 @@ fn stop_strings_logprobs_and_echo() {
     });
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in metrics"))
-}
-
 #[test]
 fn a_client_that_disconnects_frees_its_blocks() {
-    let s = Server::start(&[]);
+    let s = start_server(&[]);
     rt().block_on(async {
         let c = client();
         let body = json!({"model": "tiny-a", "prompt": prompt(2), "max_tokens": 180, "stream": true, "temperature": 0});
@@ -277,7 +224,7 @@ fn a_client_that_disconnects_frees_its_blocks() {
 
 #[test]
 fn a_flood_gets_429s_and_the_server_stays_healthy() {
-    let s = Server::start(&["--max-queued", "2", "--max-running", "1"]);
+    let s = start_server(&["--max-queued", "2", "--max-running", "1"]);
     rt().block_on(async {
         let c = client();
         let body = json!({"model": "tiny-a", "prompt": prompt(1), "max_tokens": 20});
@@ -317,7 +264,7 @@ fn a_flood_gets_429s_and_the_server_stays_healthy() {
 
 #[test]
 fn malformed_requests_get_the_right_4xx() {
-    let s = Server::start(&["--api-key", "sekrit"]);
+    let s = start_server(&["--api-key", "sekrit"]);
     rt().block_on(async {
         let c = client();
         let post = |path: &'static str, body: Vec<u8>| {

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "grok",
     version,
-    about = "Grok-1 inference: generate, convert checkpoints, tokenize"
+    about = "Grok-1 inference: serve a cluster, generate, load-test, run batches, convert checkpoints"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +33,10 @@ enum Command {
     Init(commands::init::Args),
     /// Start a cluster of workers and supervise it (restarting a failed rank).
     Serve(commands::serve::Args),
+    /// Load-test a server: `grok bench serve --url URL --rate R | --concurrency C ...`.
+    Bench(commands::bench::Args),
+    /// Run an OpenAI Batch file (JSON lines) against a server or a cluster started here.
+    Batch(commands::batch::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +55,8 @@ fn main() -> std::process::ExitCode {
         Command::Convert(a) => commands::convert::run(a),
         Command::Init(a) => commands::init::run(a),
         Command::Serve(a) => commands::serve::run(a),
+        Command::Bench(a) => commands::bench::run(a),
+        Command::Batch(a) => commands::batch::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,5 @@
+pub mod batch;
+pub mod bench;
 pub mod convert;
 pub mod generate;
 pub mod init;

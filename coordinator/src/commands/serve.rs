@@ -75,28 +75,31 @@ impl Args {
         if self.max_body_bytes < 1024 {
             bail!("--max-body-bytes must be at least 1024");
         }
-        let name = match (
-            &self.served_model_name,
-            &self.model.preset,
-            &self.model.model,
-        ) {
-            (Some(n), _, _) => n.clone(),
-            (None, Some(p), _) => p.clone(),
-            (None, None, Some(dir)) => dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "grok-1".into()),
-            (None, None, None) => "grok-1".into(),
-        };
-        if name.trim().is_empty() {
-            bail!("--served-model-name is empty");
-        }
+        let name = served_name(self.served_model_name.as_deref(), &self.model)?;
         Ok(ApiConfig {
             model_name: name,
             api_key: self.api_key.clone(),
             max_body_bytes: self.max_body_bytes,
         })
     }
+}
+
+/// The model id clients send: the one given, else the preset's name or the model
+/// directory's name.
+pub fn served_name(given: Option<&str>, model: &ModelArgs) -> Result<String> {
+    let name = match (given, &model.preset, &model.model) {
+        (Some(n), _, _) => n.to_string(),
+        (None, Some(p), _) => p.clone(),
+        (None, None, Some(dir)) => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "grok-1".into()),
+        (None, None, None) => "grok-1".into(),
+    };
+    if name.trim().is_empty() {
+        bail!("--served-model-name is empty");
+    }
+    Ok(name)
 }
 
 /// Starts the cluster, then serves the OpenAI-compatible API until Ctrl-C: requests are
@@ -111,21 +114,50 @@ pub fn run(args: Args) -> Result<()> {
     let dir = args.model.dir()?;
     let tokenizer = Arc::new(args.tokenizer.load()?);
     cluster_args::runtime()?.block_on(async {
-        // Bind first: a taken port is reported before minutes of loading.
         let addr = format!("{}:{}", args.host, args.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
+        let server =
+            Server::start(&addr, &args.cluster, &dir, tokenizer, sched_cfg, api_cfg).await?;
+        server.serve_until_ctrl_c().await
+    })
+}
+
+/// The cluster, its scheduler and the HTTP API, running in this process.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    served: tokio::task::JoinHandle<std::io::Result<()>>,
+    scheduler: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds `addr`, starts the cluster, and serves; returns once the API is ready.
+    pub async fn start(
+        addr: &str,
+        cluster: &ClusterArgs,
+        dir: &std::path::Path,
+        tokenizer: Arc<grok_shared::tokenizer::Tokenizer>,
+        sched_cfg: SchedulerConfig,
+        api_cfg: ApiConfig,
+    ) -> Result<Server> {
+        // Bind first: a taken port is reported before minutes of loading.
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr} (pick another --port or --host)"))?;
         let local = listener.local_addr()?;
-        let cluster = args.cluster.start(&dir).await?;
+        let cluster = cluster.start(dir).await?;
         let p = *cluster.plan();
         for (r, bytes) in cluster.weight_bytes().iter().enumerate() {
             eprintln!("rank {r}: {:.1} MB of weights", *bytes as f64 / 1e6);
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let metrics = Metrics::new();
-        let (handle, task) =
-            scheduler::start(cluster, sched_cfg, tokenizer.clone(), metrics, stop_rx);
+        let (handle, scheduler) = scheduler::start(
+            cluster,
+            sched_cfg,
+            tokenizer.clone(),
+            metrics,
+            stop_rx.clone(),
+        );
         let state = AppState::new(handle, tokenizer, api_cfg.clone());
         eprintln!(
             "ready: {} worker(s), tp={} ep={} (dp={}, etp={}); serving model '{}' at http://{local}/v1",
@@ -136,15 +168,45 @@ pub fn run(args: Args) -> Result<()> {
             p.etp(),
             api_cfg.model_name,
         );
-        // Ctrl-C stops the scheduler first: it ends every open stream (with an error event),
+        // Stopping ends the scheduler first: it ends every open stream (with an error event),
         // so the HTTP server's graceful shutdown does not wait on them.
+        let mut stopped = stop_rx;
         let shutdown = async move {
-            let _ = tokio::signal::ctrl_c().await;
-            eprintln!("shutting down");
-            let _ = stop_tx.send(true);
+            let _ = stopped.wait_for(|s| *s).await;
         };
-        let served = api::serve(listener, api::router(state), shutdown).await;
-        let _ = task.await;
-        served.context("the HTTP server failed")
-    })
+        let served = tokio::spawn(api::serve(listener, api::router(state), shutdown));
+        Ok(Server {
+            addr: local,
+            stop_tx,
+            served,
+            scheduler,
+        })
+    }
+
+    /// Stops serving and takes the cluster down.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop_tx.send(true);
+        let _ = self.scheduler.await;
+        Self::served(self.served.await)
+    }
+
+    /// Serves until Ctrl-C (then stops) or until the HTTP server fails.
+    pub async fn serve_until_ctrl_c(mut self) -> Result<()> {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("shutting down");
+                self.stop().await
+            }
+            r = &mut self.served => {
+                let _ = self.stop_tx.send(true);
+                let _ = self.scheduler.await;
+                Self::served(r)
+            }
+        }
+    }
+
+    fn served(r: Result<std::io::Result<()>, tokio::task::JoinError>) -> Result<()> {
+        r.context("the HTTP server task failed")?
+            .context("the HTTP server failed")
+    }
 }
