@@ -17,6 +17,9 @@ pub struct GenerationRequest {
     /// `Some(n)`: return each generated token's log-probability and its `n` most likely
     /// alternatives (`n` may be 0).
     pub logprobs: Option<usize>,
+    /// Generate past the end-of-sequence token (only `max_tokens`, the context or a stop
+    /// string end the generation).
+    pub ignore_eos: bool,
     /// Also return the prompt's tokens (with their log-probabilities when `logprobs` is set).
     pub echo: bool,
     /// When the request arrived (latency metrics count from here).

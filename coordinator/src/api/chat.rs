@@ -87,6 +87,7 @@ async fn run(
         sampling: p.common.sampling,
         stop,
         logprobs: p.logprobs,
+        ignore_eos: p.common.ignore_eos,
         echo: false,
         arrived,
     };

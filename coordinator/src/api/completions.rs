@@ -41,6 +41,7 @@ async fn run(
         sampling: p.common.sampling,
         stop: p.common.stop.clone(),
         logprobs: p.logprobs,
+        ignore_eos: p.common.ignore_eos,
         echo: p.echo,
         arrived,
     };

@@ -116,6 +116,9 @@ pub struct CompletionBody {
     #[allow(dead_code)]
     pub user: Option<String>,
     pub seed: Option<u64>,
+    /// vLLM's extension: keep generating past the end-of-sequence token (load tests use it
+    /// to get exact output lengths).
+    pub ignore_eos: Option<bool>,
 }
 
 /// `POST /v1/chat/completions` as sent.
@@ -142,6 +145,9 @@ pub struct ChatBody {
     #[allow(dead_code)]
     pub user: Option<String>,
     pub seed: Option<u64>,
+    /// vLLM's extension: keep generating past the end-of-sequence token (load tests use it
+    /// to get exact output lengths).
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +169,7 @@ pub struct Common {
     pub include_usage: bool,
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
+    pub ignore_eos: bool,
 }
 
 /// A completion prompt: text to encode, or token ids as given.
@@ -355,12 +362,14 @@ fn common(
     stream_options: Option<&StreamOptions>,
     sampling_fields: SamplingFields,
     stop: Option<&Value>,
+    ignore_eos: Option<bool>,
 ) -> Result<Common, ApiError> {
     Ok(Common {
         stream: stream.unwrap_or(false),
         include_usage: stream_options.and_then(|o| o.include_usage).unwrap_or(true),
         sampling: sampling(sampling_fields)?,
         stop: stops(stop)?,
+        ignore_eos: ignore_eos.unwrap_or(false),
     })
 }
 
@@ -411,6 +420,7 @@ impl CompletionBody {
                     seed: self.seed,
                 },
                 self.stop.as_ref(),
+                self.ignore_eos,
             )?,
         })
     }
@@ -539,6 +549,7 @@ impl ChatBody {
                     seed: self.seed,
                 },
                 self.stop.as_ref(),
+                self.ignore_eos,
             )?,
         })
     }

@@ -601,6 +601,14 @@ async fn malformed_bodies_get_their_status_and_param() {
             None,
         ),
         (
+            "ignore_eos not a boolean",
+            c,
+            json!({"model":"grok-1","prompt":"a","ignore_eos":"yes"}),
+            400,
+            Some("ignore_eos"),
+            None,
+        ),
+        (
             "unknown stream option",
             c,
             json!({"model":"grok-1","prompt":"a","stream":true,"stream_options":{"x":1}}),
@@ -775,7 +783,8 @@ async fn malformed_bodies_get_their_status_and_param() {
 async fn streamed_completion_sends_each_event_at_once_then_usage_and_done() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","prompt":"The answer","max_tokens":5,"stream":true,
-                      "temperature":0.5,"top_p":0.9,"top_k":-1,"seed":7,"stop":"\n"});
+                      "temperature":0.5,"top_p":0.9,"top_k":-1,"seed":7,"stop":"\n",
+                      "ignore_eos":true});
     let mut s = send(
         server.addr,
         "POST",
@@ -795,6 +804,7 @@ async fn streamed_completion_sends_each_event_at_once_then_usage_and_done() {
     assert_eq!(r.stop, vec!["\n".to_owned()]);
     assert_eq!(r.logprobs, None);
     assert!(!r.echo);
+    assert!(r.ignore_eos);
 
     // No buffering: the first text reaches the client before the next event exists.
     sub.events.send(text(" is")).expect("send");

@@ -167,7 +167,7 @@ impl Sequence {
         self.generated.push(id);
         self.first_token.get_or_insert(now);
         self.prev_token = self.last_token.replace(now);
-        if Some(id) == eos {
+        if Some(id) == eos && !self.req.ignore_eos {
             return Progress::Finished(FinishReason::Stop);
         }
         let released = self.output.push(info);
@@ -209,5 +209,47 @@ impl Sequence {
 
     pub fn fail(&self, msg: String) {
         let _ = self.events.send(Event::Error(msg));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grok_shared::sampling::SamplingParams;
+
+    #[test]
+    fn end_of_sequence_ends_it_unless_ignored() {
+        let tok = Arc::new(Tokenizer::builtin().expect("builtin tokenizer"));
+        let eos = tok.eos_id().expect("the tokenizer has an eos");
+        for ignore_eos in [false, true] {
+            let (events, _rx) = mpsc::unbounded_channel();
+            let request = GenerationRequest {
+                prompt: vec![5, 6],
+                max_tokens: 2,
+                sampling: SamplingParams::default(),
+                stop: Vec::new(),
+                logprobs: None,
+                ignore_eos,
+                echo: false,
+                arrived: Instant::now(),
+            };
+            let mut s = Sequence::new(1, Submission { request, events }, tok.clone());
+            let mut step = || {
+                let x = Sampled {
+                    token: eos,
+                    rng_state: 0,
+                    logprob: None,
+                    top: Vec::new(),
+                };
+                s.advance(&tok, x, Some(eos), 100, Instant::now())
+            };
+            let first = step();
+            if ignore_eos {
+                assert!(matches!(first, Progress::Running));
+                assert!(matches!(step(), Progress::Finished(FinishReason::Length)));
+            } else {
+                assert!(matches!(first, Progress::Finished(FinishReason::Stop)));
+            }
+        }
     }
 }

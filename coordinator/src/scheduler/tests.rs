@@ -30,6 +30,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> 
         },
         stop: Vec::new(),
         logprobs: None,
+        ignore_eos: false,
         echo: false,
         arrived: Instant::now(),
     }
