@@ -14,7 +14,7 @@ fn tiny_server() -> Server {
     Server::start(&["--preset", "tiny", "--workers", "1"])
 }
 
-fn grok(args: &[&str]) -> Output {
+fn grok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_grok"))
         .args(args)
         .output()
@@ -166,6 +166,16 @@ fn results(path: &Path) -> HashMap<String, Value> {
     out
 }
 
+/// `grok batch` of `input` into `output` against the server at `url`, plus `extra` flags.
+fn batch_args(input: &Path, output: &Path, url: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["batch", "--input"].map(String::from).to_vec();
+    args.push(input.to_str().unwrap().into());
+    args.push("--output".into());
+    args.push(output.to_str().unwrap().into());
+    args.extend(["--url", url].iter().chain(extra).map(|s| s.to_string()));
+    args
+}
+
 #[test]
 fn batch_with_good_and_bad_lines_completes_and_resumes_after_a_kill() {
     let s = tiny_server();
@@ -173,15 +183,7 @@ fn batch_with_good_and_bad_lines_completes_and_resumes_after_a_kill() {
     let (input, output) = (dir.path().join("in.jsonl"), dir.path().join("out.jsonl"));
     let n = write_batch(&input, 12, true);
     let url = s.url("");
-    let args = [
-        "batch",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--url",
-        &url,
-    ];
+    let args = batch_args(&input, &output, &url, &[]);
     let o = grok(&args);
     assert!(o.status.success(), "{}", text(&o));
     let r = results(&output);
@@ -224,19 +226,9 @@ fn batch_with_good_and_bad_lines_completes_and_resumes_after_a_kill() {
         dir.path().join("big-out.jsonl"),
     );
     let n = write_batch(&input, 40, false);
-    let args = [
-        "batch",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--url",
-        &url,
-        "--concurrency",
-        "4",
-    ];
+    let args = batch_args(&input, &output, &url, &["--concurrency", "4"]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_grok"))
-        .args(args)
+        .args(&args)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -288,110 +280,41 @@ fn bad_flags_and_unreachable_servers_are_clear_errors() {
         .unwrap()
         .port();
     let dead = format!("http://127.0.0.1:{port}");
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    let (inp, out_s) = (input.to_str().unwrap(), out.to_str().unwrap());
+    let bench = format!("bench serve --url {dead}");
+    let batch = format!("batch --input {inp} --output {out_s}");
+    let cases = [
         (
-            vec![
-                "bench",
-                "serve",
-                "--url",
-                &dead,
-                "--rate",
-                "5",
-                "--num-requests",
-                "2",
-            ],
+            format!("{bench} --rate 5 --num-requests 2"),
             "is the server up?",
         ),
+        (format!("{bench} --rate 0"), "--rate 0"),
+        (format!("{bench} --concurrency 0"), "--concurrency must be"),
+        ("bench serve --url ftp://x --rate 1".into(), "http or https"),
         (
-            vec!["bench", "serve", "--url", &dead, "--rate", "0"],
-            "--rate 0",
-        ),
-        (
-            vec!["bench", "serve", "--url", &dead, "--concurrency", "0"],
-            "--concurrency must be",
-        ),
-        (
-            vec!["bench", "serve", "--url", "ftp://x", "--rate", "1"],
-            "http or https",
-        ),
-        (
-            vec![
-                "bench",
-                "serve",
-                "--url",
-                &dead,
-                "--rate",
-                "1",
-                "--input-len",
-                "uniform:9:3",
-            ],
+            format!("{bench} --rate 1 --input-len uniform:9:3"),
             "--input-len",
         ),
         (
-            vec![
-                "bench",
-                "serve",
-                "--url",
-                &dead,
-                "--rate",
-                "1",
-                "--slo-ttft-ms",
-                "-4",
-            ],
+            format!("{bench} --rate 1 --slo-ttft-ms -4"),
             "--slo-ttft-ms",
         ),
         (
-            vec![
-                "batch",
-                "--input",
-                "/nonexistent.jsonl",
-                "--output",
-                out.to_str().unwrap(),
-                "--url",
-                &dead,
-            ],
+            format!("batch --input /nonexistent.jsonl --output {out_s} --url {dead}"),
             "no such file",
         ),
         (
-            vec![
-                "batch",
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-                input.to_str().unwrap(),
-                "--url",
-                &dead,
-            ],
+            format!("batch --input {inp} --output {inp} --url {dead}"),
             "another file",
         ),
+        (format!("{batch} --preset tiny"), "--workers"),
         (
-            vec![
-                "batch",
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-                "--preset",
-                "tiny",
-            ],
-            "--workers",
-        ),
-        (
-            vec![
-                "batch",
-                "--input",
-                input.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-                "--url",
-                &dead,
-                "--max-retries",
-                "0",
-            ],
+            format!("{batch} --url {dead} --max-retries 0"),
             "run the same command again",
         ),
     ];
     for (args, want) in cases {
+        let args: Vec<&str> = args.split_whitespace().collect();
         let o = grok(&args);
         assert!(!o.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&o.stderr);

@@ -143,12 +143,20 @@ impl Client {
         format!("{}{path}", self.base)
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let r = self.http.request(method, self.url(path));
-        match &self.api_key {
-            Some(k) => r.bearer_auth(k),
-            None => r,
+    /// Sends a GET (no body) or a POST of `body`, with the key.
+    async fn send(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<reqwest::Response, ClientError> {
+        let mut r = match body {
+            Some(b) => self.http.post(self.url(path)).json(b),
+            None => self.http.get(self.url(path)),
+        };
+        if let Some(k) = &self.api_key {
+            r = r.bearer_auth(k);
         }
+        r.send().await.map_err(|e| self.send_error(path, e))
     }
 
     fn send_error(&self, path: &str, e: reqwest::Error) -> ClientError {
@@ -174,11 +182,7 @@ impl Client {
     /// The ids `GET /v1/models` lists.
     pub async fn models(&self) -> Result<Vec<String>, ClientError> {
         let path = "/v1/models";
-        let r = self
-            .request(reqwest::Method::GET, path)
-            .send()
-            .await
-            .map_err(|e| self.send_error(path, e))?;
+        let r = self.send(path, None).await?;
         let a = self.answer(path, r).await?;
         if a.status != 200 {
             return Err(status_error(self.url(path), &a));
@@ -196,12 +200,7 @@ impl Client {
 
     /// POSTs `body` and returns the JSON answer whatever its status.
     pub async fn post_json(&self, path: &str, body: &Value) -> Result<JsonAnswer, ClientError> {
-        let r = self
-            .request(reqwest::Method::POST, path)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.send_error(path, e))?;
+        let r = self.send(path, Some(body)).await?;
         self.answer(path, r).await
     }
 
@@ -230,12 +229,7 @@ impl Client {
         body: &Value,
         mut on_data: impl FnMut(&str) -> Result<(), String>,
     ) -> Result<(), ClientError> {
-        let r = self
-            .request(reqwest::Method::POST, path)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.send_error(path, e))?;
+        let r = self.send(path, Some(body)).await?;
         if r.status().as_u16() != 200 {
             let a = self.answer(path, r).await;
             return Err(match a {
