@@ -45,30 +45,117 @@ impl SamplingParams {
     }
 }
 
-/// `e^((v - max) / t)` per logit (0 for NaN): the common case of sampling, as one
-/// branch-free loop, compiled for AVX2 where the CPU has it.
-fn exp_weights(logits: &[f32], max: f32, inv_t: f32) -> Vec<f64> {
+/// The largest logit, NaNs ignored (`-inf` when there is none); 8 lanes so it vectorises.
+fn max_ignoring_nan(logits: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = logits.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            // A comparison with NaN is false: NaNs never win.
+            if c[l] > lanes[l] {
+                lanes[l] = c[l];
+            }
+        }
+    }
+    lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// Logits per block of [`draw_full`]: the block sums are few enough to scan, a block is
+/// cheap to recompute.
+const DRAW_BLOCK: usize = 256;
+
+/// `e^((v - max) · inv_t)` (0 for NaN): a logit's unnormalised weight.
+#[inline(always)]
+fn weight_of(v: f32, max: f32, inv_t: f32) -> f32 {
+    let w = exp_nonpositive((v - max) * inv_t);
+    if v.is_nan() {
+        0.0
+    } else {
+        w
+    }
+}
+
+/// Sum of the weights of one block, in a fixed order (8 lanes, then the lanes and the tail).
+#[inline(always)]
+fn block_weight(block: &[f32], max: f32, inv_t: f32) -> f64 {
+    let mut lanes = [0f32; 8];
+    let chunks = block.chunks_exact(8);
+    let tail: f32 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| weight_of(v, max, inv_t))
+        .sum();
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] += weight_of(c[l], max, inv_t);
+        }
+    }
+    lanes.iter().map(|&x| f64::from(x)).sum::<f64>() + f64::from(tail)
+}
+
+/// Every block's weight (see [`block_weight`]), compiled for AVX2 where the CPU has it.
+fn block_weights(logits: &[f32], max: f32, inv_t: f32, out: &mut Vec<f64>) {
     #[inline(always)]
-    fn body(logits: &[f32], max: f32, inv_t: f32) -> Vec<f64> {
-        logits
-            .iter()
-            .map(|&v| {
-                let w = exp_nonpositive((v - max) * inv_t);
-                f64::from(if v.is_nan() { 0.0 } else { w })
-            })
-            .collect()
+    fn body(logits: &[f32], max: f32, inv_t: f32, out: &mut Vec<f64>) {
+        out.clear();
+        for b in logits.chunks(DRAW_BLOCK) {
+            out.push(block_weight(b, max, inv_t));
+        }
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn avx2(logits: &[f32], max: f32, inv_t: f32) -> Vec<f64> {
-        body(logits, max, inv_t)
+    unsafe fn avx2(logits: &[f32], max: f32, inv_t: f32, out: &mut Vec<f64>) {
+        body(logits, max, inv_t, out)
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU supports AVX2.
-        return unsafe { avx2(logits, max, inv_t) };
+        return unsafe { avx2(logits, max, inv_t, out) };
     }
-    body(logits, max, inv_t)
+    body(logits, max, inv_t, out)
+}
+
+/// Draws an index with probability proportional to its weight (`u` uniform in [0, 1)), for
+/// a finite `max`: the block by the block sums, then the index within the block. One pass of
+/// `exp` over the logits and no per-logit buffer. `None` when every weight is 0.
+fn draw_full(logits: &[f32], max: f32, inv_t: f32, u: f64) -> Option<usize> {
+    let mut sums = Vec::with_capacity(logits.len().div_ceil(DRAW_BLOCK));
+    block_weights(logits, max, inv_t, &mut sums);
+    let total: f64 = sums.iter().sum();
+    if total <= 0.0 {
+        return None;
+    }
+    let mut r = u * total;
+    // Rounding can leave `r` past the last sum: then the last block with weight takes it.
+    let mut pick = None;
+    for (b, &s) in sums.iter().enumerate() {
+        if s > 0.0 {
+            pick = Some(b);
+            if r < s {
+                break;
+            }
+            r -= s;
+        }
+    }
+    let b = pick?;
+    let start = b * DRAW_BLOCK;
+    let block = &logits[start..(start + DRAW_BLOCK).min(logits.len())];
+    let mut last = None;
+    for (i, &v) in block.iter().enumerate() {
+        let w = f64::from(weight_of(v, max, inv_t));
+        if w > 0.0 {
+            if r < w {
+                return Some(start + i);
+            }
+            r -= w;
+            last = Some(start + i);
+        }
+    }
+    last
 }
 
 /// `e^x` for `x <= 0` (larger `x` is clamped to 0), within 2 ulp of `f32::exp`, branch-free
@@ -170,10 +257,7 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits).map(|i| i as u32).ok_or(SamplingError::Empty);
         }
-        let max = logits
-            .iter()
-            .filter(|v| !v.is_nan())
-            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let max = max_ignoring_nan(logits);
         if max == f32::NEG_INFINITY && !logits.contains(&f32::NEG_INFINITY) {
             return Err(SamplingError::Empty);
         }
@@ -195,19 +279,18 @@ impl Sampler {
                 f64::from(exp_nonpositive((v - max) * inv_t))
             }
         };
-        let valid = logits.iter().filter(|v| !v.is_nan()).count();
-        let k = if p.top_k == 0 {
-            valid
-        } else {
-            p.top_k.min(valid)
-        };
-        if k == valid && p.top_p >= 1.0 {
-            // No cut: one pass in id order, the same distribution as over sorted candidates.
-            let weights: Vec<f64> = if max.is_finite() {
-                exp_weights(logits, max, inv_t)
-            } else {
-                logits.iter().map(|&v| weight(v)).collect()
-            };
+        let count_valid = || logits.iter().filter(|v| !v.is_nan()).count();
+        // (Counting is a pass of its own: only a top-k needs it.)
+        if p.top_p >= 1.0 && (p.top_k == 0 || p.top_k >= count_valid()) {
+            // No cut: in id order, the same distribution as over sorted candidates.
+            if max.is_finite() {
+                let u = self.rng.next_f64();
+                return match draw_full(logits, max, inv_t, u) {
+                    Some(i) => Ok(i as u32),
+                    None => argmax(logits).map(|i| i as u32).ok_or(SamplingError::Empty),
+                };
+            }
+            let weights: Vec<f64> = logits.iter().map(|&v| weight(v)).collect();
             let total: f64 = weights.iter().sum();
             if total <= 0.0 {
                 return argmax(logits).map(|i| i as u32).ok_or(SamplingError::Empty);
@@ -225,6 +308,12 @@ impl Sampler {
             }
             return Ok(last as u32);
         }
+        let valid = count_valid();
+        let k = if p.top_k == 0 {
+            valid
+        } else {
+            p.top_k.min(valid)
+        };
         // Candidates by logit, best first (ties: lower id first).
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let mut cand: Vec<(u32, f32)> = logits
@@ -237,7 +326,11 @@ impl Sampler {
             return Err(SamplingError::Empty);
         }
         // The mass the nucleus is measured against: all of the top-k candidates.
-        let total: f64 = if k == cand.len() {
+        let total: f64 = if k == cand.len() && max.is_finite() {
+            let mut sums = Vec::new();
+            block_weights(logits, max, inv_t, &mut sums);
+            sums.iter().sum()
+        } else if k == cand.len() {
             logits.iter().map(|&v| weight(v)).sum()
         } else {
             cand.select_nth_unstable_by(k - 1, order);
@@ -403,6 +496,41 @@ mod tests {
             .filter(|_| s.sample(&logits).unwrap() == 1)
             .count();
         assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.02, "{ones}");
+    }
+
+    #[test]
+    fn the_blocked_draw_picks_the_index_the_uniform_points_at() {
+        // 1000 equal weights (4 blocks, the last partial) with NaNs that weigh nothing: the
+        // draw for u is exactly the floor(u · valid)-th valid index.
+        let mut logits = vec![0.0f32; 1000];
+        for i in (0..1000).step_by(37) {
+            logits[i] = f32::NAN;
+        }
+        let valid: Vec<usize> = (0..1000).filter(|&i| !logits[i].is_nan()).collect();
+        let mut rng = Rng::new(4);
+        for _ in 0..5000 {
+            let u = rng.next_f64();
+            let want = valid[(u * valid.len() as f64) as usize];
+            assert_eq!(draw_full(&logits, 0.0, 1.0, u), Some(want), "u = {u}");
+        }
+        assert_eq!(draw_full(&logits, 0.0, 1.0, 0.0), Some(1));
+        assert_eq!(
+            draw_full(&logits, 0.0, 1.0, 1.0 - 1e-16),
+            valid.last().copied()
+        );
+        assert_eq!(draw_full(&[f32::NAN; 300], 0.0, 1.0, 0.5), None);
+    }
+
+    #[test]
+    fn sampling_a_large_vocabulary_follows_the_distribution() {
+        // Half the mass on one token in the last, partial block; the rest spread evenly.
+        let mut logits = vec![0.0f32; 1000];
+        logits[990] = (999.0f32).ln();
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 2)).unwrap();
+        let hits = (0..20000)
+            .filter(|_| s.sample(&logits).unwrap() == 990)
+            .count();
+        assert!((hits as f64 / 20000.0 - 0.5).abs() < 0.02, "{hits}");
     }
 
     #[test]
