@@ -385,3 +385,69 @@ fn malformed_requests_get_the_right_4xx() {
         let _ = &s.log;
     });
 }
+
+/// The `grok-worker` processes whose parent is `parent` (from /proc).
+fn workers_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+        let Some((comm, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let ppid = rest.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) && comm.ends_with("(grok-worker") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether `pid` has exited (gone, or a zombie nobody reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+fn wait_until(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {secs} s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn workers_never_outlive_the_server() {
+    for signal in ["-TERM", "-KILL"] {
+        let mut s = start_server(&[]);
+        let pid = s.child.id();
+        let workers = workers_of(pid);
+        assert_eq!(workers.len(), 2, "{signal}: {workers:?}");
+        let killed = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let mut status = None;
+        wait_until("the server exits", 15, || {
+            status = s.child.try_wait().unwrap();
+            status.is_some()
+        });
+        if signal == "-TERM" {
+            // SIGTERM is a clean stop, like Ctrl-C.
+            assert!(status.unwrap().success(), "{}", s.log.lock().unwrap());
+        }
+        // SIGKILL leaves no chance to clean up: the workers see their stdin close.
+        wait_until("every worker exits", 10, || {
+            workers.iter().all(|&w| exited(w))
+        });
+    }
+}

@@ -169,8 +169,10 @@ async fn spawn_worker(
 ) -> Result<(Child, String), ClusterError> {
     let err = rank_err(rank);
     let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--exit-with-stdin"])
         .env("GROK_CLUSTER_TOKEN", token)
+        // Held open by `child` until it is dropped or this process dies: then the worker exits.
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)

@@ -20,6 +20,10 @@ struct Args {
     /// Compute device. Only `cpu` exists in this build (CUDA comes with the GPU backend).
     #[arg(long, env = "GROK_WORKER_DEVICE", default_value = "cpu")]
     device: String,
+    /// Exit when stdin reaches its end. A coordinator that spawns workers sets this and holds
+    /// their stdin open: when it dies, however it dies, its workers go too.
+    #[arg(long, env = "GROK_WORKER_EXIT_WITH_STDIN")]
+    exit_with_stdin: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +59,14 @@ fn run(args: Args) -> Result<()> {
             "--device {}: this build has only the cpu backend (use --device cpu)",
             args.device
         );
+    }
+    if args.exit_with_stdin {
+        std::thread::spawn(|| {
+            // Nothing is ever written: this returns when the other end closes.
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            eprintln!("grok-worker: the coordinator that started this worker is gone; exiting");
+            std::process::exit(0);
+        });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

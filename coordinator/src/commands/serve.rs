@@ -102,7 +102,7 @@ pub fn served_name(given: Option<&str>, model: &ModelArgs) -> Result<String> {
     Ok(name)
 }
 
-/// Starts the cluster, then serves the OpenAI-compatible API until Ctrl-C: requests are
+/// Starts the cluster, then serves the OpenAI-compatible API until Ctrl-C or SIGTERM: requests are
 /// batched continuously over the cluster; a failed rank is restarted and in-flight
 /// sequences are recomputed.
 pub fn run(args: Args) -> Result<()> {
@@ -117,8 +117,24 @@ pub fn run(args: Args) -> Result<()> {
         let addr = format!("{}:{}", args.host, args.port);
         let server =
             Server::start(&addr, &args.cluster, &dir, tokenizer, sched_cfg, api_cfg).await?;
-        server.serve_until_ctrl_c().await
+        server.serve_until_signal().await
     })
+}
+
+/// Ctrl-C, or SIGTERM (what service managers and container runtimes send).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// The cluster, its scheduler and the HTTP API, running in this process.
@@ -190,10 +206,10 @@ impl Server {
         Self::served(self.served.await)
     }
 
-    /// Serves until Ctrl-C (then stops) or until the HTTP server fails.
-    pub async fn serve_until_ctrl_c(mut self) -> Result<()> {
+    /// Serves until Ctrl-C or SIGTERM (then stops) or until the HTTP server fails.
+    pub async fn serve_until_signal(mut self) -> Result<()> {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
+            _ = stop_signal() => {
                 eprintln!("shutting down");
                 self.stop().await
             }
