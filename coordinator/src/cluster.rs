@@ -138,6 +138,74 @@ struct Rank {
     weight_bytes: u64,
     /// Bytes of its KV pool, as it reported.
     kv_bytes: u64,
+    /// Its open step stream; opened by the first step, dropped after any failed step (so
+    /// that a late reply can never be read as the answer to a later step).
+    steps: Option<StepStream>,
+}
+
+/// One rank's step stream: requests in, replies back in the same order.
+struct StepStream {
+    tx: tokio::sync::mpsc::Sender<pb::StepRequest>,
+    replies: tonic::Streaming<pb::StepReply>,
+}
+
+/// A failed step on one rank: whether its process looks gone (the likeliest culprit when
+/// several ranks fail together), and what happened.
+type StepFailure = (bool, String);
+
+fn step_status(s: tonic::Status) -> StepFailure {
+    // Transport errors mean the process is gone.
+    (
+        s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown,
+        s.message().to_string(),
+    )
+}
+
+impl Rank {
+    /// Runs one step on this rank within `deadline`, over its step stream.
+    async fn step(
+        &mut self,
+        req: pb::StepRequest,
+        deadline: Duration,
+    ) -> Result<pb::StepReply, StepFailure> {
+        let out = match tokio::time::timeout(deadline, self.step_on_stream(req)).await {
+            Err(_) => Err((true, format!("no answer to the step within {deadline:?}"))),
+            Ok(r) => r,
+        };
+        if out.is_err() {
+            self.steps = None;
+        }
+        out
+    }
+
+    async fn step_on_stream(&mut self, req: pb::StepRequest) -> Result<pb::StepReply, StepFailure> {
+        let id = req.step_id;
+        let s = match &mut self.steps {
+            Some(s) => s,
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(2);
+                let replies = self
+                    .client
+                    .steps(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .map_err(step_status)?
+                    .into_inner();
+                self.steps.insert(StepStream { tx, replies })
+            }
+        };
+        s.tx.send(req)
+            .await
+            .map_err(|_| (true, "its step stream closed".to_string()))?;
+        match s.replies.message().await {
+            Ok(Some(reply)) if reply.step_id == id => Ok(reply),
+            Ok(Some(reply)) => Err((
+                false,
+                format!("it answered step {} to step {id}", reply.step_id),
+            )),
+            Ok(None) => Err((true, "its step stream ended".to_string())),
+            Err(status) => Err(step_status(status)),
+        }
+    }
 }
 
 pub struct Cluster {
@@ -302,6 +370,7 @@ impl Cluster {
             peer_addr: info.peer_addr,
             weight_bytes: 0,
             kv_bytes: 0,
+            steps: None,
         })
     }
 
@@ -593,39 +662,28 @@ impl Cluster {
             })
             .collect();
         self.next_step += 1;
-        let mut tasks = Vec::new();
-        for (r, rank) in self.ranks.iter().enumerate() {
-            let group = self.plan.dp_index(r);
+        let (plan, step_id, deadline) = (self.plan, self.next_step, self.opts.step_timeout);
+        let steps = self.ranks.iter_mut().enumerate().map(|(r, rank)| {
+            let group = plan.dp_index(r);
             let req = pb::StepRequest {
-                step_id: self.next_step,
+                step_id,
                 seqs: inputs
                     .iter()
                     .filter(|(g, _)| *g == group)
                     .map(|(_, s)| s.clone())
                     .collect(),
             };
-            let mut client = rank.client.clone();
-            let deadline = self.opts.step_timeout;
-            tasks.push(tokio::spawn(async move {
-                match tokio::time::timeout(deadline, client.step(req)).await {
-                    Err(_) => Err((true, format!("no answer to the step within {deadline:?}"))),
-                    // Transport errors mean the process is gone: the likeliest culprit.
-                    Ok(Err(s)) => Err((
-                        s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown,
-                        s.message().to_string(),
-                    )),
-                    Ok(Ok(reply)) => Ok(reply.into_inner()),
-                }
-            }));
-        }
+            rank.step(req, deadline)
+        });
+        let replies = futures_util::future::join_all(steps).await;
         let mut out = StepOutput {
             comm_seconds: vec![0.0; self.ranks.len()],
             ..StepOutput::default()
         };
         let mut errors = Vec::new();
-        for (r, t) in tasks.into_iter().enumerate() {
-            match t.await {
-                Ok(Ok(reply)) => {
+        for (r, reply) in replies.into_iter().enumerate() {
+            match reply {
+                Ok(reply) => {
                     for l in reply.logits {
                         if l.logits_f32.len() % 4 != 0 {
                             errors.push((
@@ -674,8 +732,7 @@ impl Cluster {
                     }
                     out.comm_seconds[r] = reply.comm_seconds;
                 }
-                Ok(Err((gone, msg))) => errors.push((gone, r, msg)),
-                Err(e) => errors.push((false, r, format!("step task: {e}"))),
+                Err((gone, msg)) => errors.push((gone, r, msg)),
             }
         }
         if !errors.is_empty() {

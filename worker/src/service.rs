@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 pub struct WorkerService {
     pub engine: mpsc::Sender<Command>,
@@ -28,19 +28,27 @@ fn to_status(e: EngineError) -> Status {
     }
 }
 
+/// Sends a command to the engine thread and waits for its answer.
+async fn call_engine<T>(
+    engine: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
+) -> Result<T, Status> {
+    let (tx, rx) = oneshot::channel();
+    engine
+        .send(make(tx))
+        .await
+        .map_err(|_| to_status(EngineError::Gone))?;
+    rx.await
+        .map_err(|_| to_status(EngineError::Gone))?
+        .map_err(to_status)
+}
+
 impl WorkerService {
     async fn call<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, EngineError>>) -> Command,
     ) -> Result<T, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.engine
-            .send(make(tx))
-            .await
-            .map_err(|_| to_status(EngineError::Gone))?;
-        rx.await
-            .map_err(|_| to_status(EngineError::Gone))?
-            .map_err(to_status)
+        call_engine(&self.engine, make).await
     }
 }
 
@@ -118,11 +126,27 @@ impl Worker for WorkerService {
         Ok(Response::new(pb::LeavePeersReply {}))
     }
 
-    async fn step(&self, req: Request<pb::StepRequest>) -> Result<Response<pb::StepReply>, Status> {
-        let req = req.into_inner();
-        Ok(Response::new(
-            self.call(|reply| Command::Step { req, reply }).await?,
-        ))
+    type StepsStream = ReceiverStream<Result<pb::StepReply, Status>>;
+
+    async fn steps(
+        &self,
+        req: Request<Streaming<pb::StepRequest>>,
+    ) -> Result<Response<Self::StepsStream>, Status> {
+        let mut incoming = req.into_inner();
+        let engine = self.engine.clone();
+        // One step at a time, in order: the reply to a step goes out before the next is read.
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = incoming.message().await {
+                let reply = call_engine(&engine, |reply| Command::Step { req, reply }).await;
+                let failed = reply.is_err();
+                // A failed step ends the stream with its status; the coordinator opens another.
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn health(
