@@ -3,11 +3,12 @@
 //! bandwidth against a memory-copy bandwidth measured in the same run, and the int8 prefill
 //! matmul against the `gemm` crate's own f32 throughput on the same shapes.
 //!
-//! `cargo bench -p grok-shared --bench cpu_backend` (set `GROK_BENCH_QUICK=1` for a short run).
+//! `cargo bench -p grok-shared --bench cpu_backend` (set `GROK_BENCH_QUICK=1` for a short run;
+//! `GROK_BENCH_ONLY=head` runs only the f32 head at decode batch sizes).
 
 use grok_shared::checkpoint::{init, open_model};
 use grok_shared::config::{ffn_width, ModelConfig};
-use grok_shared::cpu::matmul::{matmul_f32, qmatmul};
+use grok_shared::cpu::matmul::{matmul_bt, matmul_f32, qmatmul};
 use grok_shared::cpu::CpuModel;
 use grok_shared::model::{LogitsMode, ModelWeights, SeqKv};
 use rayon::prelude::*;
@@ -226,9 +227,7 @@ fn bench_decode_matmul(k: usize, n: usize, groups: usize, mem: Memory) {
         share(bw, mem)
     );
     let head = vec![0.25f32; n * k];
-    let t = best_of(20, || {
-        grok_shared::cpu::matmul::matmul_bt(&x, 1, k, &head, n, &mut out)
-    });
+    let t = best_of(20, || matmul_bt(&x, 1, k, &head, n, &mut out));
     let bw = (n * k * 4) as f64 / t;
     println!(
         "  f32 head [1 x {k}] x [{n} x {k}]^T: {:.0} us, {:.2} GB/s = {}",
@@ -238,8 +237,50 @@ fn bench_decode_matmul(k: usize, n: usize, groups: usize, mem: Memory) {
     );
 }
 
+/// The tied f32 head (`matmul_bt`, tiny preset shape) at decode batch sizes: the time per
+/// batch against batch 1, i.e. how much a batched decode step pays for its head. The sizes
+/// take turns within each repetition, so a change in load (other processes, memory traffic)
+/// affects them all alike.
+fn bench_head_batches(k: usize, n: usize) {
+    const BATCHES: [usize; 4] = [1, 4, 8, 16];
+    let head: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let xs: Vec<Vec<f32>> = BATCHES
+        .iter()
+        .map(|&m| {
+            (0..m * k)
+                .map(|i| ((i * 31) % 97) as f32 / 50.0 - 1.0)
+                .collect()
+        })
+        .collect();
+    let mut out = vec![0f32; BATCHES[BATCHES.len() - 1] * n];
+    let reps = if quick() { 5 } else { 20 };
+    let mut best = [f64::INFINITY; BATCHES.len()];
+    for _ in 0..reps {
+        for (i, (&m, x)) in BATCHES.iter().zip(&xs).enumerate() {
+            let o = &mut out[..m * n];
+            best[i] = best[i].min(best_of(1, || matmul_bt(x, m, k, &head, n, o)));
+        }
+    }
+    println!("f32 head [m x {k}] x [{n} x {k}]^T (best of {reps}):");
+    for (i, &m) in BATCHES.iter().enumerate() {
+        println!(
+            "  m = {m:2}: {:6.2} ms = {:.2}x batch 1 ({:.2} ms per row)",
+            best[i] * 1e3,
+            best[i] / best[0],
+            best[i] * 1e3 / m as f64,
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
+    let tiny = ModelConfig::tiny();
+    if std::env::var("GROK_BENCH_ONLY").as_deref() == Ok("head") {
+        bench_head_batches(tiny.hidden_size, tiny.vocab_size);
+        return;
+    }
     let threads = rayon::current_num_threads();
     let mem = memory_bandwidth();
     println!(
@@ -252,7 +293,8 @@ fn main() {
     bench_decode_matmul(2048, 10928, 1, mem);
     bench_decode_matmul(10928, 2048, 8, mem);
 
-    bench_model("tiny preset", &ModelConfig::tiny(), mem, 128);
+    bench_model("tiny preset", &tiny, mem, 128);
+    bench_head_batches(tiny.hidden_size, tiny.vocab_size);
 
     let d = 2048;
     let large = ModelConfig {
