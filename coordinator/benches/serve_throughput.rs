@@ -3,7 +3,9 @@
 //! stream measured in the same run. Batching pays off when 8 streams give well over 1×.
 //!
 //! `cargo build --release -p grok-worker && cargo bench -p grok-coordinator --bench serve_throughput`
-//! Env: `BENCH_WORKERS` (default 1), `BENCH_MAX_TOKENS` (default 48).
+//! Env: `BENCH_WORKERS` (default 1), `BENCH_MAX_TOKENS` (default 48), `BENCH_TEMPERATURE`
+//! (default 0.7; 0 is greedy), `BENCH_REPEAT` (default 3: each row is the median of that many
+//! runs, its spread printed beside it, since one run of a few seconds is noisy on a shared VM).
 
 use grok_coordinator::api::{self, ApiConfig, AppState};
 use grok_coordinator::cluster::{Cluster, ClusterOptions};
@@ -138,19 +140,30 @@ fn main() {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
         println!(
-            "{:>8} {:>10} {:>12} {:>8} {:>14}",
-            "streams", "tokens", "tokens/s", "ratio", "ms/step (srv)"
+            "{:>8} {:>10} {:>12} {:>8} {:>14} {:>20}",
+            "streams", "tokens", "tokens/s", "ratio", "ms/step (srv)", "runs (tokens/s)"
         );
+        let repeat = env_usize("BENCH_REPEAT", 3).max(1);
         let mut base = None;
-        for (clients, per) in [(1, 3), (8, 2), (32, 1)] {
+        for (clients, per) in [(1, 4), (8, 4), (32, 2)] {
             let before = step_totals(&metrics);
-            let (tps, n) = run(&url, clients, per, max_tokens).await;
+            let mut runs = Vec::new();
+            let mut tokens = 0;
+            for _ in 0..repeat {
+                let (tps, n) = run(&url, clients, per, max_tokens).await;
+                runs.push(tps);
+                tokens += n;
+            }
             let after = step_totals(&metrics);
             let step_ms = (after.0 - before.0) / (after.1 - before.1).max(1.0) * 1e3;
-            let b = *base.get_or_insert(tps);
+            runs.sort_by(f64::total_cmp);
+            let median = runs[runs.len() / 2];
+            let b = *base.get_or_insert(median);
+            let spread: Vec<String> = runs.iter().map(|r| format!("{r:.0}")).collect();
             println!(
-                "{clients:>8} {n:>10} {tps:>12.1} {:>7.2}x {step_ms:>14.1}",
-                tps / b
+                "{clients:>8} {tokens:>10} {median:>12.1} {:>7.2}x {step_ms:>14.1} {:>20}",
+                median / b,
+                spread.join(" ")
             );
         }
     });
