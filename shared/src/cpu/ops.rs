@@ -49,9 +49,19 @@ pub fn rope(x: &mut [f32], head_dim: usize, position: usize, inv_freq: &[f32]) {
 
 /// JAX's default GELU (tanh approximation).
 #[inline]
+///
+/// Computed as `x · σ(2u)` (`1 + tanh(u) = 2σ(2u)`) with the branch-free
+/// [`exp_nonpositive`](crate::sampling::exp_nonpositive): libm's `tanhf` per element kept the
+/// expert FFN's loop scalar and cost more than its matmuls at decode batch sizes. The
+/// sigmoid form has no cancellation near 0; it is within a few ulp of the tanh form.
+#[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     const C: f32 = 0.797_884_6; // sqrt(2/pi)
-    0.5 * x * (1.0 + (C * (x + 0.044_715 * x * x * x)).tanh())
+    let u = C * (x + 0.044_715 * x * x * x);
+    // e = e^(-2|u|) <= 1; σ(2u) = 1 / (1 + e) for u >= 0, e / (1 + e) below.
+    let e = crate::sampling::exp_nonpositive(-2.0 * u.abs());
+    let num = if u >= 0.0 { 1.0 } else { e };
+    x * num / (1.0 + e)
 }
 
 /// In-place softmax of one row.
@@ -96,6 +106,24 @@ mod tests {
     #[test]
     fn top_k_breaks_ties_low_index_first() {
         assert_eq!(top_k(&[0.1, 0.4, 0.4, 0.1], 2), vec![(1, 0.4), (2, 0.4)]);
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_form_everywhere() {
+        let mut worst = 0f32;
+        for i in -40_000..=40_000 {
+            let x = i as f32 * 2.5e-4; // -10..10
+                                       // In f64: the f32 tanh form itself loses digits where tanh nears -1.
+            let x64 = f64::from(x);
+            let u = 0.797_884_560_802_865_4 * (x64 + 0.044_715 * x64 * x64 * x64);
+            let want = 0.5 * x64 * (1.0 + u.tanh());
+            let err = ((f64::from(gelu_tanh(x)) - want).abs() / want.abs().max(1e-3)) as f32;
+            worst = worst.max(err);
+        }
+        assert!(worst < 2e-6, "worst relative error {worst}");
+        assert_eq!(gelu_tanh(0.0), 0.0);
+        assert!(gelu_tanh(-100.0).abs() < 1e-30 && gelu_tanh(100.0) == 100.0);
+        assert!(gelu_tanh(f32::NAN).is_nan());
     }
 
     #[test]
