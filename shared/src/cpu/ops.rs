@@ -48,7 +48,6 @@ pub fn rope(x: &mut [f32], head_dim: usize, position: usize, inv_freq: &[f32]) {
 }
 
 /// JAX's default GELU (tanh approximation).
-#[inline]
 ///
 /// Computed as `x · σ(2u)` (`1 + tanh(u) = 2σ(2u)`) with the branch-free
 /// [`exp_nonpositive`](crate::sampling::exp_nonpositive): libm's `tanhf` per element kept the
