@@ -141,7 +141,9 @@ impl Engine {
                 let _ = reply.send(Ok(()));
             }
             Command::Step { req, reply } => {
-                let r = self.step(req);
+                // On a rayon worker thread: between the step's parallel loops the pool then
+                // has one idle spinner, not two spinning beside this thread for the cores.
+                let r = rayon::scope(|_| self.step(req));
                 let _ = reply.send(r);
             }
         }

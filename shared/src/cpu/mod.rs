@@ -257,6 +257,11 @@ impl CpuShard {
             }
             let mut normed = vec![0f32; sel.len()];
             ops::rmsnorm(&sel, &self.weights.final_norm, c.rms_norm_eps, &mut normed);
+            // The output scale goes on the d inputs of each row rather than its vocab-many
+            // logits: one pass less over the largest buffer of a decode step.
+            for v in normed.iter_mut() {
+                *v *= c.output_multiplier_scale;
+            }
             matmul_bt(
                 &normed,
                 rows.len(),
@@ -265,9 +270,6 @@ impl CpuShard {
                 vocab,
                 &mut logits,
             );
-            for v in logits.iter_mut() {
-                *v *= c.output_multiplier_scale;
-            }
             #[cfg(test)]
             HEAD_ROWS.with(|n| n.set(n.get() + rows.len()));
         }
