@@ -144,6 +144,8 @@ fn options(workers: usize, tp: usize, ep: usize, token: &str) -> ClusterOptions 
         worker_addrs: Vec::new(),
         token: token.to_string(),
         worker_bin: Path::new(env!("CARGO_BIN_EXE_grok")).with_file_name("grok-worker"),
+        worker_device: "cpu".into(),
+        collectives: "grpc".into(),
         step_timeout: Duration::from_secs(10),
         comm_timeout: Duration::from_secs(5),
         kv_blocks: 64,

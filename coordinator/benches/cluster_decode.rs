@@ -57,6 +57,8 @@ async fn on_cluster(dir: &Path, workers: usize, tp: usize, ep: usize) -> (f64, V
         worker_addrs: Vec::new(),
         token: "bench".into(),
         worker_bin: bin,
+        worker_device: std::env::var("GROK_WORKER_DEVICE").unwrap_or_else(|_| "cpu".into()),
+        collectives: "grpc".into(),
         step_timeout: Duration::from_secs(30),
         comm_timeout: Duration::from_secs(10),
         // One sequence of the prompt and its decoded tokens: blocks 0.. of one small pool.

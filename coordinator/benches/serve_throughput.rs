@@ -108,6 +108,8 @@ fn main() {
             worker_addrs: Vec::new(),
             token: "bench".into(),
             worker_bin: bin,
+            worker_device: std::env::var("GROK_WORKER_DEVICE").unwrap_or_else(|_| "cpu".into()),
+            collectives: "grpc".into(),
             step_timeout: Duration::from_secs(60),
             comm_timeout: Duration::from_secs(30),
             kv_blocks: 4096,

@@ -118,6 +118,10 @@ pub struct ClusterOptions {
     pub worker_addrs: Vec<String>,
     pub token: String,
     pub worker_bin: PathBuf,
+    /// `--device` of spawned workers (cpu, cuda:N, auto).
+    pub worker_device: String,
+    /// Collectives between the ranks: "grpc" or "nccl" (GPU workers).
+    pub collectives: String,
     /// Deadline of one step on every rank.
     pub step_timeout: Duration,
     /// Deadline of each collective wait between workers.
@@ -233,11 +237,12 @@ fn rank_err(rank: usize) -> impl Fn(String) -> ClusterError {
 async fn spawn_worker(
     bin: &Path,
     token: &str,
+    device: &str,
     rank: usize,
 ) -> Result<(Child, String), ClusterError> {
     let err = rank_err(rank);
     let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0", "--exit-with-stdin"])
+        .args(["--listen", "127.0.0.1:0", "--exit-with-stdin", "--device", device])
         .env("GROK_CLUSTER_TOKEN", token)
         // Held open by `child` until it is dropped or this process dies: then the worker exits.
         .stdin(std::process::Stdio::piped())
@@ -350,7 +355,7 @@ impl Cluster {
         let (child, addr) = match remote {
             Some(a) => (None, a),
             None => {
-                let (c, a) = spawn_worker(&opts.worker_bin, &opts.token, rank).await?;
+                let (c, a) = spawn_worker(&opts.worker_bin, &opts.token, &opts.worker_device, rank).await?;
                 (Some(c), a)
             }
         };
@@ -489,6 +494,7 @@ impl Cluster {
         let req = pb::JoinPeersRequest {
             peer_addrs: self.ranks.iter().map(|r| r.peer_addr.clone()).collect(),
             timeout_ms: self.opts.comm_timeout.as_millis().min(u32::MAX as u128) as u32,
+            collectives: self.opts.collectives.clone(),
         };
         self.on_every_rank("JoinPeers", Duration::from_secs(30), |mut c| {
             let req = req.clone();

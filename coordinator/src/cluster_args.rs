@@ -35,12 +35,25 @@ pub struct ClusterArgs {
     /// written). Must hold at least one full context.
     #[arg(long, env = "GROK_KV_CACHE_MB", default_value_t = 512)]
     pub kv_cache_mb: usize,
+    /// Compute device of spawned workers: cpu, cuda (GPU 0), cuda:N, or auto (a GPU when one
+    /// exists). Several workers may share one GPU.
+    #[arg(long, env = "GROK_WORKER_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub worker_device: String,
+    /// Collectives between workers: grpc (any device), or nccl (GPU workers; one GPU per
+    /// rank, as NCCL refuses two ranks on one GPU).
+    #[arg(long, env = "GROK_COLLECTIVES", default_value = "grpc", value_parser = ["grpc", "nccl"])]
+    pub collectives: String,
     /// Positions per KV cache block (page).
     #[arg(long, env = "GROK_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
 }
 
 const MIB: usize = 1 << 20;
+
+/// Checks a `--worker-device` here, so a typo fails before any worker starts.
+fn parse_device(s: &str) -> Result<String, String> {
+    grok_shared::cuda::Device::parse(s).map(|_| s.to_string())
+}
 
 /// 128 random bits as hex, from the standard library's randomly seeded hasher.
 fn random_token() -> String {
@@ -120,6 +133,8 @@ impl ClusterArgs {
             worker_addrs: self.worker_addrs.clone(),
             token,
             worker_bin: self.worker_bin.clone().unwrap_or_else(default_worker_bin),
+            worker_device: self.worker_device.clone(),
+            collectives: self.collectives.clone(),
             // Within the 10 s promise: a stalled rank is named by then, its peers time out at 5 s.
             step_timeout: Duration::from_secs(8),
             comm_timeout: Duration::from_secs(5),

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod generate;
 pub mod logprobs;
 pub mod model;

@@ -8,8 +8,13 @@
 use grok_proto::worker::v1 as pb;
 use grok_shared::checkpoint::open_model;
 use grok_shared::comm::grpc::GrpcComm;
-use grok_shared::cpu::CpuShard;
-use grok_shared::model::{LogitsMode, ModelError, ModelWeights, PagedKv, SeqStep, Slices};
+use grok_shared::comm::nccl::NcclComm;
+use grok_shared::comm::Communicator;
+use grok_shared::cpu::{CpuRank, CpuShard};
+use grok_shared::cuda::{CudaShard, Device};
+use grok_shared::model::{
+    LogitsMode, ModelError, ModelWeights, PagedKv, RankBackend, SeqStep, Slices,
+};
 use grok_shared::parallel::Plan;
 use grok_shared::sampling::{sample_last_rows, SampleSpec, SamplingParams};
 use std::net::SocketAddr;
@@ -78,10 +83,12 @@ struct Engine {
     peer_addr: SocketAddr,
     peer_listener: Option<std::net::TcpListener>,
     status: Arc<Mutex<Status>>,
-    shard: Option<CpuShard>,
+    device: Device,
+    /// The rank's slice of the model and its KV pool, on `device`.
+    backend: Option<Box<dyn RankBackend>>,
     comm: Option<GrpcComm>,
-    /// The rank's KV pool, made with the shard (so it always fits it).
-    kv: Option<PagedKv>,
+    /// NCCL between the ranks' GPUs, when JoinPeers asked for it (bootstrapped over `comm`).
+    nccl: Option<NcclComm>,
 }
 
 /// Starts the engine thread; commands go in through the returned sender.
@@ -90,6 +97,7 @@ pub fn spawn(
     token: String,
     peer_listener: std::net::TcpListener,
     status: Arc<Mutex<Status>>,
+    device: Device,
 ) -> std::io::Result<(mpsc::Sender<Command>, SocketAddr)> {
     let peer_addr = peer_listener.local_addr()?;
     let (tx, mut rx) = mpsc::channel::<Command>(16);
@@ -100,9 +108,10 @@ pub fn spawn(
         peer_addr,
         peer_listener: Some(peer_listener),
         status,
-        shard: None,
+        device,
+        backend: None,
         comm: None,
-        kv: None,
+        nccl: None,
     };
     std::thread::Builder::new()
         .name("grok-engine".into())
@@ -173,8 +182,7 @@ impl Engine {
         }
         set_state(&self.status, "loading", req.rank);
         // Drop the old slice and pool before loading the new ones, not after.
-        self.shard = None;
-        self.kv = None;
+        self.backend = None;
         let dir = open_model(std::path::Path::new(&path)).map_err(|e| fail(e.to_string()))?;
         let plan = Plan::new(&dir.config, p.world as usize, p.tp as usize, p.ep as usize)
             .map_err(|e| EngineError::BadRequest(e.to_string()))?;
@@ -213,9 +221,18 @@ impl Engine {
         )
         .map_err(|e| fail(e.to_string()))?;
         let bytes = weights.stored_bytes() as u64;
-        let shard = CpuShard::new(weights, plan, rank).map_err(|e| fail(e.to_string()))?;
-        self.kv = Some(shard.new_kv(blocks, bs));
-        self.shard = Some(shard);
+        let backend: Box<dyn RankBackend> = match self.device {
+            Device::Cpu => {
+                let shard = CpuShard::new(weights, plan, rank).map_err(|e| fail(e.to_string()))?;
+                Box::new(CpuRank::new(shard, blocks, bs))
+            }
+            Device::Cuda(ordinal) => Box::new(
+                CudaShard::new(weights, plan, rank, ordinal, blocks, bs)
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+        };
+        tracing::info!(rank, device = %backend.device(), "slice resident");
+        self.backend = Some(backend);
         set_state(&self.status, "loaded", req.rank);
         tracing::info!(rank, bytes, kv_bytes, blocks, bs, "loaded");
         Ok(Loaded {
@@ -225,7 +242,7 @@ impl Engine {
     }
 
     fn connect(&mut self, req: pb::JoinPeersRequest) -> Result<(), EngineError> {
-        let shard = self.shard.as_ref().ok_or(EngineError::NotLoaded)?;
+        let shard = self.backend.as_ref().ok_or(EngineError::NotLoaded)?;
         let (rank, world) = (shard.rank(), shard.plan().world);
         let peers: Vec<SocketAddr> = req
             .peer_addrs
@@ -244,6 +261,22 @@ impl Engine {
         if req.timeout_ms == 0 {
             return Err(EngineError::BadRequest("timeout_ms must be > 0".into()));
         }
+        let nccl_on = match (req.collectives.as_str(), self.device) {
+            ("" | "grpc", _) => None,
+            ("nccl", Device::Cuda(n)) => Some(n),
+            ("nccl", Device::Cpu) => {
+                return Err(EngineError::BadRequest(
+                    "NCCL collectives need GPU workers: start them with --device cuda:N, or \
+                     use the gRPC collectives"
+                        .into(),
+                ))
+            }
+            (other, _) => {
+                return Err(EngineError::BadRequest(format!(
+                    "unknown collectives '{other}': use grpc or nccl"
+                )))
+            }
+        };
         // A reconnect (after a peer restarted) replaces the old mesh on the same address.
         self.leave();
         let listener = match self.peer_listener.take() {
@@ -254,6 +287,11 @@ impl Engine {
         let timeout = Duration::from_millis(u64::from(req.timeout_ms));
         let comm = GrpcComm::start(rank, peers, listener, &self.token, timeout, &self.runtime)
             .map_err(|e| EngineError::Connect(e.to_string()))?;
+        if let Some(ordinal) = nccl_on {
+            let nccl = NcclComm::start(&comm, ordinal, timeout)
+                .map_err(|e| EngineError::Connect(format!("NCCL: {e}")))?;
+            self.nccl = Some(nccl);
+        }
         self.comm = Some(comm);
         set_state(&self.status, "ready", rank as u32);
         Ok(())
@@ -262,19 +300,23 @@ impl Engine {
     /// Drops the mesh. The KV pool stays allocated; what it holds is the coordinator's to
     /// trust or recompute (after a peer restarted, it recomputes).
     fn leave(&mut self) {
+        self.nccl = None;
         if let Some(old) = self.comm.take() {
             old.shutdown();
         }
-        if self.shard.is_some() {
-            let rank = self.shard.as_ref().map_or(0, |s| s.rank() as u32);
+        if self.backend.is_some() {
+            let rank = self.backend.as_ref().map_or(0, |s| s.rank() as u32);
             set_state(&self.status, "loaded", rank);
         }
     }
 
     fn step(&mut self, req: pb::StepRequest) -> Result<pb::StepReply, EngineError> {
-        let shard = self.shard.as_ref().ok_or(EngineError::NotLoaded)?;
-        let kv = self.kv.as_mut().ok_or(EngineError::NotLoaded)?;
-        let comm = self.comm.as_ref().ok_or(EngineError::NotConnected)?;
+        let shard = self.backend.as_mut().ok_or(EngineError::NotLoaded)?;
+        let grpc = self.comm.as_ref().ok_or(EngineError::NotConnected)?;
+        let comm: &dyn Communicator = match &self.nccl {
+            Some(n) => n,
+            None => grpc,
+        };
         let rank = shard.rank();
         let mut seen = std::collections::HashSet::new();
         let mut batch = Vec::with_capacity(req.seqs.len());
@@ -295,8 +337,8 @@ impl Engine {
                 logits,
             });
         }
-        let vocab = shard.weights().config.vocab_size;
-        match shard.forward(comm, kv, &batch) {
+        let vocab = shard.config().vocab_size;
+        match shard.step(comm, &batch) {
             Ok(out) => {
                 // Sampling happens where the logits are: a decode step then returns a token,
                 // not a vocabulary of logits.
@@ -333,12 +375,15 @@ impl Engine {
                     comm_seconds: out.comm_time.as_secs_f64(),
                 })
             }
-            // A peer failed part-way: the pool may hold half-written blocks of this step's
-            // positions; the coordinator recomputes them, so nothing is cleaned up here.
-            Err(e @ (ModelError::Comm(_) | ModelError::Peer { .. })) => Err(EngineError::Step {
-                rank,
-                msg: e.to_string(),
-            }),
+            // A peer (or this rank's GPU) failed part-way: the pool may hold half-written
+            // blocks of this step's positions; the coordinator recomputes them, so nothing is
+            // cleaned up here.
+            Err(e @ (ModelError::Comm(_) | ModelError::Peer { .. } | ModelError::Device(_))) => {
+                Err(EngineError::Step {
+                    rank,
+                    msg: e.to_string(),
+                })
+            }
             // Refused before anything ran (bad block ids, tokens, ...): the request's fault.
             Err(e) => Err(EngineError::BadRequest(e.to_string())),
         }

@@ -18,7 +18,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     peer_listener: std::net::TcpListener,
     token: String,
-    device: String,
+    device: grok_shared::cuda::Device,
 ) -> anyhow::Result<()> {
     let status = Arc::new(Mutex::new(engine::Status::default()));
     let (engine_tx, peer_addr) = engine::spawn(
@@ -26,12 +26,13 @@ pub async fn serve(
         token.clone(),
         peer_listener,
         status.clone(),
+        device,
     )?;
     let shutdown = Arc::new(Notify::new());
     let svc = service::WorkerService {
         engine: engine_tx,
         peer_addr,
-        device,
+        device: device.to_string(),
         status,
         shutdown: shutdown.clone(),
     };

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use grok_shared::cuda::{cuda_available, gpu_count as cudarc_device_count, Device};
 use std::io::Write;
 use std::net::SocketAddr;
 
@@ -17,9 +18,10 @@ struct Args {
     /// Shared secret: callers without it are refused.
     #[arg(long, env = "GROK_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: String,
-    /// Compute device. Only `cpu` exists in this build (CUDA comes with the GPU backend).
-    #[arg(long, env = "GROK_WORKER_DEVICE", default_value = "cpu")]
-    device: String,
+    /// Compute device: cpu, cuda (GPU 0), cuda:N, or auto (a GPU when CUDA loads and one
+    /// exists, else cpu).
+    #[arg(long, env = "GROK_WORKER_DEVICE", default_value = "cpu", value_parser = Device::parse)]
+    device: Device,
     /// Exit when stdin reaches its end. A coordinator that spawns workers sets this and holds
     /// their stdin open: when it dies, however it dies, its workers go too.
     #[arg(long, env = "GROK_WORKER_EXIT_WITH_STDIN")]
@@ -54,11 +56,15 @@ fn run(args: Args) -> Result<()> {
     {
         bail!("--cluster-token must be printable ASCII");
     }
-    if args.device != "cpu" {
-        bail!(
-            "--device {}: this build has only the cpu backend (use --device cpu)",
-            args.device
-        );
+    if let Device::Cuda(n) = args.device {
+        // Checked before listening, so a coordinator sees the reason at once.
+        if !cuda_available() {
+            bail!("--device cuda:{n}: {}", grok_shared::cuda::CudaError::NoCuda);
+        }
+        let count = cudarc_device_count();
+        if n >= count {
+            bail!("--device cuda:{n}: this machine has {count} GPU(s) (use cuda:0..cuda:{})", count.saturating_sub(1));
+        }
     }
     if args.exit_with_stdin {
         std::thread::spawn(|| {

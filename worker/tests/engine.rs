@@ -27,7 +27,7 @@ impl Harness {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let status = Arc::new(Mutex::new(engine::Status::default()));
         let (tx, addr) =
-            engine::spawn(rt.handle().clone(), "tok".into(), listener, status).unwrap();
+            engine::spawn(rt.handle().clone(), "tok".into(), listener, status, grok_shared::cuda::Device::Cpu).unwrap();
         Harness {
             rt,
             tx,
@@ -110,9 +110,22 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
         h.step(vec![seq(1, &prompt, 0, &[0, 1], last)]),
         Err(EngineError::NotConnected)
     ));
+    // NCCL needs GPU workers; unknown collectives are named.
+    for (collectives, says) in [("nccl", "--device cuda"), ("mpi", "unknown collectives")] {
+        let req = pb::JoinPeersRequest {
+            peer_addrs: vec![h.peer_addr.clone()],
+            timeout_ms: 2000,
+            collectives: collectives.into(),
+        };
+        match h.call(|reply| Command::Connect { req, reply }) {
+            Err(EngineError::BadRequest(m)) => assert!(m.contains(says), "{m}"),
+            other => panic!("{collectives}: {other:?}"),
+        }
+    }
     let req = pb::JoinPeersRequest {
         peer_addrs: vec![h.peer_addr.clone()],
         timeout_ms: 2000,
+        collectives: String::new(),
     };
     h.call(|reply| Command::Connect { req, reply }).unwrap();
 

@@ -1,6 +1,6 @@
 //! Collectives between the ranks of a cluster behind one small trait. Implementations supply
 //! point-to-point `send`/`recv` (in-process channels here, gRPC streams between worker
-//! processes, NCCL later) and may override any collective with a native one; the defaults
+//! processes, NCCL between GPUs) and may override any collective with a native one; the defaults
 //! build every collective from point-to-point messages.
 //!
 //! Every rank of a group must call the same collectives in the same order (SPMD); messages
@@ -9,6 +9,7 @@
 
 pub mod grpc;
 pub mod local;
+pub mod nccl;
 
 use std::time::Duration;
 

@@ -13,7 +13,8 @@ use crate::comm::local::LocalComm;
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
 use crate::model::weights::{ExpertWeights, LayerWeights, Slices};
-use crate::model::{check_steps, Forward, ModelError, ModelWeights, PagedKv, SeqStep};
+use crate::model::{check_steps, Forward, ModelError, ModelWeights, PagedKv, RankBackend, SeqStep};
+pub use crate::model::ShardOutput;
 use crate::parallel::plan::{split_range, Plan};
 use matmul::{matmul_bt, qmatmul};
 use std::time::{Duration, Instant};
@@ -26,20 +27,6 @@ pub struct CpuShard {
     /// The config with this rank's head counts: what its attention and KV pool see.
     local: ModelConfig,
     inv_freq: Vec<f32>,
-}
-
-/// What one rank's step returns.
-#[derive(Debug, Clone, Default)]
-pub struct ShardOutput {
-    /// Each sequence's logits (as its [`LogitsMode`](crate::model::LogitsMode) asks), on the
-    /// first rank of each TP
-    /// group; `None` on the others.
-    pub logits: Option<Vec<Vec<f32>>>,
-    /// `[layers * num_local_experts]`: tokens this rank's router sent to each expert this step
-    /// (a token counts once for each expert it chose).
-    pub expert_tokens: Vec<u64>,
-    /// Time spent inside communicator calls (waiting on peers included).
-    pub comm_time: Duration,
 }
 
 #[cfg(test)]
@@ -435,6 +422,46 @@ impl CpuShard {
             }
         }
         Ok(y)
+    }
+}
+
+/// A CPU rank for a worker: its shard and its KV pool.
+pub struct CpuRank {
+    shard: CpuShard,
+    kv: PagedKv,
+}
+
+impl CpuRank {
+    /// `shard` with a pool of `num_blocks` blocks of `block_size` positions.
+    pub fn new(shard: CpuShard, num_blocks: usize, block_size: usize) -> Self {
+        let kv = shard.new_kv(num_blocks, block_size);
+        CpuRank { shard, kv }
+    }
+}
+
+impl RankBackend for CpuRank {
+    fn rank(&self) -> usize {
+        self.shard.rank
+    }
+
+    fn plan(&self) -> &Plan {
+        &self.shard.plan
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.shard.weights.config
+    }
+
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    fn step(
+        &mut self,
+        comm: &dyn Communicator,
+        batch: &[SeqStep<'_>],
+    ) -> Result<ShardOutput, ModelError> {
+        self.shard.forward(comm, &mut self.kv, batch)
     }
 }
 

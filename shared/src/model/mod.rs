@@ -8,6 +8,9 @@ pub use kv_cache::{blocks_for, BlockAllocator, PagedKv, SeqKv, DEFAULT_BLOCK_SIZ
 pub use weights::{ModelWeights, QMatrix, Slices};
 
 use crate::checkpoint::CheckpointError;
+use crate::comm::Communicator;
+use crate::parallel::Plan;
+use std::time::Duration;
 use crate::config::ModelConfig;
 use std::collections::{HashMap, HashSet};
 
@@ -64,6 +67,8 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Comm(#[from] crate::comm::CommError),
+    #[error(transparent)]
+    Device(#[from] crate::cuda::CudaError),
     /// A peer rank sent something inconsistent with the plan.
     #[error("rank {rank}: {msg}")]
     Peer { rank: usize, msg: String },
@@ -113,6 +118,36 @@ pub trait Forward {
     /// logits row-major `[rows, V]` as its [`LogitsMode`] asks (empty for `None`).
     fn forward(&self, kv: &mut PagedKv, batch: &[SeqStep<'_>])
         -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+/// One rank's slice of the model and its KV pool, on the device it computes on: what a worker
+/// holds and steps (the CPU and CUDA backends implement it).
+pub trait RankBackend: Send {
+    fn rank(&self) -> usize;
+    fn plan(&self) -> &Plan;
+    fn config(&self) -> &ModelConfig;
+    /// Where it computes (`cpu`, `cuda:N (name)`).
+    fn device(&self) -> String;
+    /// One step for the sequences of this rank's data-parallel group, in lockstep with every
+    /// rank of the world (an empty batch when the group has no work).
+    fn step(
+        &mut self,
+        comm: &dyn Communicator,
+        batch: &[SeqStep<'_>],
+    ) -> Result<ShardOutput, ModelError>;
+}
+
+/// What one rank's step returns.
+#[derive(Debug, Clone, Default)]
+pub struct ShardOutput {
+    /// Each sequence's logits (as its [`LogitsMode`] asks), on the first rank of each TP
+    /// group; `None` on the others.
+    pub logits: Option<Vec<Vec<f32>>>,
+    /// `[layers * num_local_experts]`: tokens this rank's router sent to each expert this step
+    /// (a token counts once for each expert it chose).
+    pub expert_tokens: Vec<u64>,
+    /// Time spent inside communicator calls (waiting on peers included).
+    pub comm_time: Duration,
 }
 
 /// Checks a batch against the model and a pool of `num_blocks` blocks of `block_size`

@@ -1,0 +1,580 @@
+//! One GPU: its context and stream, the layer kernels (CUDA C compiled by NVRTC, cached on
+//! disk), cuBLAS, device buffers, and the matmul that picks between the int8 kernel and
+//! cuBLAS.
+//!
+//! Buffers are passed to kernels as raw device addresses on one stream, so cudarc's
+//! per-buffer event tracking is switched off: stream order is the only ordering needed.
+
+use super::CudaError;
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaSlice};
+use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The kernels' CUDA C source.
+pub const KERNELS: &str = include_str!("kernels.cu");
+
+/// Rows of one attention tile (tokens × q heads per kv head) and keys per shared-memory tile:
+/// `ATT_ROWS` / `ATT_KEYS` in kernels.cu.
+pub const ATT_ROWS: usize = 16;
+const ATT_KEYS: usize = 32;
+/// Threads of an attention block: one per column of a head.
+pub const ATT_THREADS: usize = 128;
+
+/// Largest batch the int8 kernel takes by default; above it, weights are dequantised to bf16
+/// for cuBLAS (prefill), whose tensor cores then win despite the extra weight traffic.
+pub const DEFAULT_GEMM_MIN_ROWS: usize = 65;
+
+/// Which libraries a CUDA backend needs, and whether they load here.
+pub fn cuda_available() -> bool {
+    // SAFETY: each only tries to dlopen its library.
+    unsafe {
+        drv_sys::is_culib_present()
+            && cudarc::nvrtc::sys::is_culib_present()
+            && blas_sys::is_culib_present()
+    }
+}
+
+/// A device allocation with its address (stable for its lifetime).
+pub struct Buf<T> {
+    slice: CudaSlice<T>,
+    ptr: u64,
+    len: usize,
+}
+
+impl<T: DeviceRepr> Buf<T> {
+    fn wrap(slice: CudaSlice<T>, stream: &CudaStream) -> Self {
+        let ptr = {
+            let (ptr, _sync) = slice.device_ptr(stream);
+            ptr
+        };
+        let len = slice.len();
+        Buf { slice, ptr, len }
+    }
+
+    /// The address of element `i`.
+    pub fn at(&self, i: usize) -> u64 {
+        debug_assert!(i <= self.len);
+        self.ptr + (i * std::mem::size_of::<T>()) as u64
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    /// Keeps the allocation alive (the address is what kernels use).
+    pub fn slice(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
+/// A kernel argument.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device address.
+    P(u64),
+    I(i32),
+    F(f32),
+    /// A 64-bit count.
+    N(u64),
+}
+
+/// An int8 matrix on the device: `[k, n]` with f32 scales `[k / gr, n]`.
+pub struct DevQ {
+    pub k: usize,
+    pub n: usize,
+    pub gr: usize,
+    pub w: Buf<i8>,
+    pub s: Buf<f32>,
+}
+
+impl DevQ {
+    pub fn bytes(&self) -> usize {
+        self.w.bytes() + self.s.bytes()
+    }
+}
+
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<String, CudaFunction>,
+    sms: usize,
+    pub name: String,
+}
+
+fn drv_err(op: &'static str) -> impl Fn(drv::DriverError) -> CudaError {
+    move |e| CudaError::Driver {
+        op,
+        msg: e.to_string(),
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal`, compiling (or loading from the cache) the kernels.
+    pub fn open(ordinal: usize) -> Result<Self, CudaError> {
+        if !cuda_available() {
+            return Err(CudaError::NoCuda);
+        }
+        let count = CudaContext::device_count().map_err(drv_err("counting devices"))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::NoSuchDevice { ordinal, count });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv_err("creating a context"))?;
+        // SAFETY: every buffer is used on the one stream below, in stream order.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv_err("creating a stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas {
+            op: "creating a handle",
+            msg: e.to_string(),
+        })?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(drv_err("reading the compute capability"))?;
+        let sms = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv_err("reading the SM count"))? as usize;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let ptx = compile_cached(major, minor)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(drv_err("loading the kernels"))?;
+        let mut funcs = HashMap::new();
+        for name in kernel_names() {
+            let f = module
+                .load_function(&name)
+                .map_err(drv_err("finding a kernel"))?;
+            funcs.insert(name, f);
+        }
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            sms,
+            name,
+        })
+    }
+
+    pub fn sms(&self) -> usize {
+        self.sms
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// An uninitialised buffer of `len` elements (every user writes it before reading).
+    pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<Buf<T>, CudaError> {
+        // SAFETY: the contents are unspecified until written; callers write before reading.
+        let s = unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| CudaError::OutOfMemory {
+                bytes: len * std::mem::size_of::<T>(),
+                msg: e.to_string(),
+            })?;
+        Ok(Buf::wrap(s, &self.stream))
+    }
+
+    pub fn zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<Buf<T>, CudaError> {
+        let s = self
+            .stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| CudaError::OutOfMemory {
+                bytes: len * std::mem::size_of::<T>(),
+                msg: e.to_string(),
+            })?;
+        Ok(Buf::wrap(s, &self.stream))
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<Buf<T>, CudaError> {
+        let b = self.alloc::<T>(host.len())?;
+        self.copy_in(b.ptr(), host)?;
+        Ok(b)
+    }
+
+    /// Host → device at address `dst` (stream-ordered; the host copy may be dropped after).
+    pub fn copy_in<T>(&self, dst: u64, host: &[T]) -> Result<(), CudaError> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: dst is an allocation of at least host.len() elements (callers size it so).
+        unsafe { drv::memcpy_htod_async(dst, host, self.stream.cu_stream()) }
+            .map_err(drv_err("copying to the device"))
+    }
+
+    /// Device → host: waits for the stream, then copies `out.len()` elements from `src`.
+    pub fn copy_out<T>(&self, src: u64, out: &mut [T]) -> Result<(), CudaError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: src holds at least out.len() elements; the stream is synchronised after.
+        unsafe { drv::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+            .map_err(drv_err("copying to the host"))?;
+        self.sync()
+    }
+
+    pub fn copy_dd(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges lie inside live allocations (callers size them).
+        unsafe { drv::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(drv_err("copying on the device"))
+    }
+
+    pub fn download_f32(&self, src: u64, len: usize) -> Result<Vec<f32>, CudaError> {
+        let mut v = vec![0f32; len];
+        self.copy_out(src, &mut v)?;
+        Ok(v)
+    }
+
+    pub fn sync(&self) -> Result<(), CudaError> {
+        self.stream
+            .synchronize()
+            .map_err(drv_err("running the step's kernels"))
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32),
+        block: (u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
+        let f = self
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::Unsupported(format!("no kernel named {name}")))?;
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) | Arg::N(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (block.0, block.1, 1),
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: each kernel's arguments are built by the typed wrappers in this crate, which
+        // match the signatures in kernels.cu and size every buffer they pass.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| CudaError::Launch {
+                kernel: name.to_string(),
+                msg: e.to_string(),
+            })
+    }
+
+    /// One block per row with up to 256 threads.
+    pub fn rows_launch(&self, name: &str, rows: usize, args: &[Arg]) -> Result<(), CudaError> {
+        self.launch(name, (rows as u32, 1), (256, 1), 0, args)
+    }
+
+    /// One thread per element.
+    pub fn elems_launch(&self, name: &str, n: usize, args: &[Arg]) -> Result<(), CudaError> {
+        self.launch(name, (n.div_ceil(256) as u32, 1), (256, 1), 0, args)
+    }
+
+    /// Uploads an int8 matrix.
+    pub fn upload_q(&self, q: &crate::model::QMatrix) -> Result<DevQ, CudaError> {
+        Ok(DevQ {
+            k: q.k,
+            n: q.n,
+            gr: q.group_rows,
+            w: self.upload(q.weight_i8())?,
+            s: self.upload(&q.scales)?,
+        })
+    }
+
+    /// `out[m, n] = x[m, k] · q` (row-major f32 at device addresses). Batches below
+    /// `gemm_min_rows` stream the int8 weights once per 16 rows; larger ones go to cuBLAS.
+    pub fn qmatmul(
+        &self,
+        x: u64,
+        m: usize,
+        q: &DevQ,
+        out: u64,
+        gemm_min_rows: usize,
+    ) -> Result<(), CudaError> {
+        if m == 0 {
+            return Ok(());
+        }
+        if m >= gemm_min_rows {
+            return self.qmatmul_cublas(x, m, q, out);
+        }
+        let (k, n) = (q.k, q.n);
+        let vec = if n.is_multiple_of(4) { 4 } else { 1 };
+        let gx = n.div_ceil(32 * vec);
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(16);
+            let mr = [1, 2, 4, 8, 16]
+                .into_iter()
+                .find(|&r| r >= rows)
+                .unwrap_or(16);
+            // Shared memory of the block's reduction: warps × mr × 32 × vec floats ≤ 32 KiB.
+            let warps = (32 * 1024 / (mr * 32 * vec * 4)).clamp(1, 8);
+            // Enough blocks to fill the GPU several times over, each warp ≥ 16 rows of K.
+            let want = (4 * self.sms).div_ceil(gx);
+            let ky = want.min((k / (warps * 16)).max(1)).max(1);
+            let smem = (warps * mr * 32 * vec * 4) as u32;
+            let xs = x + (r0 * k * 4) as u64;
+            let dst = out + (r0 * n * 4) as u64;
+            let name = format!("qgemv_{mr}_{vec}");
+            let common = |target: u64| {
+                [
+                    Arg::P(xs),
+                    Arg::I(rows as i32),
+                    Arg::P(q.w.ptr()),
+                    Arg::P(q.s.ptr()),
+                    Arg::I(k as i32),
+                    Arg::I(n as i32),
+                    Arg::I(q.gr as i32),
+                    Arg::P(target),
+                    Arg::I(ky as i32),
+                ]
+            };
+            if ky == 1 {
+                self.launch(&name, (gx as u32, 1), (32, warps as u32), smem, &common(dst))?;
+            } else {
+                let parts = self.alloc::<f32>(ky * rows * n)?;
+                self.launch(
+                    &name,
+                    (gx as u32, ky as u32),
+                    (32, warps as u32),
+                    smem,
+                    &common(parts.ptr()),
+                )?;
+                let len = rows * n;
+                self.elems_launch(
+                    "qgemv_reduce",
+                    len,
+                    &[
+                        Arg::P(parts.ptr()),
+                        Arg::P(dst),
+                        Arg::N(len as u64),
+                        Arg::I(ky as i32),
+                    ],
+                )?;
+            }
+            r0 += rows;
+        }
+        Ok(())
+    }
+
+    /// bf16 copies of `x` and the dequantised weight, one cuBLAS GEMM with f32 accumulation
+    /// and f32 output.
+    fn qmatmul_cublas(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
+        let (k, n) = (q.k, q.n);
+        let wb = self.alloc::<u16>(k * n)?;
+        self.elems_launch(
+            "dequant_bf16",
+            k * n,
+            &[
+                Arg::P(q.w.ptr()),
+                Arg::P(q.s.ptr()),
+                Arg::P(wb.ptr()),
+                Arg::I(k as i32),
+                Arg::I(n as i32),
+                Arg::I(q.gr as i32),
+            ],
+        )?;
+        let xb = self.alloc::<u16>(m * k)?;
+        self.elems_launch(
+            "to_bf16",
+            m * k,
+            &[Arg::P(x), Arg::P(xb.ptr()), Arg::N((m * k) as u64)],
+        )?;
+        // Row-major C[m,n] = X[m,k] W[k,n] is column-major Cᵀ[n,m] = Wᵀ[n,k] Xᵀ[k,m].
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the buffers hold k*n, m*k and m*n elements of the types named.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                wb.ptr() as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                n as i32,
+                xb.ptr() as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k as i32,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Blas {
+            op: "bf16 GEMM",
+            msg: e.to_string(),
+        })
+    }
+
+    /// `out[rows, vocab] = x[rows, d] · embᵀ` in f32 (the tied head).
+    pub fn head_matmul(
+        &self,
+        x: u64,
+        rows: usize,
+        d: usize,
+        emb: u64,
+        vocab: usize,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        let (alpha, beta) = (1f32, 0f32);
+        // Column-major: C[vocab, rows] = Eᵀ... E is row-major [vocab, d] = column-major
+        // [d, vocab], so op(A) = Aᵀ; x row-major [rows, d] = column-major [d, rows].
+        // SAFETY: emb holds vocab*d, x rows*d and out rows*vocab f32.
+        unsafe {
+            blas::sgemm(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                vocab as i32,
+                rows as i32,
+                d as i32,
+                &alpha,
+                emb as *const f32,
+                d as i32,
+                x as *const f32,
+                d as i32,
+                &beta,
+                out as *mut f32,
+                vocab as i32,
+            )
+        }
+        .map_err(|e| CudaError::Blas {
+            op: "head SGEMM",
+            msg: e.to_string(),
+        })
+    }
+
+    /// Bytes of shared memory the attention kernel needs for `head_dim`.
+    pub fn attention_smem_bytes(head_dim: usize) -> usize {
+        (ATT_ROWS * head_dim
+            + ATT_KEYS * (head_dim + 1)
+            + ATT_KEYS * head_dim
+            + ATT_ROWS * ATT_KEYS
+            + 3 * ATT_ROWS)
+            * 4
+    }
+}
+
+fn kernel_names() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "embed",
+        "rmsnorm",
+        "add_rmsnorm",
+        "rope",
+        "kv_write",
+        "attention",
+        "route",
+        "gather_rows",
+        "scatter_rows",
+        "combine",
+        "gelu_mul",
+        "scale",
+        "qgemv_reduce",
+        "dequant_bf16",
+        "to_bf16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for mr in [1, 2, 4, 8, 16] {
+        for vec in [4, 1] {
+            v.push(format!("qgemv_{mr}_{vec}"));
+        }
+    }
+    v
+}
+
+/// Where compiled kernels are kept: `GROK_KERNEL_CACHE`, else `$XDG_CACHE_HOME/grok/kernels`,
+/// else `~/.cache/grok/kernels`.
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("GROK_KERNEL_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("grok").join("kernels"))
+}
+
+/// PTX for compute capability `major.minor`, from the cache when the same source was compiled
+/// for the same architecture before (NVRTC takes seconds; a restarted rank should not).
+fn compile_cached(major: i32, minor: i32) -> Result<String, CudaError> {
+    let arch: &'static str = match (major, minor) {
+        (7, 0) => "compute_70",
+        (7, 5) => "compute_75",
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        _ if major >= 9 => "compute_90",
+        _ => "compute_80",
+    };
+    let key = xxhash_rust::xxh3::xxh3_64(format!("{arch}\n{KERNELS}").as_bytes());
+    let file = cache_dir().map(|d| d.join(format!("{key:016x}-{arch}.ptx")));
+    if let Some(f) = &file {
+        if let Ok(ptx) = std::fs::read_to_string(f) {
+            return Ok(ptx);
+        }
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        // Exact libm-grade tanhf/expf/sqrtf: the fixture's tolerances are tight.
+        use_fast_math: Some(false),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts)
+        .map_err(|e| CudaError::Compile(format!("{e:?}")))?
+        .to_src();
+    if let Some(f) = &file {
+        // A cache that cannot be written only costs the next start a compile.
+        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        let saved = f
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::write(&tmp, &ptx))
+            .and_then(|_| std::fs::rename(&tmp, f));
+        if let Err(e) = saved {
+            tracing::warn!(path = %f.display(), "could not cache the compiled kernels: {e}");
+        }
+    }
+    Ok(ptx)
+}

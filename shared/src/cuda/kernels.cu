@@ -1,0 +1,368 @@
+// Grok-1 layer kernels, compiled at run time by NVRTC (see cuda/device.rs), in f32 unless a
+// name says otherwise. Activations are row-major [rows, width]; int8 matrices are the
+// checkpoint's [K, N] with scales [G, N] (row k uses scale row k / (K / G)).
+//
+// Every reduction runs in a fixed order, so a step gives the same bits every time it runs.
+
+typedef unsigned int u32;
+typedef unsigned short bf16;  // raw bits: NVRTC then needs no CUDA headers
+typedef unsigned long long u64;
+
+#define WARP 32
+#define NEG_INF __int_as_float(0xff800000)
+
+// f32 to bf16, rounding to nearest even (NaN stays NaN).
+__device__ __forceinline__ bf16 f2bf(float f) {
+    u32 b = __float_as_uint(f);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (bf16)((b >> 16) | 0x40);
+    return (bf16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the total.
+__device__ float block_sum(float v, float *scratch) {
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, nw = (blockDim.x + WARP - 1) / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[w] = v;
+    __syncthreads();
+    float t = 0.f;
+    for (int i = 0; i < nw; i++) t += scratch[i];
+    return t;
+}
+
+// h[r] = emb[tokens[r]] * scale.
+extern "C" __global__ void embed(float *h, const float *emb, const u32 *tokens, int d, float scale) {
+    const float *src = emb + (u64)tokens[blockIdx.x] * d;
+    float *dst = h + (u64)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) dst[i] = src[i] * scale;
+}
+
+// out[r] = w * x[r] / sqrt(mean(x[r]^2) + eps) * post (post folds a constant scale in).
+extern "C" __global__ void rmsnorm(const float *x, const float *w, float *out, int d, float eps,
+                                   float post) {
+    __shared__ float scratch[32];
+    const float *xr = x + (u64)blockIdx.x * d;
+    float *o = out + (u64)blockIdx.x * d;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * xr[i];
+    float inv = 1.f / sqrtf(block_sum(s, scratch) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = w[i] * (xr[i] * inv) * post;
+}
+
+// h[r] += rmsnorm(y[r]) * w: the release's post-norm residual update.
+extern "C" __global__ void add_rmsnorm(float *h, const float *y, const float *w, int d, float eps) {
+    __shared__ float scratch[32];
+    const float *yr = y + (u64)blockIdx.x * d;
+    float *hr = h + (u64)blockIdx.x * d;
+    float s = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += yr[i] * yr[i];
+    float inv = 1.f / sqrtf(block_sum(s, scratch) / d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) hr[i] += w[i] * (yr[i] * inv);
+}
+
+// Rotate-half RoPE of every head of row blockIdx.x (width heads * head_dim) to positions[r].
+extern "C" __global__ void rope(float *x, const u32 *positions, const float *inv_freq, int heads,
+                                int head_dim) {
+    int half = head_dim / 2;
+    float p = (float)positions[blockIdx.x];
+    float *row = x + (u64)blockIdx.x * heads * head_dim;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float s, c;
+        sincosf(p * inv_freq[j], &s, &c);
+        float *a = row + h * head_dim;
+        float x1 = a[j], x2 = a[j + half];
+        a[j] = x1 * c - x2 * s;
+        a[j + half] = x2 * c + x1 * s;
+    }
+}
+
+// Writes row r of k and v (width kvd) to pool row slots[r] of this layer's caches.
+extern "C" __global__ void kv_write(const float *k, const float *v, float *kc, float *vc,
+                                    const u32 *slots, int kvd) {
+    u64 dst = (u64)slots[blockIdx.x] * kvd, src = (u64)blockIdx.x * kvd;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        kc[dst + i] = k[src + i];
+        vc[dst + i] = v[src + i];
+    }
+}
+
+// Causal grouped-query attention with the soft cap, over the paged cache, flash style: one
+// block per (tile of a sequence's new tokens, kv head); the tile's rows are its tokens times
+// the q heads sharing the kv head, so decode reads each cached key once per kv head.
+//   tiles: [num_tiles, 4] = (first q row, tokens, position of the first token, offset of the
+//   sequence's slot list in `slots`); slots[off + j] is the pool row of position j.
+// Dynamic shared memory: see attention_smem_bytes in device.rs.
+#define ATT_ROWS 16
+#define ATT_KEYS 32
+extern "C" __global__ void attention(const float *q, const float *kc, const float *vc, float *out,
+                                     const int *tiles, const u32 *slots, int q_heads, int kv_heads,
+                                     int head_dim, float mult, float cap) {
+    extern __shared__ float sm[];
+    int hd = head_dim, group = q_heads / kv_heads, kvh = blockIdx.y;
+    const int *t = tiles + 4 * blockIdx.x;
+    int row0 = t[0], ntok = t[1], pos0 = t[2], off = t[3];
+    int rows = ntok * group;
+    float *sq = sm;                               // [ATT_ROWS][hd]
+    float *sk = sq + ATT_ROWS * hd;               // [ATT_KEYS][hd + 1]
+    float *sv = sk + ATT_KEYS * (hd + 1);         // [ATT_KEYS][hd]
+    float *sp = sv + ATT_KEYS * hd;               // [ATT_ROWS][ATT_KEYS]
+    float *sm_max = sp + ATT_ROWS * ATT_KEYS;     // [ATT_ROWS]
+    float *sm_sum = sm_max + ATT_ROWS;            // [ATT_ROWS]
+    float *sm_corr = sm_sum + ATT_ROWS;           // [ATT_ROWS]
+    int qd = q_heads * hd, kvd = kv_heads * hd;
+    for (int i = threadIdx.x; i < rows * hd; i += blockDim.x) {
+        int r = i / hd, c = i % hd;
+        int tok = r / group, h = kvh * group + r % group;
+        sq[r * hd + c] = q[(u64)(row0 + tok) * qd + h * hd + c];
+    }
+    if (threadIdx.x < ATT_ROWS) {
+        sm_max[threadIdx.x] = NEG_INF;
+        sm_sum[threadIdx.x] = 0.f;
+    }
+    float acc[ATT_ROWS];
+    for (int r = 0; r < ATT_ROWS; r++) acc[r] = 0.f;
+    int visible = pos0 + ntok;  // keys the last token of the tile sees
+    for (int j0 = 0; j0 < visible; j0 += ATT_KEYS) {
+        int nk = min(ATT_KEYS, visible - j0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < nk * hd; i += blockDim.x) {
+            int j = i / hd, c = i % hd;
+            u64 src = (u64)slots[off + j0 + j] * kvd + kvh * hd + c;
+            sk[j * (hd + 1) + c] = kc[src];
+            sv[j * hd + c] = vc[src];
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < rows * ATT_KEYS; i += blockDim.x) {
+            int r = i / ATT_KEYS, j = i % ATT_KEYS;
+            float s = NEG_INF;
+            if (j < nk && j0 + j <= pos0 + r / group) {
+                const float *qr = sq + r * hd, *kr = sk + j * (hd + 1);
+                float a = 0.f;
+                for (int c = 0; c < hd; c++) a += qr[c] * kr[c];
+                a *= mult;
+                s = cap * tanhf(a / cap);
+            }
+            sp[r * ATT_KEYS + j] = s;
+        }
+        __syncthreads();
+        if (threadIdx.x < rows) {
+            int r = threadIdx.x;
+            float m_old = sm_max[r], m = m_old;
+            for (int j = 0; j < nk; j++) m = fmaxf(m, sp[r * ATT_KEYS + j]);
+            // Every row sees key 0 in the first tile, so m is finite from then on.
+            float corr = (m_old == NEG_INF) ? 0.f : expf(m_old - m);
+            float l = 0.f;
+            for (int j = 0; j < ATT_KEYS; j++) {
+                float s = sp[r * ATT_KEYS + j];
+                float e = (s == NEG_INF) ? 0.f : expf(s - m);
+                sp[r * ATT_KEYS + j] = e;
+                l += e;
+            }
+            sm_sum[r] = sm_sum[r] * corr + l;
+            sm_max[r] = m;
+            sm_corr[r] = corr;
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+            // One thread per column when hd <= blockDim.x (the launch guarantees it).
+            for (int r = 0; r < rows; r++) {
+                float a = acc[r] * sm_corr[r];
+                for (int j = 0; j < nk; j++) a += sp[r * ATT_KEYS + j] * sv[j * hd + c];
+                acc[r] = a;
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+        for (int r = 0; r < rows; r++) {
+            int tok = r / group, h = kvh * group + r % group;
+            out[(u64)(row0 + tok) * qd + h * hd + c] = acc[r] / sm_sum[r];
+        }
+    }
+}
+
+// Router: per token, logits = x[r] . router[:, e] (router [d, E]), softmax, top-k (ties to the
+// lower index, as jax.lax.top_k). Gates are the probabilities, not renormalised.
+extern "C" __global__ void route(const float *x, const float *router, int d, int experts, int k,
+                                 int *out_idx, float *out_gate) {
+    __shared__ float scratch[32];
+    __shared__ float logits[64];
+    const float *xr = x + (u64)blockIdx.x * d;
+    for (int e = 0; e < experts; e++) {
+        float s = 0.f;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * router[(u64)i * experts + e];
+        s = block_sum(s, scratch);
+        if (threadIdx.x == 0) logits[e] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = NEG_INF, sum = 0.f;
+        for (int e = 0; e < experts; e++) m = fmaxf(m, logits[e]);
+        for (int e = 0; e < experts; e++) {
+            logits[e] = expf(logits[e] - m);
+            sum += logits[e];
+        }
+        for (int e = 0; e < experts; e++) logits[e] /= sum;
+        for (int i = 0; i < k; i++) {
+            int best = -1;
+            for (int e = 0; e < experts; e++) {
+                bool taken = false;
+                for (int p = 0; p < i; p++) taken |= (out_idx[blockIdx.x * k + p] == e);
+                if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+            }
+            out_idx[blockIdx.x * k + i] = best;
+            out_gate[blockIdx.x * k + i] = logits[best];
+        }
+    }
+}
+
+// dst[r] = src[idx[r]] (rows of width d): permutes tokens into expert order.
+extern "C" __global__ void gather_rows(const float *src, const u32 *idx, float *dst, int d) {
+    const float *s = src + (u64)idx[blockIdx.x] * d;
+    float *o = dst + (u64)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = s[i];
+}
+
+// dst[idx[r]] = src[r]: the inverse permutation.
+extern "C" __global__ void scatter_rows(const float *src, const u32 *idx, float *dst, int d) {
+    const float *s = src + (u64)blockIdx.x * d;
+    float *o = dst + (u64)idx[blockIdx.x] * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = s[i];
+}
+
+// y[t] = sum over entries e in [offsets[t], offsets[t+1]) of gates[e] * parts[rows[e]], in
+// entry order (the CPU backend's order), unpermuting the experts' outputs.
+extern "C" __global__ void combine(const float *parts, const u32 *offsets, const u32 *rows,
+                                   const float *gates, float *y, int d) {
+    u32 b = offsets[blockIdx.x], e = offsets[blockIdx.x + 1];
+    float *o = y + (u64)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.f;
+        for (u32 j = b; j < e; j++) a += gates[j] * parts[(u64)rows[j] * d + i];
+        o[i] = a;
+    }
+}
+
+// a = gelu_tanh(a) * b (JAX's default GELU).
+extern "C" __global__ void gelu_mul(float *a, const float *b, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float x = a[i];
+    float u = 0.7978845608f * (x + 0.044715f * x * x * x);
+    a[i] = 0.5f * x * (1.f + tanhf(u)) * b[i];
+}
+
+// x *= s.
+extern "C" __global__ void scale(float *x, float s, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] *= s;
+}
+
+// The decode matmul: y[m, n] = sum_k x[m, k] * w[k, n] * scales[k / gr, n] for up to MR rows,
+// reading the int8 weights once (the step is bound by weight bytes). Each lane owns VEC
+// adjacent columns (one 4-byte load per row of K when VEC = 4); the block's warps split its K
+// range; blocks along y split K further, writing partial sums that qgemv_reduce adds up in
+// order. Scales are applied once per scale group, not per element.
+//   grid (ceil(N / (32 * VEC)), ky), block (32, warps); smem: warps * MR * 32 * VEC floats.
+template <int MR, int VEC>
+__device__ void qgemv(const float *x, int m, const signed char *w, const float *scales, int k,
+                      int n, int gr, float *out, int ky) {
+    extern __shared__ float red[];
+    int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
+    int col = (blockIdx.x * WARP + lane) * VEC;
+    int per_block = (k + ky - 1) / ky;
+    int kb0 = blockIdx.y * per_block, kb1 = min(k, kb0 + per_block);
+    int per_warp = (kb1 - kb0 + warps - 1) / warps;
+    int k0 = min(kb1, kb0 + warp * per_warp), k1 = min(kb1, k0 + per_warp);
+    float total[MR][VEC];
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < VEC; v++) total[r][v] = 0.f;
+    bool live = col < n;
+    if (live && k0 < k1) {
+        for (int g = k0 / gr; g * gr < k1; g++) {
+            int a = max(k0, g * gr), b = min(k1, (g + 1) * gr);
+            float acc[MR][VEC];
+            for (int r = 0; r < MR; r++)
+                for (int v = 0; v < VEC; v++) acc[r][v] = 0.f;
+#pragma unroll 8
+            for (int kk = a; kk < b; kk++) {
+                float wf[VEC];
+                if (VEC == 4) {
+                    char4 q = __ldg((const char4 *)(w + (u64)kk * n + col));
+                    wf[0] = q.x; wf[1 % VEC] = q.y; wf[2 % VEC] = q.z; wf[3 % VEC] = q.w;
+                } else {
+                    wf[0] = __ldg(w + (u64)kk * n + col);
+                }
+                for (int r = 0; r < MR; r++) {
+                    if (r < m) {
+                        float xv = __ldg(x + (u64)r * k + kk);
+                        for (int v = 0; v < VEC; v++) acc[r][v] += xv * wf[v];
+                    }
+                }
+            }
+            for (int v = 0; v < VEC; v++) {
+                float s = scales[(u64)g * n + col + v];
+                for (int r = 0; r < MR; r++) total[r][v] += acc[r][v] * s;
+            }
+        }
+    }
+    // Warp w's partials at red[((w * MR + r) * 32 + lane) * VEC + v]; warp 0 adds them in order.
+    for (int r = 0; r < MR; r++)
+        for (int v = 0; v < VEC; v++) red[((warp * MR + r) * WARP + lane) * VEC + v] = total[r][v];
+    __syncthreads();
+    if (warp != 0 || !live) return;
+    for (int r = 0; r < m && r < MR; r++) {
+        for (int v = 0; v < VEC; v++) {
+            float s = 0.f;
+            for (int i = 0; i < warps; i++) s += red[((i * MR + r) * WARP + lane) * VEC + v];
+            // ky == 1: the result; otherwise partial blockIdx.y of [ky, m, n].
+            out[((u64)blockIdx.y * m + r) * n + col + v] = s;
+        }
+    }
+}
+
+#define QGEMV(MR, VEC)                                                                       \
+    extern "C" __global__ void qgemv_##MR##_##VEC(const float *x, int m, const signed char *w, \
+                                                  const float *s, int k, int n, int gr,      \
+                                                  float *out, int ky) {                      \
+        qgemv<MR, VEC>(x, m, w, s, k, n, gr, out, ky);                                       \
+    }
+QGEMV(1, 4)
+QGEMV(2, 4)
+QGEMV(4, 4)
+QGEMV(8, 4)
+QGEMV(16, 4)
+QGEMV(1, 1)
+QGEMV(2, 1)
+QGEMV(4, 1)
+QGEMV(8, 1)
+QGEMV(16, 1)
+
+// out[i] = sum over y < ky of parts[y * len + i], in order.
+extern "C" __global__ void qgemv_reduce(const float *parts, float *out, u64 len, int ky) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= len) return;
+    float s = 0.f;
+    for (int y = 0; y < ky; y++) s += parts[(u64)y * len + i];
+    out[i] = s;
+}
+
+// bf16 copies for cuBLAS (large batches): w[k, n] * scales[k / gr, n], and x.
+extern "C" __global__ void dequant_bf16(const signed char *w, const float *scales, bf16 *out,
+                                        int k, int n, int gr) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)k * n) return;
+    int row = (int)(i / n), col = (int)(i % n);
+    out[i] = f2bf((float)w[i] * scales[(u64)(row / gr) * n + col]);
+}
+
+extern "C" __global__ void to_bf16(const float *x, bf16 *out, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f2bf(x[i]);
+}

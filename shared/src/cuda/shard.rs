@@ -1,0 +1,793 @@
+//! One rank's slice of the model on a GPU, with its KV pool in device memory: the step of
+//! [`crate::cpu::CpuShard::forward`] (same plan, same collectives, same order of sums across
+//! ranks), computed by the kernels of [`super::device`].
+//!
+//! The collectives trait works on host vectors, so a rank of a larger world copies the few
+//! activations each collective moves; a world of one keeps the whole step on the device and
+//! only brings back the router's choices (the expert batch sizes the launches need) and the
+//! logits.
+
+use super::device::{Arg, Buf, DevQ, Gpu, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS};
+use super::CudaError;
+use crate::comm::Communicator;
+use crate::config::ModelConfig;
+use crate::model::weights::Slices;
+use crate::model::{check_steps, ModelError, ModelWeights, RankBackend, SeqStep, ShardOutput};
+use crate::parallel::plan::{split_range, Plan};
+use std::time::{Duration, Instant};
+
+struct DevExpert {
+    gate: DevQ,
+    up: DevQ,
+    down: DevQ,
+}
+
+struct DevLayer {
+    attn_norm: Buf<f32>,
+    post_attn_norm: Buf<f32>,
+    moe_norm: Buf<f32>,
+    post_moe_norm: Buf<f32>,
+    wq: DevQ,
+    wk: DevQ,
+    wv: DevQ,
+    wo: DevQ,
+    router: Buf<f32>,
+    experts: Vec<DevExpert>,
+}
+
+pub struct CudaShard {
+    gpu: Gpu,
+    config: ModelConfig,
+    /// The config with this rank's head counts.
+    local: ModelConfig,
+    plan: Plan,
+    rank: usize,
+    ordinal: usize,
+    slices: Slices,
+    embeddings: Buf<f32>,
+    final_norm: Buf<f32>,
+    layers: Vec<DevLayer>,
+    inv_freq: Buf<f32>,
+    /// Per layer, the pool's keys and values: `[num_blocks * block_size, kv_dim]`.
+    keys: Vec<Buf<f32>>,
+    values: Vec<Buf<f32>>,
+    block_size: usize,
+    num_blocks: usize,
+    weight_bytes: usize,
+    /// Batches of at least this many rows use cuBLAS (bf16) instead of the int8 kernel.
+    pub gemm_min_rows: usize,
+}
+
+/// The communicator, adding up the time spent inside its calls.
+struct Timed<'a> {
+    comm: &'a dyn Communicator,
+    spent: Duration,
+}
+
+impl Timed<'_> {
+    fn run<T>(&mut self, f: impl FnOnce(&dyn Communicator) -> T) -> T {
+        let t = Instant::now();
+        let r = f(self.comm);
+        self.spent += t.elapsed();
+        r
+    }
+}
+
+/// Per-step tables every layer shares.
+struct StepMeta {
+    n: usize,
+    positions: Buf<u32>,
+    /// Pool row of each new token.
+    write_slots: Buf<u32>,
+    /// `[tiles, 4]`: see the attention kernel.
+    tiles: Buf<i32>,
+    num_tiles: usize,
+    /// Pool rows of every visible position of every sequence, concatenated.
+    read_slots: Buf<u32>,
+}
+
+impl CudaShard {
+    /// Uploads `weights` (exactly the slices `plan` gives `rank`) to GPU `ordinal` and makes a
+    /// pool of `num_blocks` blocks of `block_size` positions there.
+    pub fn new(
+        weights: ModelWeights,
+        plan: Plan,
+        rank: usize,
+        ordinal: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, ModelError> {
+        let c = weights.config.clone();
+        let want = Slices::for_rank(&plan, &c, rank);
+        if weights.slices != want {
+            return Err(ModelError::BadTensor {
+                name: format!("weights of rank {rank}"),
+                msg: format!(
+                    "hold {:?}, but the plan gives this rank {want:?}",
+                    weights.slices
+                ),
+            });
+        }
+        let local = ModelConfig {
+            num_attention_heads: want.q_heads.len(),
+            num_key_value_heads: want.kv_heads.len(),
+            ..c.clone()
+        };
+        let group = c.num_attention_heads / c.num_key_value_heads.max(1);
+        if c.head_dim > ATT_THREADS || group > ATT_ROWS || c.num_local_experts > 64 {
+            return Err(CudaError::Unsupported(format!(
+                "head_dim {} (at most {ATT_THREADS}), {group} query heads per kv head (at most \
+                 {ATT_ROWS}), {} experts (at most 64)",
+                c.head_dim, c.num_local_experts
+            ))
+            .into());
+        }
+        if num_blocks == 0 || block_size == 0 {
+            return Err(ModelError::BadTensor {
+                name: "KV pool".into(),
+                msg: "needs at least one block of at least one position".into(),
+            });
+        }
+        let gpu = Gpu::open(ordinal)?;
+        let up = |v: &[f32]| gpu.upload(v);
+        let mut weight_bytes = 0;
+        let mut layers = Vec::with_capacity(weights.layers.len());
+        for lw in &weights.layers {
+            let q = |m| gpu.upload_q(m);
+            let experts = lw
+                .experts
+                .iter()
+                .map(|e| {
+                    Ok(DevExpert {
+                        gate: q(&e.w_gate)?,
+                        up: q(&e.w_up)?,
+                        down: q(&e.w_down)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, CudaError>>()?;
+            let layer = DevLayer {
+                attn_norm: up(&lw.attn_norm)?,
+                post_attn_norm: up(&lw.post_attn_norm)?,
+                moe_norm: up(&lw.moe_norm)?,
+                post_moe_norm: up(&lw.post_moe_norm)?,
+                wq: q(&lw.wq)?,
+                wk: q(&lw.wk)?,
+                wv: q(&lw.wv)?,
+                wo: q(&lw.wo)?,
+                router: up(&lw.router)?,
+                experts,
+            };
+            weight_bytes += [&layer.wq, &layer.wk, &layer.wv, &layer.wo]
+                .iter()
+                .map(|m| m.bytes())
+                .sum::<usize>()
+                + layer
+                    .experts
+                    .iter()
+                    .map(|e| e.gate.bytes() + e.up.bytes() + e.down.bytes())
+                    .sum::<usize>()
+                + layer.router.bytes()
+                + 4 * layer.attn_norm.bytes();
+            layers.push(layer);
+        }
+        let embeddings = up(&weights.embeddings)?;
+        let final_norm = up(&weights.final_norm)?;
+        weight_bytes += embeddings.bytes() + final_norm.bytes();
+        let inv_freq = up(&crate::cpu::ops::rope_inv_freq(c.head_dim, c.rope_theta))?;
+        let pool = num_blocks
+            .checked_mul(block_size)
+            .and_then(|p| p.checked_mul(local.kv_dim()))
+            .ok_or_else(|| ModelError::BadTensor {
+                name: "KV pool".into(),
+                msg: format!("{num_blocks} blocks of {block_size} positions overflow"),
+            })?;
+        let mut keys = Vec::with_capacity(c.num_hidden_layers);
+        let mut values = Vec::with_capacity(c.num_hidden_layers);
+        for _ in 0..c.num_hidden_layers {
+            keys.push(gpu.zeros::<f32>(pool)?);
+            values.push(gpu.zeros::<f32>(pool)?);
+        }
+        gpu.sync()?;
+        Ok(CudaShard {
+            gpu,
+            config: c,
+            local,
+            plan,
+            rank,
+            ordinal,
+            slices: want,
+            embeddings,
+            final_norm,
+            layers,
+            inv_freq,
+            keys,
+            values,
+            block_size,
+            num_blocks,
+            weight_bytes,
+            gemm_min_rows: DEFAULT_GEMM_MIN_ROWS,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Bytes of weights resident on the GPU (int8 matrices, f32 scales and vectors).
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+
+    /// Bytes of the KV pool on the GPU.
+    pub fn kv_bytes(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(|b| b.bytes()).sum()
+    }
+
+    fn step_meta(&self, batch: &[SeqStep<'_>], positions: &[usize]) -> Result<StepMeta, CudaError> {
+        let bs = self.block_size;
+        let group = self.local.num_attention_heads / self.local.num_key_value_heads;
+        let per_tile = (ATT_ROWS / group).max(1);
+        let slot = |blocks: &[u32], p: usize| blocks[p / bs] * bs as u32 + (p % bs) as u32;
+        let mut write = Vec::with_capacity(positions.len());
+        let mut tiles = Vec::new();
+        let mut read = Vec::new();
+        let mut row = 0;
+        for s in batch {
+            let end = s.start + s.tokens.len();
+            let off = read.len();
+            read.extend((0..end).map(|p| slot(s.blocks, p)));
+            write.extend((s.start..end).map(|p| slot(s.blocks, p)));
+            let mut t = 0;
+            while t < s.tokens.len() {
+                let nt = per_tile.min(s.tokens.len() - t);
+                tiles.extend([(row + t) as i32, nt as i32, (s.start + t) as i32, off as i32]);
+                t += nt;
+            }
+            row += s.tokens.len();
+        }
+        let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        Ok(StepMeta {
+            n: positions.len(),
+            positions: self.gpu.upload(&pos)?,
+            write_slots: self.gpu.upload(&write)?,
+            num_tiles: tiles.len() / 4,
+            tiles: self.gpu.upload(&tiles)?,
+            read_slots: self.gpu.upload(&read)?,
+        })
+    }
+
+    /// One step, as [`crate::cpu::CpuShard::forward`] (in lockstep with every rank).
+    pub fn forward(
+        &mut self,
+        comm: &dyn Communicator,
+        batch: &[SeqStep<'_>],
+    ) -> Result<ShardOutput, ModelError> {
+        let c = &self.config;
+        let positions = check_steps(c, self.block_size, self.num_blocks, batch)?;
+        // The engine may step on any thread (a rayon scope, say): make the context current.
+        self.gpu
+            .context()
+            .bind_to_thread()
+            .map_err(|e| CudaError::Driver {
+                op: "binding the context",
+                msg: e.to_string(),
+            })?;
+        let (d, n, tp) = (c.hidden_size, positions.len(), self.plan.tp);
+        let experts = c.num_local_experts;
+        let group = self.plan.tp_group(self.rank);
+        let my_rows = split_range(n, tp, self.rank % tp);
+        let counts: Vec<usize> = (0..tp).map(|i| split_range(n, tp, i).len() * d).collect();
+        let mut comm = Timed {
+            comm,
+            spent: Duration::ZERO,
+        };
+        let mut expert_tokens = vec![0u64; c.num_hidden_layers * experts];
+        let g = &self.gpu;
+        let meta = self.step_meta(batch, &positions)?;
+        let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let tok = g.upload(&tokens)?;
+        let mut h = g.alloc::<f32>(n * d)?;
+        g.rows_launch(
+            "embed",
+            n,
+            &[
+                Arg::P(h.ptr()),
+                Arg::P(self.embeddings.ptr()),
+                Arg::P(tok.ptr()),
+                Arg::I(d as i32),
+                Arg::F(c.embedding_multiplier_scale),
+            ],
+        )?;
+        let m = my_rows.len();
+        for l in 0..self.layers.len() {
+            let o = self.attention(l, &h, &meta)?;
+            let o_shard = if tp == 1 {
+                o
+            } else {
+                let host = g.download_f32(o.ptr(), n * d)?;
+                let mine = comm.run(|cm| cm.reduce_scatter(&group, &host, &counts))?;
+                g.upload(&mine)?
+            };
+            let h_shard = if tp == 1 {
+                h
+            } else {
+                let s = g.alloc::<f32>(m * d)?;
+                g.copy_dd(s.ptr(), h.at(my_rows.start * d), m * d * 4)?;
+                s
+            };
+            let lw = &self.layers[l];
+            self.add_rmsnorm(&h_shard, &o_shard, &lw.post_attn_norm, m)?;
+            let x = g.alloc::<f32>(m * d)?;
+            self.rmsnorm(&h_shard, &lw.moe_norm, &x, m, 1.0)?;
+            let routed = &mut expert_tokens[l * experts..(l + 1) * experts];
+            let y = self.moe(&mut comm, l, &x, m, routed)?;
+            self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, m)?;
+            h = if tp == 1 {
+                h_shard
+            } else {
+                let host = g.download_f32(h_shard.ptr(), m * d)?;
+                let all = comm.run(|cm| cm.all_gather_v(&group, &host))?.concat();
+                g.upload(&all)?
+            };
+        }
+        let mut out = ShardOutput {
+            logits: None,
+            expert_tokens,
+            comm_time: comm.spent,
+        };
+        if self.rank.is_multiple_of(tp) {
+            out.logits = Some(self.head(&h, batch)?);
+        } else {
+            g.sync()?;
+        }
+        Ok(out)
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &Buf<f32>,
+        w: &Buf<f32>,
+        out: &Buf<f32>,
+        rows: usize,
+        post: f32,
+    ) -> Result<(), CudaError> {
+        let c = &self.config;
+        self.gpu.rows_launch(
+            "rmsnorm",
+            rows,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(w.ptr()),
+                Arg::P(out.ptr()),
+                Arg::I(c.hidden_size as i32),
+                Arg::F(c.rms_norm_eps),
+                Arg::F(post),
+            ],
+        )
+    }
+
+    fn add_rmsnorm(
+        &self,
+        h: &Buf<f32>,
+        y: &Buf<f32>,
+        w: &Buf<f32>,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let c = &self.config;
+        self.gpu.rows_launch(
+            "add_rmsnorm",
+            rows,
+            &[
+                Arg::P(h.ptr()),
+                Arg::P(y.ptr()),
+                Arg::P(w.ptr()),
+                Arg::I(c.hidden_size as i32),
+                Arg::F(c.rms_norm_eps),
+            ],
+        )
+    }
+
+    fn mm(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
+        self.gpu.qmatmul(x, m, q, out, self.gemm_min_rows)
+    }
+
+    /// This rank's heads of attention for all rows of `h`, through its slice of the output
+    /// projection: a partial `[rows, d]` sum over the TP group.
+    fn attention(&self, l: usize, h: &Buf<f32>, meta: &StepMeta) -> Result<Buf<f32>, CudaError> {
+        let (g, c, lw) = (&self.gpu, &self.local, &self.layers[l]);
+        let (d, n) = (c.hidden_size, meta.n);
+        let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
+        let x = g.alloc::<f32>(n * d)?;
+        self.rmsnorm(h, &lw.attn_norm, &x, n, 1.0)?;
+        let q = g.alloc::<f32>(n * qd)?;
+        let k = g.alloc::<f32>(n * kvd)?;
+        let v = g.alloc::<f32>(n * kvd)?;
+        self.mm(x.ptr(), n, &lw.wq, q.ptr())?;
+        self.mm(x.ptr(), n, &lw.wk, k.ptr())?;
+        self.mm(x.ptr(), n, &lw.wv, v.ptr())?;
+        for (buf, heads) in [(&q, c.num_attention_heads), (&k, c.num_key_value_heads)] {
+            g.rows_launch(
+                "rope",
+                n,
+                &[
+                    Arg::P(buf.ptr()),
+                    Arg::P(meta.positions.ptr()),
+                    Arg::P(self.inv_freq.ptr()),
+                    Arg::I(heads as i32),
+                    Arg::I(hd as i32),
+                ],
+            )?;
+        }
+        g.rows_launch(
+            "kv_write",
+            n,
+            &[
+                Arg::P(k.ptr()),
+                Arg::P(v.ptr()),
+                Arg::P(self.keys[l].ptr()),
+                Arg::P(self.values[l].ptr()),
+                Arg::P(meta.write_slots.ptr()),
+                Arg::I(kvd as i32),
+            ],
+        )?;
+        let att = g.alloc::<f32>(n * qd)?;
+        g.launch(
+            "attention",
+            (meta.num_tiles as u32, c.num_key_value_heads as u32),
+            (ATT_THREADS as u32, 1),
+            Gpu::attention_smem_bytes(hd) as u32,
+            &[
+                Arg::P(q.ptr()),
+                Arg::P(self.keys[l].ptr()),
+                Arg::P(self.values[l].ptr()),
+                Arg::P(att.ptr()),
+                Arg::P(meta.tiles.ptr()),
+                Arg::P(meta.read_slots.ptr()),
+                Arg::I(c.num_attention_heads as i32),
+                Arg::I(c.num_key_value_heads as i32),
+                Arg::I(hd as i32),
+                Arg::F(c.attn_output_multiplier),
+                Arg::F(c.max_attn_value),
+            ],
+        )?;
+        let o = g.alloc::<f32>(n * d)?;
+        self.mm(att.ptr(), n, &lw.wo, o.ptr())?;
+        Ok(o)
+    }
+
+    /// The MoE on this rank's token shard `x` (`[m, d]`), as the CPU backend runs it: route,
+    /// dispatch to the ranks holding each expert, run the local experts, combine with the
+    /// gates in the CPU backend's order.
+    fn moe(
+        &self,
+        comm: &mut Timed<'_>,
+        l: usize,
+        x: &Buf<f32>,
+        m: usize,
+        routed: &mut [u64],
+    ) -> Result<Buf<f32>, ModelError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let (d, k) = (c.hidden_size, c.num_experts_per_tok);
+        let world = self.plan.world;
+        let lw = &self.layers[l];
+        let y = g.zeros::<f32>(m * d)?;
+        if m == 0 && world == 1 {
+            return Ok(y);
+        }
+        let idx = g.alloc::<i32>(m * k)?;
+        let gates = g.alloc::<f32>(m * k)?;
+        g.launch(
+            "route",
+            (m as u32, 1),
+            (128, 1),
+            0,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(lw.router.ptr()),
+                Arg::I(d as i32),
+                Arg::I(c.num_local_experts as i32),
+                Arg::I(k as i32),
+                Arg::P(idx.ptr()),
+                Arg::P(gates.ptr()),
+            ],
+        )?;
+        let mut picks = vec![0i32; m * k];
+        let mut gate_v = vec![0f32; m * k];
+        g.copy_out(idx.ptr(), &mut picks)?;
+        g.copy_out(gates.ptr(), &mut gate_v)?;
+
+        // Dispatch lists per destination rank, in the CPU backend's order.
+        let mut send_tokens: Vec<Vec<usize>> = vec![Vec::new(); world];
+        let mut send_experts: Vec<Vec<f32>> = vec![Vec::new(); world];
+        let mut pending: Vec<Vec<(usize, f32)>> = vec![Vec::new(); world];
+        for t in 0..m {
+            for j in 0..k {
+                let e = picks[t * k + j];
+                let e = usize::try_from(e)
+                    .ok()
+                    .filter(|&e| e < c.num_local_experts)
+                    .ok_or_else(|| ModelError::Peer {
+                        rank: self.rank,
+                        msg: format!("layer {l}: the router kernel chose expert {e}"),
+                    })?;
+                routed[e] += 1;
+                for dst in self.plan.expert_ranks(c, e) {
+                    send_tokens[dst].push(t);
+                    send_experts[dst].push(e as f32);
+                    pending[dst].push((t, gate_v[t * k + j]));
+                }
+            }
+        }
+
+        // What arrives: (expert ids per source, and their rows on the device).
+        let (got_experts, recv) = if world == 1 {
+            let rows = g.upload(&send_tokens[0].iter().map(|&t| t as u32).collect::<Vec<_>>())?;
+            let xs = g.alloc::<f32>(send_tokens[0].len() * d)?;
+            g.rows_launch(
+                "gather_rows",
+                send_tokens[0].len(),
+                &[
+                    Arg::P(x.ptr()),
+                    Arg::P(rows.ptr()),
+                    Arg::P(xs.ptr()),
+                    Arg::I(d as i32),
+                ],
+            )?;
+            (vec![std::mem::take(&mut send_experts[0])], xs)
+        } else {
+            let host_x = g.download_f32(x.ptr(), m * d)?;
+            let rows: Vec<Vec<f32>> = send_tokens
+                .iter()
+                .map(|ts| {
+                    ts.iter()
+                        .flat_map(|&t| host_x[t * d..(t + 1) * d].iter().copied())
+                        .collect()
+                })
+                .collect();
+            let everyone: Vec<usize> = (0..world).collect();
+            let got_e = comm.run(|cm| cm.all_to_all_v(&everyone, send_experts))?;
+            let got_rows = comm.run(|cm| cm.all_to_all_v(&everyone, rows))?;
+            for (src, ids) in got_e.iter().enumerate() {
+                if got_rows[src].len() != ids.len() * d {
+                    return Err(ModelError::Peer {
+                        rank: src,
+                        msg: format!(
+                            "layer {l}: sent {} values for {} tokens",
+                            got_rows[src].len(),
+                            ids.len()
+                        ),
+                    });
+                }
+            }
+            (got_e, g.upload(&got_rows.concat())?)
+        };
+
+        // Received rows, grouped by local expert; each expert runs once on all of its rows.
+        let mine = &self.slices.experts;
+        let mut per_expert: Vec<Vec<u32>> = vec![Vec::new(); mine.len()];
+        let mut row = 0u32;
+        for (src, ids) in got_experts.iter().enumerate() {
+            for &e in ids {
+                let e = e as usize;
+                if !mine.contains(&e) {
+                    return Err(ModelError::Peer {
+                        rank: src,
+                        msg: format!(
+                            "layer {l}: sent a token for expert {e}, which rank {} does not hold",
+                            self.rank
+                        ),
+                    });
+                }
+                per_expert[e - mine.start].push(row);
+                row += 1;
+            }
+        }
+        let total = row as usize;
+        let order: Vec<u32> = per_expert.concat();
+        let order_dev = g.upload(&order)?;
+        let xs = g.alloc::<f32>(total * d)?;
+        g.rows_launch(
+            "gather_rows",
+            total,
+            &[
+                Arg::P(recv.ptr()),
+                Arg::P(order_dev.ptr()),
+                Arg::P(xs.ptr()),
+                Arg::I(d as i32),
+            ],
+        )?;
+        let ys = g.alloc::<f32>(total * d)?;
+        let mut at = 0;
+        for (j, list) in per_expert.iter().enumerate() {
+            if list.is_empty() {
+                continue;
+            }
+            self.expert_ffn(&lw.experts[j], xs.at(at * d), list.len(), ys.at(at * d))?;
+            at += list.len();
+        }
+        // Back to arrival order: replies[row] for every received row.
+        let replies = g.alloc::<f32>(total * d)?;
+        g.rows_launch(
+            "scatter_rows",
+            total,
+            &[
+                Arg::P(ys.ptr()),
+                Arg::P(order_dev.ptr()),
+                Arg::P(replies.ptr()),
+                Arg::I(d as i32),
+            ],
+        )?;
+
+        let parts = if world == 1 {
+            replies
+        } else {
+            let host = g.download_f32(replies.ptr(), total * d)?;
+            let mut back = Vec::with_capacity(world);
+            let mut start = 0;
+            for ids in &got_experts {
+                back.push(host[start * d..(start + ids.len()) * d].to_vec());
+                start += ids.len();
+            }
+            let everyone: Vec<usize> = (0..world).collect();
+            let partials = comm.run(|cm| cm.all_to_all_v(&everyone, back))?;
+            for (dst, list) in pending.iter().enumerate() {
+                if partials[dst].len() != list.len() * d {
+                    return Err(ModelError::Peer {
+                        rank: dst,
+                        msg: format!(
+                            "layer {l}: returned {} values for {} tokens",
+                            partials[dst].len(),
+                            list.len()
+                        ),
+                    });
+                }
+            }
+            g.upload(&partials.concat())?
+        };
+
+        // Combine: per token, its (row, gate) entries in destination order, then send order.
+        let mut per_token: Vec<Vec<(u32, f32)>> = vec![Vec::new(); m];
+        let mut r = 0u32;
+        for list in &pending {
+            for &(t, gate) in list {
+                per_token[t].push((r, gate));
+                r += 1;
+            }
+        }
+        let mut offsets = Vec::with_capacity(m + 1);
+        let (mut rows, mut gs) = (Vec::new(), Vec::new());
+        offsets.push(0u32);
+        for list in &per_token {
+            for &(r, gate) in list {
+                rows.push(r);
+                gs.push(gate);
+            }
+            offsets.push(rows.len() as u32);
+        }
+        let (off_d, rows_d, gates_d) = (g.upload(&offsets)?, g.upload(&rows)?, g.upload(&gs)?);
+        g.rows_launch(
+            "combine",
+            m,
+            &[
+                Arg::P(parts.ptr()),
+                Arg::P(off_d.ptr()),
+                Arg::P(rows_d.ptr()),
+                Arg::P(gates_d.ptr()),
+                Arg::P(y.ptr()),
+                Arg::I(d as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    /// `(gelu_tanh(x W) ⊙ (x V)) W1` for `rows` rows at `x`, into `out`.
+    fn expert_ffn(&self, w: &DevExpert, x: u64, rows: usize, out: u64) -> Result<(), CudaError> {
+        let g = &self.gpu;
+        let f = w.gate.n;
+        let a = g.alloc::<f32>(rows * f)?;
+        let b = g.alloc::<f32>(rows * f)?;
+        self.mm(x, rows, &w.gate, a.ptr())?;
+        self.mm(x, rows, &w.up, b.ptr())?;
+        g.elems_launch(
+            "gelu_mul",
+            rows * f,
+            &[Arg::P(a.ptr()), Arg::P(b.ptr()), Arg::N((rows * f) as u64)],
+        )?;
+        self.mm(a.ptr(), rows, &w.down, out)
+    }
+
+    /// Final norm (with the output multiplier folded in) and the tied head, only on the rows
+    /// the sequences ask for.
+    fn head(&self, h: &Buf<f32>, batch: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>, CudaError> {
+        let (g, c) = (&self.gpu, &self.config);
+        let (d, vocab) = (c.hidden_size, c.vocab_size);
+        let mut rows = Vec::new();
+        let mut start = 0;
+        for s in batch {
+            let t = s.tokens.len();
+            rows.extend(((start + t - s.logits.rows(t))..start + t).map(|r| r as u32));
+            start += t;
+        }
+        let mut logits = vec![0f32; rows.len() * vocab];
+        if !rows.is_empty() {
+            let sel_idx = g.upload(&rows)?;
+            let sel = g.alloc::<f32>(rows.len() * d)?;
+            g.rows_launch(
+                "gather_rows",
+                rows.len(),
+                &[
+                    Arg::P(h.ptr()),
+                    Arg::P(sel_idx.ptr()),
+                    Arg::P(sel.ptr()),
+                    Arg::I(d as i32),
+                ],
+            )?;
+            let normed = g.alloc::<f32>(rows.len() * d)?;
+            self.rmsnorm(
+                &sel,
+                &self.final_norm,
+                &normed,
+                rows.len(),
+                c.output_multiplier_scale,
+            )?;
+            let out = g.alloc::<f32>(rows.len() * vocab)?;
+            g.head_matmul(
+                normed.ptr(),
+                rows.len(),
+                d,
+                self.embeddings.ptr(),
+                vocab,
+                out.ptr(),
+            )?;
+            g.copy_out(out.ptr(), &mut logits)?;
+        } else {
+            g.sync()?;
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let mut rest = logits.as_slice();
+        for s in batch {
+            let (mine, tail) = rest.split_at(s.logits.rows(s.tokens.len()) * vocab);
+            out.push(mine.to_vec());
+            rest = tail;
+        }
+        Ok(out)
+    }
+}
+
+impl RankBackend for CudaShard {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> String {
+        format!("cuda:{} ({})", self.ordinal, self.gpu.name)
+    }
+
+    fn step(
+        &mut self,
+        comm: &dyn Communicator,
+        batch: &[SeqStep<'_>],
+    ) -> Result<ShardOutput, ModelError> {
+        self.forward(comm, batch)
+    }
+}
