@@ -355,7 +355,8 @@ impl Cluster {
         let (child, addr) = match remote {
             Some(a) => (None, a),
             None => {
-                let (c, a) = spawn_worker(&opts.worker_bin, &opts.token, &opts.worker_device, rank).await?;
+                let (c, a) =
+                    spawn_worker(&opts.worker_bin, &opts.token, &opts.worker_device, rank).await?;
                 (Some(c), a)
             }
         };

@@ -59,11 +59,17 @@ fn run(args: Args) -> Result<()> {
     if let Device::Cuda(n) = args.device {
         // Checked before listening, so a coordinator sees the reason at once.
         if !cuda_available() {
-            bail!("--device cuda:{n}: {}", grok_shared::cuda::CudaError::NoCuda);
+            bail!(
+                "--device cuda:{n}: {}",
+                grok_shared::cuda::CudaError::NoCuda
+            );
         }
         let count = cudarc_device_count();
         if n >= count {
-            bail!("--device cuda:{n}: this machine has {count} GPU(s) (use cuda:0..cuda:{})", count.saturating_sub(1));
+            bail!(
+                "--device cuda:{n}: this machine has {count} GPU(s) (use cuda:0..cuda:{})",
+                count.saturating_sub(1)
+            );
         }
     }
     if args.exit_with_stdin {

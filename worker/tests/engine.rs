@@ -26,8 +26,14 @@ impl Harness {
             .unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let status = Arc::new(Mutex::new(engine::Status::default()));
-        let (tx, addr) =
-            engine::spawn(rt.handle().clone(), "tok".into(), listener, status, grok_shared::cuda::Device::Cpu).unwrap();
+        let (tx, addr) = engine::spawn(
+            rt.handle().clone(),
+            "tok".into(),
+            listener,
+            status,
+            grok_shared::cuda::Device::Cpu,
+        )
+        .unwrap();
         Harness {
             rt,
             tx,

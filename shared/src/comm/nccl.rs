@@ -57,7 +57,11 @@ impl NcclComm {
             let id = Id::new().map_err(|e| fail(format!("ncclGetUniqueId: {e:?}")))?;
             id.internal()
                 .chunks_exact(4)
-                .map(|c| f32::from_bits(u32::from_le_bytes([c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8])))
+                .map(|c| {
+                    f32::from_bits(u32::from_le_bytes([
+                        c[0] as u8, c[1] as u8, c[2] as u8, c[3] as u8,
+                    ]))
+                })
                 .collect()
         } else {
             Vec::new()
@@ -125,7 +129,11 @@ impl NcclComm {
 
     /// Runs `f` (which enqueues NCCL work) and waits for it within the deadline; on a timeout
     /// the communicator is aborted (NCCL cannot cancel one operation) and stays failed.
-    fn run(&self, what: &str, f: impl FnOnce(&Comm) -> std::result::Result<(), String>) -> Result<()> {
+    fn run(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Comm) -> std::result::Result<(), String>,
+    ) -> Result<()> {
         let mut guard = self
             .comm
             .lock()
@@ -171,7 +179,9 @@ impl NcclComm {
     }
 }
 
-fn nccl<T>(r: std::result::Result<T, cudarc::nccl::result::NcclError>) -> std::result::Result<(), String> {
+fn nccl<T>(
+    r: std::result::Result<T, cudarc::nccl::result::NcclError>,
+) -> std::result::Result<(), String> {
     r.map(|_| ()).map_err(|e| format!("{e:?}"))
 }
 
@@ -204,7 +214,9 @@ impl Communicator for NcclComm {
         let n = self.download(&len, 1)?[0] as usize;
         let mut buf = self.upload(&vec![0.0; n])?;
         if n > 0 {
-            self.run("recv", |c| nccl(c.recv(&mut buf.slice_mut(..n), peer as i32)))?;
+            self.run("recv", |c| {
+                nccl(c.recv(&mut buf.slice_mut(..n), peer as i32))
+            })?;
         }
         self.download(&buf, n)
     }
@@ -216,7 +228,9 @@ impl Communicator for NcclComm {
         }
         let send = self.upload(buf)?;
         let mut recv = self.upload(buf)?;
-        self.run("all_reduce", |c| nccl(c.all_reduce(&send, &mut recv, &ReduceOp::Sum)))?;
+        self.run("all_reduce", |c| {
+            nccl(c.all_reduce(&send, &mut recv, &ReduceOp::Sum))
+        })?;
         buf.copy_from_slice(&self.download(&recv, buf.len())?);
         Ok(())
     }
@@ -317,7 +331,9 @@ mod tests {
             return;
         }
         let boot = LocalComm::group(1, Duration::from_secs(1)).remove(0);
-        let e = NcclComm::start(&boot, 0, Duration::from_secs(1)).err().unwrap();
+        let e = NcclComm::start(&boot, 0, Duration::from_secs(1))
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("gRPC collectives"), "{e}");
     }
 }

@@ -181,8 +181,8 @@ impl Gpu {
     /// An uninitialised buffer of `len` elements (every user writes it before reading).
     pub fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<Buf<T>, CudaError> {
         // SAFETY: the contents are unspecified until written; callers write before reading.
-        let s = unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| CudaError::OutOfMemory {
+        let s =
+            unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| CudaError::OutOfMemory {
                 bytes: len * std::mem::size_of::<T>(),
                 msg: e.to_string(),
             })?;
@@ -360,7 +360,13 @@ impl Gpu {
                 ]
             };
             if ky == 1 {
-                self.launch(&name, (gx as u32, 1), (32, warps as u32), smem, &common(dst))?;
+                self.launch(
+                    &name,
+                    (gx as u32, 1),
+                    (32, warps as u32),
+                    smem,
+                    &common(dst),
+                )?;
             } else {
                 let parts = self.alloc::<f32>(ky * rows * n)?;
                 self.launch(
@@ -410,9 +416,22 @@ impl Gpu {
             m * k,
             &[Arg::P(x), Arg::P(xb.ptr()), Arg::N((m * k) as u64)],
         )?;
-        // Row-major C[m,n] = X[m,k] W[k,n] is column-major Cᵀ[n,m] = Wᵀ[n,k] Xᵀ[k,m].
+        self.gemm_bf16(xb.ptr(), wb.ptr(), out, m, n, k)
+    }
+
+    /// Row-major `c[m, n] = a[m, k] · b[k, n]`, bf16 inputs, f32 accumulation and output.
+    pub fn gemm_bf16(
+        &self,
+        a: u64,
+        b: u64,
+        c: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
+        // Row-major C[m,n] = A[m,k] B[k,n] is column-major Cᵀ[n,m] = Bᵀ[n,k] Aᵀ[k,m].
         let (alpha, beta) = (1f32, 0f32);
-        // SAFETY: the buffers hold k*n, m*k and m*n elements of the types named.
+        // SAFETY: the callers' buffers hold m*k and k*n bf16 and m*n f32.
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
@@ -422,14 +441,14 @@ impl Gpu {
                 m as i32,
                 k as i32,
                 &alpha as *const f32 as *const _,
-                wb.ptr() as *const _,
+                b as *const _,
                 blas_sys::cudaDataType::CUDA_R_16BF,
                 n as i32,
-                xb.ptr() as *const _,
+                a as *const _,
                 blas_sys::cudaDataType::CUDA_R_16BF,
                 k as i32,
                 &beta as *const f32 as *const _,
-                out as *mut _,
+                c as *mut _,
                 blas_sys::cudaDataType::CUDA_R_32F,
                 n as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,

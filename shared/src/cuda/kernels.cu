@@ -126,6 +126,7 @@ extern "C" __global__ void attention(const float *q, const float *kc, const floa
         sm_sum[threadIdx.x] = 0.f;
     }
     float acc[ATT_ROWS];
+#pragma unroll
     for (int r = 0; r < ATT_ROWS; r++) acc[r] = 0.f;
     int visible = pos0 + ntok;  // keys the last token of the tile sees
     for (int j0 = 0; j0 < visible; j0 += ATT_KEYS) {
@@ -169,20 +170,29 @@ extern "C" __global__ void attention(const float *q, const float *kc, const floa
             sm_corr[r] = corr;
         }
         __syncthreads();
-        for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-            // One thread per column when hd <= blockDim.x (the launch guarantees it).
-            for (int r = 0; r < rows; r++) {
-                float a = acc[r] * sm_corr[r];
-                for (int j = 0; j < nk; j++) a += sp[r * ATT_KEYS + j] * sv[j * hd + c];
-                acc[r] = a;
+        // One thread per column (the launch has blockDim.x >= hd); constant trip counts keep
+        // acc in registers.
+        int c = threadIdx.x;
+        if (c < hd) {
+#pragma unroll
+            for (int r = 0; r < ATT_ROWS; r++) {
+                if (r < rows) {
+                    float a = acc[r] * sm_corr[r];
+                    for (int j = 0; j < nk; j++) a += sp[r * ATT_KEYS + j] * sv[j * hd + c];
+                    acc[r] = a;
+                }
             }
         }
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-        for (int r = 0; r < rows; r++) {
-            int tok = r / group, h = kvh * group + r % group;
-            out[(u64)(row0 + tok) * qd + h * hd + c] = acc[r] / sm_sum[r];
+    int c = threadIdx.x;
+    if (c < hd) {
+#pragma unroll
+        for (int r = 0; r < ATT_ROWS; r++) {
+            if (r < rows) {
+                int tok = r / group, h = kvh * group + r % group;
+                out[(u64)(row0 + tok) * qd + h * hd + c] = acc[r] / sm_sum[r];
+            }
         }
     }
 }

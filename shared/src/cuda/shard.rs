@@ -230,9 +230,34 @@ impl CudaShard {
         self.weight_bytes
     }
 
+    /// Weight bytes a step reads, given its `expert_tokens` (per layer, this rank's experts):
+    /// every attention matrix and the router, and each local expert that got a token.
+    pub fn step_weight_bytes(&self, expert_tokens: &[u64]) -> usize {
+        let experts = self.config.num_local_experts;
+        let mine = self.slices.experts.clone();
+        let mut total = 0;
+        for (l, lw) in self.layers.iter().enumerate() {
+            total += lw.wq.bytes() + lw.wk.bytes() + lw.wv.bytes() + lw.wo.bytes();
+            total += lw.router.bytes();
+            for (j, e) in lw.experts.iter().enumerate() {
+                let used = expert_tokens
+                    .get(l * experts + mine.start + j)
+                    .is_some_and(|&n| n > 0);
+                if used {
+                    total += e.gate.bytes() + e.up.bytes() + e.down.bytes();
+                }
+            }
+        }
+        total
+    }
+
     /// Bytes of the KV pool on the GPU.
     pub fn kv_bytes(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|b| b.bytes()).sum()
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|b| b.bytes())
+            .sum()
     }
 
     fn step_meta(&self, batch: &[SeqStep<'_>], positions: &[usize]) -> Result<StepMeta, CudaError> {
@@ -252,7 +277,12 @@ impl CudaShard {
             let mut t = 0;
             while t < s.tokens.len() {
                 let nt = per_tile.min(s.tokens.len() - t);
-                tiles.extend([(row + t) as i32, nt as i32, (s.start + t) as i32, off as i32]);
+                tiles.extend([
+                    (row + t) as i32,
+                    nt as i32,
+                    (s.start + t) as i32,
+                    off as i32,
+                ]);
                 t += nt;
             }
             row += s.tokens.len();
@@ -296,7 +326,10 @@ impl CudaShard {
         let mut expert_tokens = vec![0u64; c.num_hidden_layers * experts];
         let g = &self.gpu;
         let meta = self.step_meta(batch, &positions)?;
-        let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
         let tok = g.upload(&tokens)?;
         let mut h = g.alloc::<f32>(n * d)?;
         g.rows_launch(

@@ -9,10 +9,10 @@ pub use weights::{ModelWeights, QMatrix, Slices};
 
 use crate::checkpoint::CheckpointError;
 use crate::comm::Communicator;
-use crate::parallel::Plan;
-use std::time::Duration;
 use crate::config::ModelConfig;
+use crate::parallel::Plan;
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU check, run on the device from the repository root with target/gpu-bundle carried
+# (made here by deploy/gpu/bundle.sh; nothing is built on the device). Writes every result
+# under $OUT and a summary to stdout; each part has its own time limit, the whole well under
+# 6 minutes. Parts: GPU facts; the fixture on the GPU (int8 path and bf16 cuBLAS path), every
+# parallel plan on one GPU, NCCL world of one; the cluster through worker processes (2 GPU
+# workers over gRPC, 1 GPU worker with NCCL) against the fixture's greedy tokens; the layer
+# benchmark at Grok-1 dimensions; the PyTorch eager baseline of the same layer.
+set -u
+B=${GROK_GPU_BUNDLE:-target/gpu-bundle}
+OUT=${OUT:-/tmp/grok-gpu-check}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/targets/x86_64-linux/lib:/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export GROK_REFERENCE_DIR="$PWD/$B/reference"
+export GROK_KERNEL_CACHE="$OUT/kernel-cache"
+FIX="$GROK_REFERENCE_DIR/fixtures/grok1-tiny-a"
+step() { echo "== $1 ($(date +%T))"; }
+
+step "GPU"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+step "fixture, plans and NCCL on the GPU (library)"
+timeout 120 "$B/cuda_fixture" --ignored --test-threads 1 --nocapture >"$OUT/fixture.txt" 2>&1
+echo "cuda_fixture rc=$?" | tee -a "$OUT/fixture.txt"
+grep -E "^(GPU|plan|test |test result)" "$OUT/fixture.txt"
+timeout 60 "$B/shared_lib" --ignored nccl --nocapture >"$OUT/nccl.txt" 2>&1
+echo "nccl collectives rc=$?" | tee -a "$OUT/nccl.txt"
+
+step "layer benchmark at Grok-1 dimensions"
+GROK_BENCH_JSON="$OUT/cuda_layer.json" timeout 200 "$B/cuda_layer" 2>&1 | tee "$OUT/cuda_layer.txt"
+
+step "PyTorch eager bf16 baseline, same layer"
+timeout 100 python3 "$B/reference/bench/torch_grok_layer.py" 2>&1 | tee "$OUT/torch.txt"
+step "cluster of worker processes on the GPU vs the fixture's greedy tokens"
+python3 - "$FIX/expected.safetensors" >"$OUT/prompts.txt" <<'PY'
+import json, struct, sys
+b = open(sys.argv[1], "rb").read()
+n = struct.unpack("<Q", b[:8])[0]
+h = json.loads(b[8:8 + n])
+def ints(name):
+    m = h[name]; s, e = m["data_offsets"]
+    return list(struct.unpack(f"<{(e - s) // 4}i", b[8 + n + s:8 + n + e])), m["shape"]
+g, (rows, tg) = ints("greedy_tokens")
+t = ints("tokens")[1][1]
+for r in range(rows):
+    row = g[r * tg:(r + 1) * tg]
+    print(",".join(map(str, row[:t])), " ".join(map(str, row[t:])))
+PY
+cluster_ok=0
+for flags in "--workers 2 --tp 2 --ep 2" "--workers 2 --tp 1 --ep 2" "--workers 1 --collectives nccl"; do
+  while read -r prompt want; do
+    want=${want//,/ }
+    got=$(timeout 40 "$B/grok" generate --model "$FIX" --prompt-ids "$prompt" --max-tokens 6 \
+      --print-ids --worker-device cuda:0 $flags 2>>"$OUT/cluster-stderr.txt")
+    if [ "$got" = "$(echo $want)" ]; then r=same; else r="DIFFERENT (got '$got', want '$want')"; cluster_ok=1; fi
+    echo "$flags | prompt $prompt | $r" | tee -a "$OUT/cluster.txt"
+  done <"$OUT/prompts.txt"
+done
+echo "cluster rc=$cluster_ok" | tee -a "$OUT/cluster.txt"
+
+step "done"

@@ -1,0 +1,224 @@
+//! Grok-1 layers at real dimensions on one GPU (random weights from the same generator as
+//! `grok init --preset grok-1 --layers N`): ms per layer for decode at batch 1, 8 and 64 with
+//! 1024 positions of context, and a 2048-token prefill; the weight bytes/s decode achieves
+//! against a device-to-device copy measured in the same run, and prefill FLOP/s against a
+//! bf16 cuBLAS GEMM of the prefill's expert shape measured in the same run.
+//!
+//! `cargo bench -p grok-shared --bench cuda_layer`; env: GROK_BENCH_LAYERS (default 1),
+//! GROK_BENCH_MODEL (a directory to reuse; default a fresh temporary one), GROK_BENCH_JSON
+//! (also write the results there). Prints a note and exits where there is no GPU.
+
+use grok_shared::checkpoint::init::init_random;
+use grok_shared::checkpoint::open_model;
+use grok_shared::comm::local::LocalComm;
+use grok_shared::config::ModelConfig;
+use grok_shared::cuda::{cuda_available, gpu_count, CudaShard};
+use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqStep};
+use grok_shared::parallel::Plan;
+use std::time::{Duration, Instant};
+
+const CTX: usize = 1024;
+const BS: usize = 16;
+const ITERS: usize = 10;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    if !cuda_available() || gpu_count() == 0 {
+        println!("cuda_layer: no CUDA GPU here; nothing to measure");
+        return;
+    }
+    let layers = env_usize("GROK_BENCH_LAYERS", 1).max(1);
+    let mut cfg = ModelConfig::preset("grok-1").expect("grok-1 preset");
+    cfg.num_hidden_layers = layers;
+    let tmp;
+    let dir = match std::env::var_os("GROK_BENCH_MODEL") {
+        Some(d) if std::path::Path::new(&d).join("config.json").exists() => d.into(),
+        other => {
+            let path = match other {
+                Some(d) => std::path::PathBuf::from(d),
+                None => {
+                    tmp = tempfile::tempdir().expect("temp dir");
+                    tmp.path().join("grok-1-bench")
+                }
+            };
+            let t = Instant::now();
+            init_random(&cfg, 0, &path, &mut |_| {}).expect("init");
+            println!(
+                "init: {layers} layer(s) of Grok-1 in {:.1} s",
+                t.elapsed().as_secs_f64()
+            );
+            path
+        }
+    };
+    let t = Instant::now();
+    let model = open_model(&dir).expect("open");
+    let weights = ModelWeights::load(model.source.as_ref(), &model.config).expect("load");
+    let plan = Plan::new(&model.config, 1, 1, 1).expect("plan");
+    // Room for 64 sequences of 1024 + 1 positions, and one of 2048.
+    let per_seq = (CTX + 1).div_ceil(BS);
+    let blocks = 64 * per_seq + 2048 / BS;
+    let mut shard = CudaShard::new(weights, plan, 0, 0, blocks, BS).expect("shard");
+    println!(
+        "GPU: {} ({} SMs); weights {:.2} GB, KV pool {:.2} GB, loaded in {:.1} s",
+        shard.gpu().name,
+        shard.gpu().sms(),
+        shard.weight_bytes() as f64 / 1e9,
+        shard.kv_bytes() as f64 / 1e9,
+        t.elapsed().as_secs_f64()
+    );
+    let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
+
+    let copy_bw = copy_bandwidth(&shard);
+    let (gemm_tflops, gemm_ms) = cublas_peak(&shard);
+    println!("device copy: {:.2} TB/s (read + write)", copy_bw / 1e12);
+    println!(
+        "cuBLAS bf16 [2048 x 6144] x [6144 x 32768]: {gemm_ms:.3} ms, {:.0} TFLOP/s",
+        gemm_tflops
+    );
+
+    let mut json = vec![
+        format!("\"gpu\": \"{}\"", shard.gpu().name),
+        format!("\"layers\": {layers}"),
+        format!("\"copy_tb_s\": {:.4}", copy_bw / 1e12),
+        format!("\"cublas_bf16_tflops\": {gemm_tflops:.1}"),
+    ];
+    println!("\n| step | ms / step | ms / layer | weight GB read | GB/s | floor ms | x floor |");
+    println!("|---|---|---|---|---|---|---|");
+    for b in [1usize, 8, 64] {
+        let tables: Vec<Vec<u32>> = (0..b)
+            .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
+            .collect();
+        let toks: Vec<Vec<u32>> = (0..b).map(|i| vec![(1000 + 7 * i) as u32]).collect();
+        // The cache holds 1024 positions (zeros: the arithmetic and bytes are the same).
+        let batch: Vec<SeqStep> = (0..b)
+            .map(|i| SeqStep {
+                tokens: &toks[i],
+                start: CTX,
+                blocks: &tables[i],
+                logits: LogitsMode::None,
+            })
+            .collect();
+        let (ms, out) = time_steps(&mut shard, &comm, &batch);
+        let bytes = shard.step_weight_bytes(&out.expert_tokens) as f64;
+        let floor_ms = bytes / copy_bw * 1e3;
+        println!(
+            "| decode b={b} | {ms:.3} | {:.3} | {:.2} | {:.0} | {floor_ms:.3} | {:.2} |",
+            ms / layers as f64,
+            bytes / 1e9,
+            bytes / (ms / 1e3) / 1e9,
+            ms / floor_ms
+        );
+        json.push(format!(
+            "\"decode_b{b}\": {{\"ms_per_layer\": {:.4}, \"weight_bytes\": {bytes}, \
+             \"x_floor\": {:.3}}}",
+            ms / layers as f64,
+            ms / floor_ms
+        ));
+    }
+    let prompt: Vec<u32> = (0..2048u32).map(|i| (i * 37 + 11) % 131_000).collect();
+    let table: Vec<u32> = ((64 * per_seq) as u32..blocks as u32).collect();
+    let batch = [SeqStep {
+        tokens: &prompt,
+        start: 0,
+        blocks: &table,
+        logits: LogitsMode::None,
+    }];
+    let (ms, _) = time_steps(&mut shard, &comm, &batch);
+    let c = shard.config().clone();
+    let (d, f, qd, kvd) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.q_dim() as f64,
+        c.kv_dim() as f64,
+    );
+    let t = 2048f64;
+    // Projections, top-2 expert FFNs, and causal attention (scores and values, half the
+    // square on average).
+    let flops_layer = t * 2.0 * (d * (qd + 2.0 * kvd) + qd * d)
+        + t * c.num_experts_per_tok as f64 * 3.0 * 2.0 * d * f
+        + 2.0 * 2.0 * (t * t / 2.0) * qd;
+    let tflops = flops_layer * layers as f64 / (ms / 1e3) / 1e12;
+    println!(
+        "| prefill 2048 | {ms:.3} | {:.3} | | {tflops:.0} TFLOP/s | | {:.0}% of cuBLAS bf16 |",
+        ms / layers as f64,
+        100.0 * tflops / gemm_tflops
+    );
+    json.push(format!(
+        "\"prefill_2048\": {{\"ms_per_layer\": {:.4}, \"tflops\": {tflops:.1}, \
+         \"of_cublas\": {:.3}}}",
+        ms / layers as f64,
+        tflops / gemm_tflops
+    ));
+    if let Ok(path) = std::env::var("GROK_BENCH_JSON") {
+        let body = format!("{{{}}}\n", json.join(", "));
+        if let Err(e) = std::fs::write(&path, body) {
+            eprintln!("writing {path}: {e}");
+        }
+    }
+}
+
+/// Median ms of ITERS steps after 3 warm-ups, and the last step's output.
+fn time_steps(
+    shard: &mut CudaShard,
+    comm: &LocalComm,
+    batch: &[SeqStep<'_>],
+) -> (f64, grok_shared::model::ShardOutput) {
+    let mut out = None;
+    for _ in 0..3 {
+        out = Some(shard.step(comm, batch).expect("step"));
+    }
+    let mut times = Vec::with_capacity(ITERS);
+    for _ in 0..ITERS {
+        let t = Instant::now();
+        out = Some(shard.step(comm, batch).expect("step"));
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[ITERS / 2], out.expect("ran"))
+}
+
+/// Device-to-device copy of 2 GiB, counted as bytes read plus bytes written per second.
+fn copy_bandwidth(shard: &CudaShard) -> f64 {
+    let g = shard.gpu();
+    let n = 2usize << 30;
+    let a = g.zeros::<u8>(n).expect("alloc");
+    let b = g.zeros::<u8>(n).expect("alloc");
+    for _ in 0..2 {
+        g.copy_dd(b.ptr(), a.ptr(), n).expect("copy");
+    }
+    g.sync().expect("sync");
+    let t = Instant::now();
+    for _ in 0..ITERS {
+        g.copy_dd(b.ptr(), a.ptr(), n).expect("copy");
+    }
+    g.sync().expect("sync");
+    2.0 * (n * ITERS) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// TFLOP/s and ms of a bf16 GEMM of the prefill's expert shape.
+fn cublas_peak(shard: &CudaShard) -> (f64, f64) {
+    let g = shard.gpu();
+    let (m, n, k) = (2048usize, 32768usize, 6144usize);
+    let a = g.zeros::<u16>(m * k).expect("alloc");
+    let b = g.zeros::<u16>(k * n).expect("alloc");
+    let c = g.zeros::<f32>(m * n).expect("alloc");
+    for _ in 0..3 {
+        g.gemm_bf16(a.ptr(), b.ptr(), c.ptr(), m, n, k)
+            .expect("gemm");
+    }
+    g.sync().expect("sync");
+    let t = Instant::now();
+    for _ in 0..ITERS {
+        g.gemm_bf16(a.ptr(), b.ptr(), c.ptr(), m, n, k)
+            .expect("gemm");
+    }
+    g.sync().expect("sync");
+    let s = t.elapsed().as_secs_f64() / ITERS as f64;
+    (2.0 * (m * n * k) as f64 / s / 1e12, s * 1e3)
+}
