@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/grok-gpu-check}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/targets/x86_64-linux/lib:/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export GROK_REFERENCE_DIR="$PWD/$B/reference"
-export GROK_KERNEL_CACHE="$OUT/kernel-cache"
+export GROK_KERNEL_CACHE=/tmp/grok-kernel-cache
 FIX="$GROK_REFERENCE_DIR/fixtures/grok1-tiny-a"
 step() { echo "== $1 ($(date +%T))"; }
 
@@ -23,14 +23,19 @@ step "fixture, plans and NCCL on the GPU (library)"
 timeout 120 "$B/cuda_fixture" --ignored --test-threads 1 --nocapture >"$OUT/fixture.txt" 2>&1
 echo "cuda_fixture rc=$?" | tee -a "$OUT/fixture.txt"
 grep -E "^(GPU|plan|test |test result)" "$OUT/fixture.txt"
-timeout 60 "$B/shared_lib" --ignored nccl --nocapture >"$OUT/nccl.txt" 2>&1
-echo "nccl collectives rc=$?" | tee -a "$OUT/nccl.txt"
+timeout 60 "$B/shared_lib" --ignored nccl --nocapture >>"$OUT/fixture.txt" 2>&1
+echo "nccl collectives rc=$?" | tee -a "$OUT/fixture.txt"
 
 step "layer benchmark at Grok-1 dimensions"
+export GROK_BENCH_MODEL=/tmp/grok-bench-model
 GROK_BENCH_JSON="$OUT/cuda_layer.json" timeout 200 "$B/cuda_layer" 2>&1 | tee "$OUT/cuda_layer.txt"
+step "the same, every kernel timed (GROK_CUDA_PROFILE=1; times inflated by the syncs)"
+GROK_CUDA_PROFILE=1 timeout 100 "$B/cuda_layer" 2>&1 | tee "$OUT/cuda_layer_profile.txt"
 
-step "PyTorch eager bf16 baseline, same layer"
-timeout 100 python3 "$B/reference/bench/torch_grok_layer.py" 2>&1 | tee "$OUT/torch.txt"
+if [ "${SKIP_TORCH:-0}" != 1 ]; then
+  step "PyTorch eager bf16 baseline, same layer"
+  timeout 100 python3 "$B/reference/bench/torch_grok_layer.py" 2>&1 | tee "$OUT/torch.txt"
+fi
 step "cluster of worker processes on the GPU vs the fixture's greedy tokens"
 python3 - "$FIX/expected.safetensors" >"$OUT/prompts.txt" <<'PY'
 import json, struct, sys
@@ -51,7 +56,7 @@ for flags in "--workers 2 --tp 2 --ep 2" "--workers 2 --tp 1 --ep 2" "--workers 
   while read -r prompt want; do
     want=${want//,/ }
     got=$(timeout 40 "$B/grok" generate --model "$FIX" --prompt-ids "$prompt" --max-tokens 6 \
-      --print-ids --worker-device cuda:0 $flags 2>>"$OUT/cluster-stderr.txt")
+      --print-ids --worker-device cuda:0 $flags 2>>"$OUT/cluster.txt")
     if [ "$got" = "$(echo $want)" ]; then r=same; else r="DIFFERENT (got '$got', want '$want')"; cluster_ok=1; fi
     echo "$flags | prompt $prompt | $r" | tee -a "$OUT/cluster.txt"
   done <"$OUT/prompts.txt"

@@ -173,6 +173,7 @@ fn time_steps(
     for _ in 0..3 {
         out = Some(shard.step(comm, batch).expect("step"));
     }
+    shard.gpu().profile_report(); // drops the warm-ups' entries
     let mut times = Vec::with_capacity(ITERS);
     for _ in 0..ITERS {
         let t = Instant::now();
@@ -180,6 +181,15 @@ fn time_steps(
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
+    // GROK_CUDA_PROFILE=1: where a step's time goes (every launch synchronised, so the
+    // total exceeds the step time above).
+    for (name, n, secs) in shard.gpu().profile_report().into_iter().take(12) {
+        println!(
+            "    {name:<24} {:>6} calls {:>9.3} ms/step",
+            n / ITERS as u64,
+            secs * 1e3 / ITERS as f64
+        );
+    }
     (times[ITERS / 2], out.expect("ran"))
 }
 

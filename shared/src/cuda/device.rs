@@ -16,16 +16,19 @@ use std::sync::Arc;
 /// The kernels' CUDA C source.
 pub const KERNELS: &str = include_str!("kernels.cu");
 
-/// Rows of one attention tile (tokens × q heads per kv head) and keys per shared-memory tile:
-/// `ATT_ROWS` / `ATT_KEYS` in kernels.cu.
-pub const ATT_ROWS: usize = 16;
-const ATT_KEYS: usize = 32;
+/// Rows of one attention tile (tokens × q heads per kv head): the kernel comes in these sizes
+/// (`attention_R` in kernels.cu), the small one for decode steps. Keys per shared-memory tile:
+/// `ATT_KEYS`.
+pub const ATT_ROWS: [usize; 2] = [16, 64];
+pub const ATT_KEYS: usize = 32;
 /// Threads of an attention block: one per column of a head.
 pub const ATT_THREADS: usize = 128;
 
-/// Largest batch the int8 kernel takes by default; above it, weights are dequantised to bf16
-/// for cuBLAS (prefill), whose tensor cores then win despite the extra weight traffic.
-pub const DEFAULT_GEMM_MIN_ROWS: usize = 65;
+/// Matmuls of at least this many rows dequantise the weight to bf16 for cuBLAS, whose tensor
+/// cores win from here despite the extra weight traffic; smaller ones (decode) stream the int8
+/// weights through the f32 kernel. `GROK_CUDA_GEMM_MIN_ROWS` overrides it (a huge value keeps
+/// every matmul on the exact, batch-invariant int8 path).
+pub const DEFAULT_GEMM_MIN_ROWS: usize = 9;
 
 /// Which libraries a CUDA backend needs, and whether they load here.
 pub fn cuda_available() -> bool {
@@ -115,6 +118,9 @@ pub struct Gpu {
     funcs: HashMap<String, CudaFunction>,
     sms: usize,
     pub name: String,
+    /// With `GROK_CUDA_PROFILE=1`: every launch synchronised and timed, per kernel name
+    /// (count, seconds). Off by default: the syncs serialise the host with the GPU.
+    profile: Option<std::sync::Mutex<HashMap<String, (u64, f64)>>>,
 }
 
 fn drv_err(op: &'static str) -> impl Fn(drv::DriverError) -> CudaError {
@@ -138,6 +144,7 @@ impl Gpu {
         // SAFETY: every buffer is used on the one stream below, in stream order.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv_err("creating a stream"))?;
+        keep_freed_memory(&ctx)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Blas {
             op: "creating a handle",
             msg: e.to_string(),
@@ -160,6 +167,19 @@ impl Gpu {
                 .map_err(drv_err("finding a kernel"))?;
             funcs.insert(name, f);
         }
+        for rows in ATT_ROWS {
+            if let Some(f) = funcs.get(&format!("attention_{rows}")) {
+                // Prefill tiles need more than the default 48 KiB of dynamic shared memory.
+                f.set_attribute(
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    Self::attention_smem_bytes(rows, ATT_THREADS) as i32,
+                )
+                .map_err(drv_err("allowing the attention kernel its shared memory"))?;
+            }
+        }
+        let profile = std::env::var("GROK_CUDA_PROFILE")
+            .is_ok_and(|v| v == "1")
+            .then(|| std::sync::Mutex::new(HashMap::new()));
         Ok(Gpu {
             ctx,
             stream,
@@ -167,11 +187,48 @@ impl Gpu {
             funcs,
             sms,
             name,
+            profile,
         })
     }
 
     pub fn sms(&self) -> usize {
         self.sms
+    }
+
+    /// Runs `f`, timing it under `what` when profiling (see [`Gpu::profile_report`]).
+    fn timed<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce() -> Result<T, CudaError>,
+    ) -> Result<T, CudaError> {
+        let Some(p) = &self.profile else {
+            return f();
+        };
+        self.sync()?;
+        let t = std::time::Instant::now();
+        let r = f()?;
+        self.sync()?;
+        let dt = t.elapsed().as_secs_f64();
+        if let Ok(mut m) = p.lock() {
+            let e = m.entry(what.to_string()).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += dt;
+        }
+        Ok(r)
+    }
+
+    /// (name, launches, seconds) per kernel since the last report, most time first; empty
+    /// unless `GROK_CUDA_PROFILE=1`.
+    pub fn profile_report(&self) -> Vec<(String, u64, f64)> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let Ok(mut m) = p.lock() else {
+            return Vec::new();
+        };
+        let mut v: Vec<_> = m.drain().map(|(k, (n, s))| (k, n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -214,9 +271,11 @@ impl Gpu {
         if host.is_empty() {
             return Ok(());
         }
-        // SAFETY: dst is an allocation of at least host.len() elements (callers size it so).
-        unsafe { drv::memcpy_htod_async(dst, host, self.stream.cu_stream()) }
-            .map_err(drv_err("copying to the device"))
+        self.timed("copy to device", || {
+            // SAFETY: dst is an allocation of at least host.len() elements (callers size it).
+            unsafe { drv::memcpy_htod_async(dst, host, self.stream.cu_stream()) }
+                .map_err(drv_err("copying to the device"))
+        })
     }
 
     /// Device → host: waits for the stream, then copies `out.len()` elements from `src`.
@@ -224,10 +283,12 @@ impl Gpu {
         if out.is_empty() {
             return Ok(());
         }
-        // SAFETY: src holds at least out.len() elements; the stream is synchronised after.
-        unsafe { drv::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
-            .map_err(drv_err("copying to the host"))?;
-        self.sync()
+        self.timed("copy to host", || {
+            // SAFETY: src holds at least out.len() elements; the stream is synchronised after.
+            unsafe { drv::memcpy_dtoh_async(out, src, self.stream.cu_stream()) }
+                .map_err(drv_err("copying to the host"))?;
+            self.sync()
+        })
     }
 
     pub fn copy_dd(&self, dst: u64, src: u64, bytes: usize) -> Result<(), CudaError> {
@@ -280,14 +341,16 @@ impl Gpu {
             block_dim: (block.0, block.1, 1),
             shared_mem_bytes: smem,
         };
-        // SAFETY: each kernel's arguments are built by the typed wrappers in this crate, which
-        // match the signatures in kernels.cu and size every buffer they pass.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| CudaError::Launch {
-                kernel: name.to_string(),
-                msg: e.to_string(),
-            })
+        self.timed(name, || {
+            // SAFETY: each kernel's arguments are built by the typed wrappers in this crate,
+            // which match the signatures in kernels.cu and size every buffer they pass.
+            unsafe { b.launch(cfg) }
+                .map(|_| ())
+                .map_err(|e| CudaError::Launch {
+                    kernel: name.to_string(),
+                    msg: e.to_string(),
+                })
+        })
     }
 
     /// One block per row with up to 256 threads.
@@ -328,24 +391,38 @@ impl Gpu {
             return self.qmatmul_cublas(x, m, q, out);
         }
         let (k, n) = (q.k, q.n);
+        let wide = n.is_multiple_of(16);
         let vec = if n.is_multiple_of(4) { 4 } else { 1 };
-        let gx = n.div_ceil(32 * vec);
+        let warps = 4;
+        // The K split depends only on the matrix (the wide kernel's column tiles when it
+        // applies), so a row's sum is the same whatever else is in the batch; enough blocks
+        // to fill the GPU several times over, each warp ≥ 16 rows of K.
+        let split_tiles = if wide {
+            n.div_ceil(512)
+        } else {
+            n.div_ceil(32 * vec)
+        };
+        let ky = (8 * self.sms)
+            .div_ceil(split_tiles)
+            .min((k / (warps * 16)).max(1))
+            .max(1);
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(16);
-            let mr = [1, 2, 4, 8, 16]
-                .into_iter()
-                .find(|&r| r >= rows)
-                .unwrap_or(16);
-            // Shared memory of the block's reduction: warps × mr × 32 × vec floats ≤ 32 KiB.
-            let warps = (32 * 1024 / (mr * 32 * vec * 4)).clamp(1, 8);
-            // Enough blocks to fill the GPU several times over, each warp ≥ 16 rows of K.
-            let want = (4 * self.sms).div_ceil(gx);
-            let ky = want.min((k / (warps * 16)).max(1)).max(1);
-            let smem = (warps * mr * 32 * vec * 4) as u32;
+            let (name, mr, cols) = if wide && rows <= 4 {
+                let mr = [1, 2, 4].into_iter().find(|&r| r >= rows).unwrap_or(4);
+                (format!("qgemv16_{mr}"), mr, 16)
+            } else {
+                let mr = [1, 2, 4, 8, 16]
+                    .into_iter()
+                    .find(|&r| r >= rows)
+                    .unwrap_or(16);
+                (format!("qgemv_{mr}_{vec}"), mr, vec)
+            };
+            let gx = n.div_ceil(32 * cols);
+            let smem = (warps * mr * 32 * cols * 4) as u32;
             let xs = x + (r0 * k * 4) as u64;
             let dst = out + (r0 * n * 4) as u64;
-            let name = format!("qgemv_{mr}_{vec}");
             let common = |target: u64| {
                 [
                     Arg::P(xs),
@@ -398,9 +475,12 @@ impl Gpu {
     fn qmatmul_cublas(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
         let (k, n) = (q.k, q.n);
         let wb = self.alloc::<u16>(k * n)?;
-        self.elems_launch(
+        // One block row per matrix row, 4 columns per thread.
+        self.launch(
             "dequant_bf16",
-            k * n,
+            (n.div_ceil(4 * 256) as u32, k as u32),
+            (256, 1),
+            0,
             &[
                 Arg::P(q.w.ptr()),
                 Arg::P(q.s.ptr()),
@@ -432,7 +512,7 @@ impl Gpu {
         // Row-major C[m,n] = A[m,k] B[k,n] is column-major Cᵀ[n,m] = Bᵀ[n,k] Aᵀ[k,m].
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: the callers' buffers hold m*k and k*n bf16 and m*n f32.
-        unsafe {
+        self.timed("cublas_gemm_bf16", || unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
@@ -454,10 +534,10 @@ impl Gpu {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-        }
-        .map_err(|e| CudaError::Blas {
-            op: "bf16 GEMM",
-            msg: e.to_string(),
+            .map_err(|e| CudaError::Blas {
+                op: "bf16 GEMM",
+                msg: e.to_string(),
+            })
         })
     }
 
@@ -499,15 +579,40 @@ impl Gpu {
         })
     }
 
-    /// Bytes of shared memory the attention kernel needs for `head_dim`.
-    pub fn attention_smem_bytes(head_dim: usize) -> usize {
-        (ATT_ROWS * head_dim
+    /// Bytes of shared memory `attention_{rows}` needs for `head_dim`.
+    pub fn attention_smem_bytes(rows: usize, head_dim: usize) -> usize {
+        (rows * head_dim
             + ATT_KEYS * (head_dim + 1)
             + ATT_KEYS * head_dim
-            + ATT_ROWS * ATT_KEYS
-            + 3 * ATT_ROWS)
+            + rows * ATT_KEYS
+            + 3 * rows)
             * 4
     }
+}
+
+/// Freed stream-ordered allocations stay in the device's pool instead of going back to the
+/// driver at every synchronisation: a step allocates its activations afresh, and remapping
+/// them after each of its syncs cost more than the decode matmuls.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on this context's device with valid out-pointers.
+    unsafe {
+        drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(drv_err("finding the memory pool"))?;
+        drv_sys::cuMemPoolSetAttribute(
+            pool,
+            drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )
+        .result()
+        .map_err(drv_err("setting the memory pool's release threshold"))?;
+    }
+    Ok(())
 }
 
 fn kernel_names() -> Vec<String> {
@@ -517,7 +622,9 @@ fn kernel_names() -> Vec<String> {
         "add_rmsnorm",
         "rope",
         "kv_write",
-        "attention",
+        "attention_16",
+        "attention_64",
+        "attention_combine",
         "route",
         "gather_rows",
         "scatter_rows",
@@ -535,6 +642,9 @@ fn kernel_names() -> Vec<String> {
         for vec in [4, 1] {
             v.push(format!("qgemv_{mr}_{vec}"));
         }
+    }
+    for mr in [1, 2, 4] {
+        v.push(format!("qgemv16_{mr}"));
     }
     v
 }

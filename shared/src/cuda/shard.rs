@@ -7,7 +7,7 @@
 //! only brings back the router's choices (the expert batch sizes the launches need) and the
 //! logits.
 
-use super::device::{Arg, Buf, DevQ, Gpu, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS};
+use super::device::{Arg, Buf, DevQ, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS};
 use super::CudaError;
 use crate::comm::Communicator;
 use crate::config::ModelConfig;
@@ -82,6 +82,10 @@ struct StepMeta {
     /// `[tiles, 4]`: see the attention kernel.
     tiles: Buf<i32>,
     num_tiles: usize,
+    /// Rows per attention tile: which `attention_R` runs.
+    tile_rows: usize,
+    /// Key splits per tile (flash-decoding: a small grid splits each tile's keys).
+    splits: usize,
     /// Pool rows of every visible position of every sequence, concatenated.
     read_slots: Buf<u32>,
 }
@@ -114,11 +118,11 @@ impl CudaShard {
             ..c.clone()
         };
         let group = c.num_attention_heads / c.num_key_value_heads.max(1);
-        if c.head_dim > ATT_THREADS || group > ATT_ROWS || c.num_local_experts > 64 {
+        if c.head_dim > ATT_THREADS || group > ATT_ROWS[0] || c.num_local_experts > 64 {
             return Err(CudaError::Unsupported(format!(
                 "head_dim {} (at most {ATT_THREADS}), {group} query heads per kv head (at most \
-                 {ATT_ROWS}), {} experts (at most 64)",
-                c.head_dim, c.num_local_experts
+                 {}), {} experts (at most 64)",
+                c.head_dim, ATT_ROWS[0], c.num_local_experts
             ))
             .into());
         }
@@ -205,7 +209,10 @@ impl CudaShard {
             block_size,
             num_blocks,
             weight_bytes,
-            gemm_min_rows: DEFAULT_GEMM_MIN_ROWS,
+            gemm_min_rows: std::env::var("GROK_CUDA_GEMM_MIN_ROWS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DEFAULT_GEMM_MIN_ROWS),
         })
     }
 
@@ -263,7 +270,13 @@ impl CudaShard {
     fn step_meta(&self, batch: &[SeqStep<'_>], positions: &[usize]) -> Result<StepMeta, CudaError> {
         let bs = self.block_size;
         let group = self.local.num_attention_heads / self.local.num_key_value_heads;
-        let per_tile = (ATT_ROWS / group).max(1);
+        // Decode steps (a token or two per sequence) take the small tile.
+        let tile_rows = if batch.iter().all(|s| s.tokens.len() * group <= ATT_ROWS[0]) {
+            ATT_ROWS[0]
+        } else {
+            ATT_ROWS[1]
+        };
+        let per_tile = (tile_rows / group).max(1);
         let slot = |blocks: &[u32], p: usize| blocks[p / bs] * bs as u32 + (p % bs) as u32;
         let mut write = Vec::with_capacity(positions.len());
         let mut tiles = Vec::new();
@@ -288,11 +301,29 @@ impl CudaShard {
             row += s.tokens.len();
         }
         let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+        // Enough blocks to fill the GPU four times over, each split at least two key tiles.
+        let num_tiles = tiles.len() / 4;
+        let blocks = num_tiles * self.local.num_key_value_heads;
+        let longest = batch
+            .iter()
+            .map(|s| s.start + s.tokens.len())
+            .max()
+            .unwrap_or(0);
+        let splits = if blocks == 0 || blocks >= 4 * self.gpu.sms() {
+            1
+        } else {
+            (4 * self.gpu.sms())
+                .div_ceil(blocks)
+                .min(longest.div_ceil(2 * ATT_KEYS))
+                .max(1)
+        };
         Ok(StepMeta {
+            tile_rows,
+            splits,
             n: positions.len(),
             positions: self.gpu.upload(&pos)?,
             write_slots: self.gpu.upload(&write)?,
-            num_tiles: tiles.len() / 4,
+            num_tiles,
             tiles: self.gpu.upload(&tiles)?,
             read_slots: self.gpu.upload(&read)?,
         })
@@ -476,11 +507,19 @@ impl CudaShard {
             ],
         )?;
         let att = g.alloc::<f32>(n * qd)?;
+        let (rows, splits, kvh) = (meta.tile_rows, meta.splits, c.num_key_value_heads);
+        let parts = splits * meta.num_tiles * kvh * rows;
+        // Partial outputs only when the keys are split.
+        let (part_o, part_ml) = if splits > 1 {
+            (g.alloc::<f32>(parts * hd)?, g.alloc::<f32>(parts * 2)?)
+        } else {
+            (g.alloc::<f32>(0)?, g.alloc::<f32>(0)?)
+        };
         g.launch(
-            "attention",
-            (meta.num_tiles as u32, c.num_key_value_heads as u32),
+            &format!("attention_{rows}"),
+            (meta.num_tiles as u32, (kvh * splits) as u32),
             (ATT_THREADS as u32, 1),
-            Gpu::attention_smem_bytes(hd) as u32,
+            Gpu::attention_smem_bytes(rows, hd) as u32,
             &[
                 Arg::P(q.ptr()),
                 Arg::P(self.keys[l].ptr()),
@@ -489,12 +528,34 @@ impl CudaShard {
                 Arg::P(meta.tiles.ptr()),
                 Arg::P(meta.read_slots.ptr()),
                 Arg::I(c.num_attention_heads as i32),
-                Arg::I(c.num_key_value_heads as i32),
+                Arg::I(kvh as i32),
                 Arg::I(hd as i32),
                 Arg::F(c.attn_output_multiplier),
                 Arg::F(c.max_attn_value),
+                Arg::I(splits as i32),
+                Arg::P(part_o.ptr()),
+                Arg::P(part_ml.ptr()),
             ],
         )?;
+        if splits > 1 {
+            g.launch(
+                "attention_combine",
+                (meta.num_tiles as u32, kvh as u32),
+                (ATT_THREADS as u32, 1),
+                0,
+                &[
+                    Arg::P(part_o.ptr()),
+                    Arg::P(part_ml.ptr()),
+                    Arg::P(att.ptr()),
+                    Arg::P(meta.tiles.ptr()),
+                    Arg::I(c.num_attention_heads as i32),
+                    Arg::I(kvh as i32),
+                    Arg::I(hd as i32),
+                    Arg::I(splits as i32),
+                    Arg::I(rows as i32),
+                ],
+            )?;
+        }
         let o = g.alloc::<f32>(n * d)?;
         self.mm(att.ptr(), n, &lw.wo, o.ptr())?;
         Ok(o)
