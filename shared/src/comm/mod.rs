@@ -121,6 +121,22 @@ pub trait Communicator: Send + Sync {
     }
 }
 
+/// A communicator, adding up the time spent inside its calls (what a step reports as time in
+/// collectives).
+pub(crate) struct Timed<'a> {
+    pub comm: &'a dyn Communicator,
+    pub spent: Duration,
+}
+
+impl Timed<'_> {
+    pub fn run<T>(&mut self, f: impl FnOnce(&dyn Communicator) -> T) -> T {
+        let t = std::time::Instant::now();
+        let r = f(self.comm);
+        self.spent += t.elapsed();
+        r
+    }
+}
+
 /// `out = Σ parts`, adding in group order so every rank gets bit-identical sums.
 fn sum_into(rank: usize, what: &str, out: &mut [f32], parts: Vec<Vec<f32>>) -> Result<()> {
     out.fill(0.0);

@@ -10,14 +10,14 @@ pub mod matmul;
 pub mod ops;
 
 use crate::comm::local::LocalComm;
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Timed};
 use crate::config::ModelConfig;
 use crate::model::weights::{ExpertWeights, LayerWeights, Slices};
 pub use crate::model::ShardOutput;
 use crate::model::{check_steps, Forward, ModelError, ModelWeights, PagedKv, RankBackend, SeqStep};
 use crate::parallel::plan::{split_range, Plan};
 use matmul::{matmul_bt, qmatmul};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One rank's part of the model and the math it runs each step.
 pub struct CpuShard {
@@ -54,21 +54,6 @@ fn check_batch(
     check_steps(c, kv.block_size(), kv.num_blocks(), batch)
 }
 
-/// The communicator, adding up the time spent inside its calls.
-struct Timed<'a> {
-    comm: &'a dyn Communicator,
-    spent: Duration,
-}
-
-impl Timed<'_> {
-    fn run<T>(&mut self, f: impl FnOnce(&dyn Communicator) -> T) -> T {
-        let t = Instant::now();
-        let r = f(self.comm);
-        self.spent += t.elapsed();
-        r
-    }
-}
-
 /// Router: f32 softmax over the experts, top-k; gates are the probabilities, not renormalised.
 pub fn route(c: &ModelConfig, router: &[f32], x: &[f32], n: usize) -> Vec<Vec<(usize, f32)>> {
     let e = c.num_local_experts;
@@ -103,21 +88,7 @@ impl CpuShard {
     /// `weights` must hold exactly the slices `plan` gives `rank`.
     pub fn new(weights: ModelWeights, plan: Plan, rank: usize) -> Result<Self, ModelError> {
         let c = weights.config.clone();
-        let want = Slices::for_rank(&plan, &c, rank);
-        if weights.slices != want {
-            return Err(ModelError::BadTensor {
-                name: format!("weights of rank {rank}"),
-                msg: format!(
-                    "hold {:?}, but the plan gives this rank {want:?}",
-                    weights.slices
-                ),
-            });
-        }
-        let local = ModelConfig {
-            num_attention_heads: want.q_heads.len(),
-            num_key_value_heads: want.kv_heads.len(),
-            ..c.clone()
-        };
+        let (_, local) = weights.check_rank(&plan, rank)?;
         let inv_freq = ops::rope_inv_freq(c.head_dim, c.rope_theta);
         Ok(CpuShard {
             weights,

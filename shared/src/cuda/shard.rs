@@ -9,12 +9,12 @@
 
 use super::device::{Arg, Buf, DevQ, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS};
 use super::CudaError;
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Timed};
 use crate::config::ModelConfig;
 use crate::model::weights::Slices;
 use crate::model::{check_steps, ModelError, ModelWeights, RankBackend, SeqStep, ShardOutput};
 use crate::parallel::plan::{split_range, Plan};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 struct DevExpert {
     gate: DevQ,
@@ -58,21 +58,6 @@ pub struct CudaShard {
     pub gemm_min_rows: usize,
 }
 
-/// The communicator, adding up the time spent inside its calls.
-struct Timed<'a> {
-    comm: &'a dyn Communicator,
-    spent: Duration,
-}
-
-impl Timed<'_> {
-    fn run<T>(&mut self, f: impl FnOnce(&dyn Communicator) -> T) -> T {
-        let t = Instant::now();
-        let r = f(self.comm);
-        self.spent += t.elapsed();
-        r
-    }
-}
-
 /// Per-step tables every layer shares.
 struct StepMeta {
     n: usize,
@@ -102,21 +87,7 @@ impl CudaShard {
         block_size: usize,
     ) -> Result<Self, ModelError> {
         let c = weights.config.clone();
-        let want = Slices::for_rank(&plan, &c, rank);
-        if weights.slices != want {
-            return Err(ModelError::BadTensor {
-                name: format!("weights of rank {rank}"),
-                msg: format!(
-                    "hold {:?}, but the plan gives this rank {want:?}",
-                    weights.slices
-                ),
-            });
-        }
-        let local = ModelConfig {
-            num_attention_heads: want.q_heads.len(),
-            num_key_value_heads: want.kv_heads.len(),
-            ..c.clone()
-        };
+        let (want, local) = weights.check_rank(&plan, rank)?;
         let group = c.num_attention_heads / c.num_key_value_heads.max(1);
         if c.head_dim > ATT_THREADS || group > ATT_ROWS[0] || c.num_local_experts > 64 {
             return Err(CudaError::Unsupported(format!(

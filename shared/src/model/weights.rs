@@ -272,6 +272,32 @@ impl Slices {
 }
 
 impl ModelWeights {
+    /// Checks these are exactly the slices `plan` gives `rank`; returns them and the config
+    /// with that rank's head counts (what its attention and KV pool see). Every backend's
+    /// shard starts here.
+    pub fn check_rank(
+        &self,
+        plan: &crate::parallel::Plan,
+        rank: usize,
+    ) -> Result<(Slices, ModelConfig), ModelError> {
+        let want = Slices::for_rank(plan, &self.config, rank);
+        if self.slices != want {
+            return Err(ModelError::BadTensor {
+                name: format!("weights of rank {rank}"),
+                msg: format!(
+                    "hold {:?}, but the plan gives this rank {want:?}",
+                    self.slices
+                ),
+            });
+        }
+        let local = ModelConfig {
+            num_attention_heads: want.q_heads.len(),
+            num_key_value_heads: want.kv_heads.len(),
+            ..self.config.clone()
+        };
+        Ok((want, local))
+    }
+
     /// Loads every tensor of `cfg` from `source` (which the caller has validated).
     pub fn load(source: &dyn TensorSource, cfg: &ModelConfig) -> Result<Self, ModelError> {
         Self::load_slices(source, cfg, &Slices::full(cfg))
