@@ -39,6 +39,10 @@ enum Command {
     Batch(commands::batch::Args),
 }
 
+/// See the workspace Cargo.toml: tensor-sized buffers are reused instead of refaulted.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -28,6 +28,10 @@ struct Args {
     exit_with_stdin: bool,
 }
 
+/// See the workspace Cargo.toml: tensor-sized buffers are reused instead of refaulted.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
