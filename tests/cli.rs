@@ -1,5 +1,6 @@
 //! End-to-end tests of the `grok` command on the release fixture and the built-in preset.
 
+use grok_shared::test_support::{max_abs_diff, read_logits_file, write_token_rows, TinyAExpected};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -49,68 +50,13 @@ fn tmp(name: &str) -> PathBuf {
     p
 }
 
-struct Expected {
-    b: usize,
-    t: usize,
-    v: usize,
-    greedy: Vec<i32>,
-    logits_f32: Vec<f32>,
-}
-
-fn expected() -> Expected {
-    let bytes = std::fs::read(fixture().join("expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let tok = st.tensor("tokens").unwrap();
-    let greedy = st.tensor("greedy_tokens").unwrap();
-    let f32s = |n: &str| -> Vec<f32> {
-        st.tensor(n)
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    Expected {
-        b: tok.shape()[0],
-        t: tok.shape()[1],
-        v: st.tensor("logits").unwrap().shape()[2],
-        greedy: greedy
-            .data()
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        logits_f32: f32s("logits_f32_reference"),
-    }
-}
-
-fn write_tokens(path: &Path, b: usize, t: usize, ids: &[i32]) {
-    let data: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view =
-        safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![b, t], &data).unwrap();
-    safetensors::serialize_to_file([("tokens", view)], None, path).unwrap();
-}
-
-fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("logits").unwrap();
-    assert_eq!(t.dtype(), safetensors::Dtype::F32);
-    (
-        t.shape().to_vec(),
-        t.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-    )
-}
-
 /// `grok logits` and `grok generate --print-ids` on `model` reproduce the fixture.
 fn check_model_dir(model: &Path, tag: &str) -> Vec<f32> {
-    let e = expected();
+    let e = TinyAExpected::load();
     let tg = e.t + 6;
     let input = tmp(&format!("{tag}-tokens.safetensors"));
     let output = tmp(&format!("{tag}-logits.safetensors"));
-    write_tokens(&input, e.b, tg, &e.greedy);
+    write_token_rows(&input, e.b, tg, &e.greedy);
     let m = model.to_str().unwrap();
     ok(&[
         "logits",
@@ -121,13 +67,9 @@ fn check_model_dir(model: &Path, tag: &str) -> Vec<f32> {
         "--output",
         output.to_str().unwrap(),
     ]);
-    let (shape, logits) = read_logits(&output);
-    assert_eq!(shape, vec![e.b, tg, e.v]);
-    let worst = logits
-        .iter()
-        .zip(&e.logits_f32)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let (shape, logits) = read_logits_file(&output);
+    assert_eq!(shape, vec![e.b, tg, e.vocab]);
+    let worst = max_abs_diff(&logits, &e.logits_f32);
     assert!(
         worst <= 2e-3,
         "{tag}: max |logits - logits_f32_reference| = {worst}"

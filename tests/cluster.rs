@@ -4,6 +4,7 @@
 
 use grok_coordinator::cluster::{Cluster, ClusterError, ClusterOptions, SeqWork};
 use grok_shared::model::{blocks_for, BlockAllocator, LogitsMode};
+use grok_shared::test_support::{read_logits_file, write_token_rows, TinyAExpected};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -27,32 +28,16 @@ fn grok(args: &[&str]) -> String {
 }
 
 fn read_logits(path: &Path) -> Vec<f32> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensor("logits")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
+    read_logits_file(path).1
 }
 
 /// The fixture's greedy rows as a `tokens` file (one per test: tests run in parallel).
 fn tokens_file(tag: &str) -> (PathBuf, Vec<Vec<u32>>) {
-    let bytes = std::fs::read(fixture().join("expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let g = st.tensor("greedy_tokens").unwrap();
-    let (b, t) = (g.shape()[0], g.shape()[1]);
-    let ids: Vec<u32> = g
-        .data()
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect();
+    let e = TinyAExpected::load();
+    let t = e.greedy_len();
     let path = tmp(&format!("cluster-tokens-{tag}.safetensors"));
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![b, t], g.data())
-        .unwrap();
-    safetensors::serialize_to_file([("tokens", view)], None, &path).unwrap();
-    (path, ids.chunks(t).map(<[u32]>::to_vec).collect())
+    write_token_rows(&path, e.b, t, &e.greedy);
+    (path, e.greedy.chunks(t).map(<[u32]>::to_vec).collect())
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Paths to the team's read-only reference folder (`../shared` beside the checkout), for tests.
+//! For tests: paths to the team's read-only reference folder (`../shared` beside the
+//! checkout), the `grok1-tiny-a` fixture's expected outputs, tensor comparison.
 
 use std::path::PathBuf;
 
@@ -26,3 +27,103 @@ pub const TINY_A_PLANS: [(usize, usize, usize); 8] = [
     (4, 1, 4),
     (4, 4, 2),
 ];
+
+/// What the release's JAX code produced for `grok1-tiny-a` (`expected.safetensors`): `b`
+/// prompts of `t` tokens, their logits, and each prompt followed by its greedy continuation.
+pub struct TinyAExpected {
+    pub b: usize,
+    pub t: usize,
+    pub vocab: usize,
+    /// `b × t` prompt tokens.
+    pub tokens: Vec<u32>,
+    /// `b × t × vocab` logits of the release run in bf16.
+    pub logits_bf16: Vec<f32>,
+    /// `b × (t + n)` rows: the prompt, then `n` greedy tokens.
+    pub greedy: Vec<u32>,
+    /// Logits of the greedy rows computed in f32 by the release's code.
+    pub logits_f32: Vec<f32>,
+    /// Per greedy position, 1 where no routing decision so far is a near tie (compare
+    /// tightly there).
+    pub stable: Vec<u8>,
+}
+
+impl TinyAExpected {
+    /// Reads the fixture; panics naming what is missing (test code: the fixture is given).
+    pub fn load() -> TinyAExpected {
+        let path = tiny_a_dir().join("expected.safetensors");
+        let bytes =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let tensor = |name: &str| {
+            st.tensor(name)
+                .unwrap_or_else(|e| panic!("{}: tensor {name}: {e}", path.display()))
+        };
+        let words = |name: &str| -> Vec<[u8; 4]> {
+            tensor(name)
+                .data()
+                .chunks_exact(4)
+                .map(|c| [c[0], c[1], c[2], c[3]])
+                .collect()
+        };
+        let ids = |name: &str| {
+            words(name)
+                .into_iter()
+                .map(|w| i32::from_le_bytes(w) as u32)
+        };
+        let floats = |name: &str| words(name).into_iter().map(f32::from_le_bytes);
+        let shape = tensor("tokens").shape().to_vec();
+        TinyAExpected {
+            b: shape[0],
+            t: shape[1],
+            vocab: tensor("logits").shape()[2],
+            tokens: ids("tokens").collect(),
+            logits_bf16: floats("logits").collect(),
+            greedy: ids("greedy_tokens").collect(),
+            logits_f32: floats("logits_f32_reference").collect(),
+            stable: tensor("stable").data().to_vec(),
+        }
+    }
+
+    /// Length of each greedy row (prompt and continuation).
+    pub fn greedy_len(&self) -> usize {
+        self.greedy.len() / self.b
+    }
+}
+
+/// Largest absolute elementwise difference (panics on different lengths).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "comparing tensors of different sizes");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Writes `ids` (`b` rows of `t` tokens) as the `tokens` file `grok logits --input` reads.
+pub fn write_token_rows(path: &std::path::Path, b: usize, t: usize, ids: &[u32]) {
+    assert_eq!(ids.len(), b * t, "{b} rows of {t} tokens");
+    let data: Vec<u8> = ids.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::I32, vec![b, t], &data)
+        .expect("a tokens tensor");
+    safetensors::serialize_to_file([("tokens", view)], None, path)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
+/// The shape and values of the `logits` tensor (f32) of a file `grok logits` wrote.
+pub fn read_logits_file(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let t = st
+        .tensor("logits")
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{}", path.display());
+    let values = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (t.shape().to_vec(), values)
+}

@@ -11,47 +11,11 @@ use grok_shared::cuda::{cuda_available, CudaShard};
 use grok_shared::model::weights::Slices;
 use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqStep};
 use grok_shared::parallel::Plan;
-use grok_shared::test_support::{tiny_a_dir, TINY_A_PLANS};
-use safetensors::SafeTensors;
+use grok_shared::test_support::{max_abs_diff, tiny_a_dir, TinyAExpected, TINY_A_PLANS};
 use std::time::Duration;
 
 const BLOCK: usize = 16;
 const POOL: usize = 64;
-
-struct Expected {
-    b: usize,
-    t: usize,
-    vocab: usize,
-    tokens: Vec<u32>,
-    logits_bf16: Vec<f32>,
-    greedy: Vec<u32>,
-    logits_f32: Vec<f32>,
-}
-
-fn tensor<T>(st: &SafeTensors, name: &str, f: impl Fn([u8; 4]) -> T) -> Vec<T> {
-    st.tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f(c.try_into().unwrap()))
-        .collect()
-}
-
-fn expected() -> Expected {
-    let bytes = std::fs::read(tiny_a_dir().join("expected.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let shape = st.tensor("tokens").unwrap().shape().to_vec();
-    let u = |b| i32::from_le_bytes(b) as u32;
-    Expected {
-        b: shape[0],
-        t: shape[1],
-        vocab: *st.tensor("logits").unwrap().shape().last().unwrap(),
-        tokens: tensor(&st, "tokens", u),
-        logits_bf16: tensor(&st, "logits", f32::from_le_bytes),
-        greedy: tensor(&st, "greedy_tokens", u),
-        logits_f32: tensor(&st, "logits_f32_reference", f32::from_le_bytes),
-    }
-}
 
 fn shard(world: usize, tp: usize, ep: usize, rank: usize) -> CudaShard {
     let dir = open_model(&tiny_a_dir()).unwrap();
@@ -134,23 +98,15 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// Every greedy row scored in one batch (logits of all positions).
-fn score_step(e: &Expected) -> Vec<(Vec<u32>, usize, LogitsMode)> {
+fn score_step(e: &TinyAExpected) -> Vec<(Vec<u32>, usize, LogitsMode)> {
     let tg = e.t + 6;
     (0..e.b)
         .map(|b| (e.greedy[b * tg..(b + 1) * tg].to_vec(), 0, LogitsMode::All))
         .collect()
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-}
-
 /// Greedy continuation of every prompt, batched: prefill, then one token per step.
-fn greedy(shard: CudaShard, e: &Expected) -> Vec<Vec<u32>> {
+fn greedy(shard: CudaShard, e: &TinyAExpected) -> Vec<Vec<u32>> {
     let mut seqs: Vec<Vec<u32>> = (0..e.b)
         .map(|b| e.tokens[b * e.t..(b + 1) * e.t].to_vec())
         .collect();
@@ -180,7 +136,7 @@ fn greedy(shard: CudaShard, e: &Expected) -> Vec<Vec<u32>> {
 }
 
 fn check_against_fixture(gemm_min_rows: usize) -> (f32, f64) {
-    let e = expected();
+    let e = TinyAExpected::load();
     let tg = e.t + 6;
     let v = e.vocab;
     let mut sh = shard(1, 1, 1, 0);
@@ -189,7 +145,10 @@ fn check_against_fixture(gemm_min_rows: usize) -> (f32, f64) {
     let mut worst = 0f32;
     let mut sum = 0f64;
     for (b, row) in out.iter().enumerate() {
-        worst = worst.max(max_diff(row, &e.logits_f32[b * tg * v..(b + 1) * tg * v]));
+        worst = worst.max(max_abs_diff(
+            row,
+            &e.logits_f32[b * tg * v..(b + 1) * tg * v],
+        ));
         for t in 0..e.t {
             let want = &e.logits_bf16[(b * e.t + t) * v..(b * e.t + t + 1) * v];
             sum += row[t * v..(t + 1) * v]
@@ -238,7 +197,7 @@ fn gpu_bf16_cublas_path_is_within_bf16_tolerance_and_greedy_tokens_match() {
 #[test]
 #[ignore = "needs a GPU"]
 fn every_plan_on_one_gpu_matches_the_world_of_one() {
-    let e = expected();
+    let e = TinyAExpected::load();
     let steps = [score_step(&e)];
     let reference = run_world(vec![shard(1, 1, 1, 0)], local(1), &steps).remove(0);
     for (w, tp, ep) in TINY_A_PLANS {
@@ -247,7 +206,7 @@ fn every_plan_on_one_gpu_matches_the_world_of_one() {
         let worst = got
             .iter()
             .zip(&reference)
-            .map(|(a, b)| max_diff(a, b))
+            .map(|(a, b)| max_abs_diff(a, b))
             .fold(0f32, f32::max);
         eprintln!("plan W={w} tp={tp} ep={ep}: max |d| to W=1 = {worst:.3e}");
         assert!(worst <= 1e-4, "W={w} tp={tp} ep={ep}: {worst}");
@@ -257,7 +216,7 @@ fn every_plan_on_one_gpu_matches_the_world_of_one() {
 #[test]
 #[ignore = "needs a GPU with NCCL"]
 fn nccl_world_of_one_gives_the_same_logits() {
-    let e = expected();
+    let e = TinyAExpected::load();
     let steps = [score_step(&e)];
     let reference = run_world(vec![shard(1, 1, 1, 0)], local(1), &steps).remove(0);
     let boot = local(1).remove(0);

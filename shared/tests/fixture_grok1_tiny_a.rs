@@ -8,52 +8,7 @@ use grok_shared::model::{
     blocks_for, BlockAllocator, Forward, LogitsMode, ModelWeights, PagedKv, SeqKv, SeqStep,
 };
 use grok_shared::sampling::{Sampler, SamplingParams};
-use grok_shared::test_support::tiny_a_dir;
-use safetensors::SafeTensors;
-
-struct Expected {
-    b: usize,
-    t: usize,
-    vocab: usize,
-    tokens: Vec<u32>,
-    logits_bf16: Vec<f32>,
-    greedy: Vec<u32>,
-    logits_f32: Vec<f32>,
-    stable: Vec<u8>,
-}
-
-fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
-    let t = st.tensor(name).unwrap();
-    t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
-}
-
-fn i32s(st: &SafeTensors, name: &str) -> Vec<u32> {
-    let t = st.tensor(name).unwrap();
-    t.data()
-        .chunks_exact(4)
-        .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as u32)
-        .collect()
-}
-
-fn expected() -> Expected {
-    let bytes = std::fs::read(tiny_a_dir().join("expected.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let shape = st.tensor("tokens").unwrap().shape().to_vec();
-    let vocab = *st.tensor("logits").unwrap().shape().last().unwrap();
-    Expected {
-        b: shape[0],
-        t: shape[1],
-        vocab,
-        tokens: i32s(&st, "tokens"),
-        logits_bf16: f32s(&st, "logits"),
-        greedy: i32s(&st, "greedy_tokens"),
-        logits_f32: f32s(&st, "logits_f32_reference"),
-        stable: st.tensor("stable").unwrap().data().to_vec(),
-    }
-}
+use grok_shared::test_support::{tiny_a_dir, TinyAExpected};
 
 const BLOCK: usize = 16;
 
@@ -83,7 +38,7 @@ fn forward_fresh(model: &dyn Forward, seqs: &[&[u32]], logits: LogitsMode) -> Ve
 }
 
 pub fn check_model_against_fixture(model: &dyn Forward) {
-    let e = expected();
+    let e = TinyAExpected::load();
     let tg = e.t + 6;
     let v = e.vocab;
     // Full causal forward of each greedy row, all rows in one batch.
@@ -147,7 +102,7 @@ fn ckpt0_matches_release_logits_and_greedy_tokens() {
 #[test]
 fn incremental_decoding_equals_full_forward() {
     let model = load_fixture();
-    let e = expected();
+    let e = TinyAExpected::load();
     let tg = e.t + 6;
     let v = e.vocab;
     let row = &e.greedy[..tg];
@@ -173,7 +128,7 @@ fn incremental_decoding_equals_full_forward() {
 #[test]
 fn batch_of_unequal_sequences_equals_each_alone() {
     let model = load_fixture();
-    let e = expected();
+    let e = TinyAExpected::load();
     let tg = e.t + 6;
     let seqs: Vec<&[u32]> = vec![
         &e.greedy[..tg],

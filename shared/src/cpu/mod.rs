@@ -498,14 +498,6 @@ mod tests {
         (0..n as u32).map(|i| (i * 37 + seed) % 1024).collect()
     }
 
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    }
-
     fn head_rows() -> usize {
         HEAD_ROWS.with(|n| n.get())
     }
@@ -581,11 +573,11 @@ mod tests {
                 ],
             )
             .unwrap();
-        let worst = max_diff(&out[0], &contiguous);
+        let worst = crate::test_support::max_abs_diff(&out[0], &contiguous);
         assert!(worst <= 1e-4, "batched with interleaved blocks: {worst}");
         let mut alone = SeqKv::new(&model);
         let want = alone.step(&model, &other, LogitsMode::Last).unwrap();
-        let worst = max_diff(&out[1], &want);
+        let worst = crate::test_support::max_abs_diff(&out[1], &want);
         assert!(worst <= 1e-4, "second sequence: {worst}");
     }
 
@@ -707,7 +699,7 @@ mod tests {
         // The prefill done without logits continues like one done whole.
         let mut alone = SeqKv::new(&model);
         let want = alone.step(&model, &t, LogitsMode::Last).unwrap();
-        assert!(max_diff(&out[0], &want) <= 1e-4);
+        assert!(crate::test_support::max_abs_diff(&out[0], &want) <= 1e-4);
     }
 
     #[test]
@@ -796,6 +788,6 @@ mod tests {
         );
         let mut alone = SeqKv::new(&model);
         let want = alone.step(&model, &b, LogitsMode::Last).unwrap();
-        assert!(max_diff(&out[1], &want) <= 1e-4);
+        assert!(crate::test_support::max_abs_diff(&out[1], &want) <= 1e-4);
     }
 }
