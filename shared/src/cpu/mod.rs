@@ -16,6 +16,7 @@ use crate::model::weights::{ExpertWeights, LayerWeights, Slices};
 pub use crate::model::ShardOutput;
 use crate::model::{check_steps, Forward, ModelError, ModelWeights, PagedKv, RankBackend, SeqStep};
 use crate::parallel::plan::{split_range, Plan};
+use crate::parallel::{Arrivals, Dispatch};
 use matmul::{matmul_bt, qmatmul};
 use std::time::Duration;
 
@@ -308,54 +309,26 @@ impl CpuShard {
         let everyone: Vec<usize> = (0..world).collect();
         let routes = route(c, &lw.router, x, m);
 
-        // Dispatch: rows and their expert ids per destination rank; remember (token, gate).
-        let mut rows: Vec<Vec<f32>> = vec![Vec::new(); world];
-        let mut experts: Vec<Vec<f32>> = vec![Vec::new(); world];
-        let mut pending: Vec<Vec<(usize, f32)>> = vec![Vec::new(); world];
-        for (t, picks) in routes.iter().enumerate() {
-            for &(e, gate) in picks {
-                routed[e] += 1;
-                for dst in self.plan.expert_ranks(c, e) {
-                    rows[dst].extend_from_slice(&x[t * d..(t + 1) * d]);
-                    experts[dst].push(e as f32);
-                    pending[dst].push((t, gate));
-                }
-            }
-        }
+        let mut dispatch = Dispatch::new(&self.plan, c, &routes, routed);
+        let rows = dispatch.rows(x, d);
+        let experts = std::mem::take(&mut dispatch.experts);
         let got_experts = comm.run(|cm| cm.all_to_all_v(&everyone, experts))?;
         let got_rows = comm.run(|cm| cm.all_to_all_v(&everyone, rows))?;
 
         // Run each local expert once on everything routed to it.
         let mine = &self.weights.slices.experts;
-        let mut per_expert: Vec<Vec<(usize, usize)>> = vec![Vec::new(); mine.len()];
-        let mut replies: Vec<Vec<f32>> = Vec::with_capacity(world);
-        for (src, ids) in got_experts.iter().enumerate() {
-            if got_rows[src].len() != ids.len() * d {
-                return Err(ModelError::Peer {
-                    rank: src,
-                    msg: format!(
-                        "layer {l}: sent {} values for {} tokens",
-                        got_rows[src].len(),
-                        ids.len()
-                    ),
-                });
-            }
-            for (i, &e) in ids.iter().enumerate() {
-                let e = e as usize;
-                if !mine.contains(&e) {
-                    return Err(ModelError::Peer {
-                        rank: src,
-                        msg: format!(
-                            "layer {l}: sent a token for expert {e}, which rank {} does not hold",
-                            self.rank
-                        ),
-                    });
-                }
-                per_expert[e - mine.start].push((src, i));
-            }
-            replies.push(vec![0f32; ids.len() * d]);
-        }
-        for (j, list) in per_expert.iter().enumerate() {
+        let arrivals = Arrivals::new(
+            l,
+            self.rank,
+            mine.clone(),
+            &got_experts,
+            Some((&got_rows, d)),
+        )?;
+        let mut replies: Vec<Vec<f32>> = got_experts
+            .iter()
+            .map(|ids| vec![0f32; ids.len() * d])
+            .collect();
+        for (j, list) in arrivals.per_expert.iter().enumerate() {
             if list.is_empty() {
                 continue;
             }
@@ -369,24 +342,15 @@ impl CpuShard {
             }
         }
         let partials = comm.run(|cm| cm.all_to_all_v(&everyone, replies))?;
+        dispatch.check_replies(l, &partials, d)?;
 
         // Combine: the gate times each returned partial sum, in send order.
         let mut y = vec![0f32; m * d];
-        for (dst, list) in pending.iter().enumerate() {
-            if partials[dst].len() != list.len() * d {
-                return Err(ModelError::Peer {
-                    rank: dst,
-                    msg: format!(
-                        "layer {l}: returned {} values for {} tokens",
-                        partials[dst].len(),
-                        list.len()
-                    ),
-                });
-            }
+        for (list, part) in dispatch.sent.iter().zip(&partials) {
             for (i, &(t, gate)) in list.iter().enumerate() {
                 for (yv, &pv) in y[t * d..(t + 1) * d]
                     .iter_mut()
-                    .zip(&partials[dst][i * d..(i + 1) * d])
+                    .zip(&part[i * d..(i + 1) * d])
                 {
                     *yv += gate * pv;
                 }

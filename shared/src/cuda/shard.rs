@@ -14,6 +14,7 @@ use crate::config::ModelConfig;
 use crate::model::weights::Slices;
 use crate::model::{check_steps, ModelError, ModelWeights, RankBackend, SeqStep, ShardOutput};
 use crate::parallel::plan::{split_range, Plan};
+use crate::parallel::{Arrivals, Dispatch};
 use std::time::Duration;
 
 struct DevExpert {
@@ -573,11 +574,10 @@ impl CudaShard {
         g.copy_out(idx.ptr(), &mut picks)?;
         g.copy_out(gates.ptr(), &mut gate_v)?;
 
-        // Dispatch lists per destination rank, in the CPU backend's order.
-        let mut send_tokens: Vec<Vec<usize>> = vec![Vec::new(); world];
-        let mut send_experts: Vec<Vec<f32>> = vec![Vec::new(); world];
-        let mut pending: Vec<Vec<(usize, f32)>> = vec![Vec::new(); world];
+        // The router's picks, checked, then the dispatch the CPU backend makes of them.
+        let mut routes = Vec::with_capacity(m);
         for t in 0..m {
+            let mut choice = Vec::with_capacity(k);
             for j in 0..k {
                 let e = picks[t * k + j];
                 let e = usize::try_from(e)
@@ -587,22 +587,22 @@ impl CudaShard {
                         rank: self.rank,
                         msg: format!("layer {l}: the router kernel chose expert {e}"),
                     })?;
-                routed[e] += 1;
-                for dst in self.plan.expert_ranks(c, e) {
-                    send_tokens[dst].push(t);
-                    send_experts[dst].push(e as f32);
-                    pending[dst].push((t, gate_v[t * k + j]));
-                }
+                choice.push((e, gate_v[t * k + j]));
             }
+            routes.push(choice);
         }
+        let mut dispatch = Dispatch::new(&self.plan, c, &routes, routed);
+        let mine = self.slices.experts.clone();
 
-        // What arrives: (expert ids per source, and their rows on the device).
-        let (got_experts, recv) = if world == 1 {
-            let rows = g.upload(&send_tokens[0].iter().map(|&t| t as u32).collect::<Vec<_>>())?;
-            let xs = g.alloc::<f32>(send_tokens[0].len() * d)?;
+        // What arrives: each source's expert ids, grouped by local expert, and the rows on
+        // the device in arrival order.
+        let (arrivals, got_experts, recv) = if world == 1 {
+            let tokens: Vec<u32> = dispatch.sent[0].iter().map(|&(t, _)| t as u32).collect();
+            let rows = g.upload(&tokens)?;
+            let xs = g.alloc::<f32>(tokens.len() * d)?;
             g.rows_launch(
                 "gather_rows",
-                send_tokens[0].len(),
+                tokens.len(),
                 &[
                     Arg::P(x.ptr()),
                     Arg::P(rows.ptr()),
@@ -610,57 +610,22 @@ impl CudaShard {
                     Arg::I(d as i32),
                 ],
             )?;
-            (vec![std::mem::take(&mut send_experts[0])], xs)
+            let got = vec![std::mem::take(&mut dispatch.experts[0])];
+            (Arrivals::new(l, self.rank, mine, &got, None)?, got, xs)
         } else {
             let host_x = g.download_f32(x.ptr(), m * d)?;
-            let rows: Vec<Vec<f32>> = send_tokens
-                .iter()
-                .map(|ts| {
-                    ts.iter()
-                        .flat_map(|&t| host_x[t * d..(t + 1) * d].iter().copied())
-                        .collect()
-                })
-                .collect();
+            let rows = dispatch.rows(&host_x, d);
+            let experts = std::mem::take(&mut dispatch.experts);
             let everyone: Vec<usize> = (0..world).collect();
-            let got_e = comm.run(|cm| cm.all_to_all_v(&everyone, send_experts))?;
+            let got_e = comm.run(|cm| cm.all_to_all_v(&everyone, experts))?;
             let got_rows = comm.run(|cm| cm.all_to_all_v(&everyone, rows))?;
-            for (src, ids) in got_e.iter().enumerate() {
-                if got_rows[src].len() != ids.len() * d {
-                    return Err(ModelError::Peer {
-                        rank: src,
-                        msg: format!(
-                            "layer {l}: sent {} values for {} tokens",
-                            got_rows[src].len(),
-                            ids.len()
-                        ),
-                    });
-                }
-            }
-            (got_e, g.upload(&got_rows.concat())?)
+            let arrivals = Arrivals::new(l, self.rank, mine, &got_e, Some((&got_rows, d)))?;
+            (arrivals, got_e, g.upload(&got_rows.concat())?)
         };
 
-        // Received rows, grouped by local expert; each expert runs once on all of its rows.
-        let mine = &self.slices.experts;
-        let mut per_expert: Vec<Vec<u32>> = vec![Vec::new(); mine.len()];
-        let mut row = 0u32;
-        for (src, ids) in got_experts.iter().enumerate() {
-            for &e in ids {
-                let e = e as usize;
-                if !mine.contains(&e) {
-                    return Err(ModelError::Peer {
-                        rank: src,
-                        msg: format!(
-                            "layer {l}: sent a token for expert {e}, which rank {} does not hold",
-                            self.rank
-                        ),
-                    });
-                }
-                per_expert[e - mine.start].push(row);
-                row += 1;
-            }
-        }
-        let total = row as usize;
-        let order: Vec<u32> = per_expert.concat();
+        // Each local expert runs once on all of its rows.
+        let order = arrivals.expert_order();
+        let total = order.len();
         let order_dev = g.upload(&order)?;
         let xs = g.alloc::<f32>(total * d)?;
         g.rows_launch(
@@ -675,7 +640,7 @@ impl CudaShard {
         )?;
         let ys = g.alloc::<f32>(total * d)?;
         let mut at = 0;
-        for (j, list) in per_expert.iter().enumerate() {
+        for (j, list) in arrivals.per_expert.iter().enumerate() {
             if list.is_empty() {
                 continue;
             }
@@ -699,44 +664,24 @@ impl CudaShard {
             replies
         } else {
             let host = g.download_f32(replies.ptr(), total * d)?;
-            let mut back = Vec::with_capacity(world);
-            let mut start = 0;
-            for ids in &got_experts {
-                back.push(host[start * d..(start + ids.len()) * d].to_vec());
-                start += ids.len();
-            }
+            let back: Vec<Vec<f32>> = got_experts
+                .iter()
+                .zip(&arrivals.offsets)
+                .map(|(ids, &start)| host[start * d..(start + ids.len()) * d].to_vec())
+                .collect();
             let everyone: Vec<usize> = (0..world).collect();
             let partials = comm.run(|cm| cm.all_to_all_v(&everyone, back))?;
-            for (dst, list) in pending.iter().enumerate() {
-                if partials[dst].len() != list.len() * d {
-                    return Err(ModelError::Peer {
-                        rank: dst,
-                        msg: format!(
-                            "layer {l}: returned {} values for {} tokens",
-                            partials[dst].len(),
-                            list.len()
-                        ),
-                    });
-                }
-            }
+            dispatch.check_replies(l, &partials, d)?;
             g.upload(&partials.concat())?
         };
 
-        // Combine: per token, its (row, gate) entries in destination order, then send order.
-        let mut per_token: Vec<Vec<(u32, f32)>> = vec![Vec::new(); m];
-        let mut r = 0u32;
-        for list in &pending {
-            for &(t, gate) in list {
-                per_token[t].push((r, gate));
-                r += 1;
-            }
-        }
+        // Combine: per token, its (row, gate) entries in the dispatch's combine order.
         let mut offsets = Vec::with_capacity(m + 1);
         let (mut rows, mut gs) = (Vec::new(), Vec::new());
         offsets.push(0u32);
-        for list in &per_token {
-            for &(r, gate) in list {
-                rows.push(r);
+        for list in dispatch.combine_order(m) {
+            for (r, gate) in list {
+                rows.push(r as u32);
                 gs.push(gate);
             }
             offsets.push(rows.len() as u32);
