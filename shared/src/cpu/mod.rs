@@ -15,8 +15,8 @@ use crate::config::ModelConfig;
 use crate::model::weights::{ExpertWeights, LayerWeights, Slices};
 pub use crate::model::ShardOutput;
 use crate::model::{check_steps, Forward, ModelError, ModelWeights, PagedKv, RankBackend, SeqStep};
+use crate::parallel::dispatch::{split_messages, Arrivals, Dispatch};
 use crate::parallel::plan::{split_range, Plan};
-use crate::parallel::{Arrivals, Dispatch};
 use matmul::{matmul_bt, qmatmul};
 use std::time::Duration;
 
@@ -309,32 +309,21 @@ impl CpuShard {
         let everyone: Vec<usize> = (0..world).collect();
         let routes = route(c, &lw.router, x, m);
 
-        let mut dispatch = Dispatch::new(&self.plan, c, &routes, routed);
-        let rows = dispatch.rows(x, d);
-        let experts = std::mem::take(&mut dispatch.experts);
-        let got_experts = comm.run(|cm| cm.all_to_all_v(&everyone, experts))?;
-        let got_rows = comm.run(|cm| cm.all_to_all_v(&everyone, rows))?;
+        let dispatch = Dispatch::new(&self.plan, c, &routes, routed);
+        let got = comm.run(|cm| cm.all_to_all_v(&everyone, dispatch.messages(x, d)))?;
+        let got = split_messages(l, &got, d)?;
 
         // Run each local expert once on everything routed to it.
-        let mine = &self.weights.slices.experts;
-        let arrivals = Arrivals::new(
-            l,
-            self.rank,
-            mine.clone(),
-            &got_experts,
-            Some((&got_rows, d)),
-        )?;
-        let mut replies: Vec<Vec<f32>> = got_experts
-            .iter()
-            .map(|ids| vec![0f32; ids.len() * d])
-            .collect();
+        let ids: Vec<&[f32]> = got.iter().map(|&(ids, _)| ids).collect();
+        let arrivals = Arrivals::new(l, self.rank, self.weights.slices.experts.clone(), &ids)?;
+        let mut replies: Vec<Vec<f32>> = ids.iter().map(|i| vec![0f32; i.len() * d]).collect();
         for (j, list) in arrivals.per_expert.iter().enumerate() {
             if list.is_empty() {
                 continue;
             }
             let mut xs = Vec::with_capacity(list.len() * d);
             for &(src, i) in list {
-                xs.extend_from_slice(&got_rows[src][i * d..(i + 1) * d]);
+                xs.extend_from_slice(&got[src].1[i * d..(i + 1) * d]);
             }
             let out = expert_ffn(&lw.experts[j], &xs, list.len());
             for (r, &(src, i)) in list.iter().enumerate() {

@@ -13,8 +13,8 @@ use crate::comm::{Communicator, Timed};
 use crate::config::ModelConfig;
 use crate::model::weights::Slices;
 use crate::model::{check_steps, ModelError, ModelWeights, RankBackend, SeqStep, ShardOutput};
+use crate::parallel::dispatch::{split_messages, Arrivals, Dispatch};
 use crate::parallel::plan::{split_range, Plan};
-use crate::parallel::{Arrivals, Dispatch};
 use std::time::Duration;
 
 struct DevExpert {
@@ -591,12 +591,12 @@ impl CudaShard {
             }
             routes.push(choice);
         }
-        let mut dispatch = Dispatch::new(&self.plan, c, &routes, routed);
+        let dispatch = Dispatch::new(&self.plan, c, &routes, routed);
         let mine = self.slices.experts.clone();
 
         // What arrives: each source's expert ids, grouped by local expert, and the rows on
         // the device in arrival order.
-        let (arrivals, got_experts, recv) = if world == 1 {
+        let (arrivals, counts, recv) = if world == 1 {
             let tokens: Vec<u32> = dispatch.sent[0].iter().map(|&(t, _)| t as u32).collect();
             let rows = g.upload(&tokens)?;
             let xs = g.alloc::<f32>(tokens.len() * d)?;
@@ -610,17 +610,21 @@ impl CudaShard {
                     Arg::I(d as i32),
                 ],
             )?;
-            let got = vec![std::mem::take(&mut dispatch.experts[0])];
-            (Arrivals::new(l, self.rank, mine, &got, None)?, got, xs)
+            let arrivals = Arrivals::new(l, self.rank, mine, &[&dispatch.experts[0]])?;
+            (arrivals, vec![tokens.len()], xs)
         } else {
             let host_x = g.download_f32(x.ptr(), m * d)?;
-            let rows = dispatch.rows(&host_x, d);
-            let experts = std::mem::take(&mut dispatch.experts);
             let everyone: Vec<usize> = (0..world).collect();
-            let got_e = comm.run(|cm| cm.all_to_all_v(&everyone, experts))?;
-            let got_rows = comm.run(|cm| cm.all_to_all_v(&everyone, rows))?;
-            let arrivals = Arrivals::new(l, self.rank, mine, &got_e, Some((&got_rows, d)))?;
-            (arrivals, got_e, g.upload(&got_rows.concat())?)
+            let got = comm.run(|cm| cm.all_to_all_v(&everyone, dispatch.messages(&host_x, d)))?;
+            let got = split_messages(l, &got, d)?;
+            let ids: Vec<&[f32]> = got.iter().map(|&(ids, _)| ids).collect();
+            let arrivals = Arrivals::new(l, self.rank, mine, &ids)?;
+            let rows: Vec<f32> = got.iter().flat_map(|&(_, rows)| rows).copied().collect();
+            (
+                arrivals,
+                ids.iter().map(|i| i.len()).collect(),
+                g.upload(&rows)?,
+            )
         };
 
         // Each local expert runs once on all of its rows.
@@ -664,10 +668,10 @@ impl CudaShard {
             replies
         } else {
             let host = g.download_f32(replies.ptr(), total * d)?;
-            let back: Vec<Vec<f32>> = got_experts
+            let back: Vec<Vec<f32>> = counts
                 .iter()
                 .zip(&arrivals.offsets)
-                .map(|(ids, &start)| host[start * d..(start + ids.len()) * d].to_vec())
+                .map(|(&n, &start)| host[start * d..(start + n) * d].to_vec())
                 .collect();
             let everyone: Vec<usize> = (0..world).collect();
             let partials = comm.run(|cm| cm.all_to_all_v(&everyone, back))?;

@@ -45,16 +45,20 @@ impl Dispatch {
         d
     }
 
-    /// The rows of `x` (`width` wide) each destination gets, in send order.
-    pub fn rows(&self, x: &[f32], width: usize) -> Vec<Vec<f32>> {
+    /// One message per destination: the expert ids of the rows it gets, then those rows of
+    /// `x` (`width` wide), in send order. One message, not two, per peer and layer: decode
+    /// steps are bound by the number of exchanges, not their size.
+    pub fn messages(&self, x: &[f32], width: usize) -> Vec<Vec<f32>> {
         self.sent
             .iter()
-            .map(|list| {
-                let mut rows = Vec::with_capacity(list.len() * width);
+            .zip(&self.experts)
+            .map(|(list, ids)| {
+                let mut m = Vec::with_capacity(list.len() * (width + 1));
+                m.extend_from_slice(ids);
                 for &(t, _) in list {
-                    rows.extend_from_slice(&x[t * width..(t + 1) * width]);
+                    m.extend_from_slice(&x[t * width..(t + 1) * width]);
                 }
-                rows
+                m
             })
             .collect()
     }
@@ -96,6 +100,34 @@ impl Dispatch {
     }
 }
 
+/// A source's dispatch message split: its rows' expert ids, then the rows.
+pub type Received<'a> = (&'a [f32], &'a [f32]);
+
+/// Splits each source's dispatch message (see [`Dispatch::messages`]) into its expert ids and
+/// its rows (`width` wide).
+pub fn split_messages(
+    layer: usize,
+    messages: &[Vec<f32>],
+    width: usize,
+) -> Result<Vec<Received<'_>>, ModelError> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(src, m)| {
+            if !m.len().is_multiple_of(width + 1) {
+                return Err(ModelError::Peer {
+                    rank: src,
+                    msg: format!(
+                        "layer {layer}: sent {} values, not whole rows of {width} plus an expert id",
+                        m.len()
+                    ),
+                });
+            }
+            Ok(m.split_at(m.len() / (width + 1)))
+        })
+        .collect()
+}
+
 /// The rows that arrived in one layer's dispatch, grouped by the local expert that runs them.
 pub struct Arrivals {
     /// Per local expert (from the first one this rank holds): `(source rank, row within what
@@ -106,32 +138,19 @@ pub struct Arrivals {
 }
 
 impl Arrivals {
-    /// Groups the rows announced by `experts[src]` (each source's expert ids) by local expert;
-    /// `rows[src]`, when given, must hold `width` values for each. A row for an expert outside
-    /// `mine` (the experts this rank holds) is the sender's error.
+    /// Groups the rows announced by `experts[src]` (each source's expert ids) by local
+    /// expert. A row for an expert outside `mine` (the experts this rank holds) is the
+    /// sender's error.
     pub fn new(
         layer: usize,
         rank: usize,
         mine: Range<usize>,
-        experts: &[Vec<f32>],
-        rows: Option<(&[Vec<f32>], usize)>,
+        experts: &[&[f32]],
     ) -> Result<Arrivals, ModelError> {
         let mut per_expert = vec![Vec::new(); mine.len()];
         let mut offsets = Vec::with_capacity(experts.len());
         let mut total = 0;
         for (src, ids) in experts.iter().enumerate() {
-            if let Some((rows, width)) = rows {
-                if rows[src].len() != ids.len() * width {
-                    return Err(ModelError::Peer {
-                        rank: src,
-                        msg: format!(
-                            "layer {layer}: sent {} values for {} tokens",
-                            rows[src].len(),
-                            ids.len()
-                        ),
-                    });
-                }
-            }
             offsets.push(total);
             total += ids.len();
             for (i, &e) in ids.iter().enumerate() {
@@ -190,7 +209,16 @@ mod tests {
         assert_eq!(d.experts[2], [6.0, 5.0]);
         assert_eq!(d.sent[3], [(0, 0.25), (1, 0.75)]);
         let x = [10.0, 11.0, 20.0, 21.0];
-        assert_eq!(d.rows(&x, 2)[0], [10.0, 11.0, 20.0, 21.0]);
+        let messages = d.messages(&x, 2);
+        assert_eq!(messages[0], [1.0, 0.0, 10.0, 11.0, 20.0, 21.0]);
+        let parts = split_messages(0, &messages, 2).unwrap();
+        assert_eq!(parts[2], (&[6.0, 5.0][..], &[10.0, 11.0, 20.0, 21.0][..]));
+        let ragged = vec![vec![1.0, 2.0], vec![4.0, 0.0, 0.0]];
+        let err = split_messages(3, &ragged, 2).err().unwrap();
+        assert!(
+            matches!(&err, ModelError::Peer { rank: 0, msg } if msg.contains("not whole rows")),
+            "{err}"
+        );
         let order = d.combine_order(2);
         // Token 0: its rows to ranks 0, 1 (expert 1), then 2, 3 (expert 6).
         assert_eq!(order[0], [(0, 0.5), (2, 0.5), (4, 0.25), (6, 0.25)]);
@@ -203,29 +231,20 @@ mod tests {
 
     #[test]
     fn arrivals_group_by_local_expert_and_refuse_what_is_not_ours() {
-        let ids = vec![vec![5.0, 4.0], vec![], vec![4.0]];
-        let a = Arrivals::new(0, 2, 4..8, &ids, None).unwrap();
+        let ids: [&[f32]; 3] = [&[5.0, 4.0], &[], &[4.0]];
+        let a = Arrivals::new(0, 2, 4..8, &ids).unwrap();
         assert_eq!(a.per_expert[0], [(0, 1), (2, 0)]);
         assert_eq!(a.per_expert[1], [(0, 0)]);
         assert_eq!(a.offsets, [0, 2, 2]);
         assert_eq!(a.expert_order(), [1, 2, 0]);
 
         for bad in [3.0, 8.0, 4.5, -1.0, f32::NAN] {
-            let ids = vec![vec![4.0], vec![bad]];
-            let err = Arrivals::new(1, 2, 4..8, &ids, None).err().unwrap();
+            let ids: [&[f32]; 2] = [&[4.0], &[bad]];
+            let err = Arrivals::new(1, 2, 4..8, &ids).err().unwrap();
             assert!(
                 matches!(&err, ModelError::Peer { rank: 1, msg } if msg.contains("does not hold")),
                 "{bad}: {err}"
             );
         }
-        let rows = vec![vec![0.0; 6], vec![0.0; 2]];
-        let ids = vec![vec![4.0, 5.0, 6.0], vec![7.0, 7.0]];
-        let err = Arrivals::new(1, 2, 4..8, &ids, Some((&rows, 2)))
-            .err()
-            .unwrap();
-        assert!(
-            matches!(&err, ModelError::Peer { rank: 1, msg } if msg.contains("sent 2 values for 2")),
-            "{err}"
-        );
     }
 }
