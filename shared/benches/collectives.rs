@@ -46,8 +46,8 @@ fn main() {
         .build()
         .expect("tokio runtime");
     let grpc = grpc_mesh(rt.handle());
-    let tcp = tcp_mesh();
-    let tcp_async = tokio_tcp_mesh(rt.handle());
+    let tcp = thread_mesh();
+    let tcp_async = task_mesh(rt.handle());
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!("all-to-all, {WORLD} ranks on loopback, {cores} cores; GB/s = bytes each rank sends / round time");
     println!(
@@ -60,9 +60,9 @@ fn main() {
             let group: Vec<usize> = (0..WORLD).collect();
             c.all_to_all_v(&group, bufs).expect("grpc all_to_all")
         });
-        let t = time_rounds(&tcp, vec![1u8; size], rounds, |c, bufs| c.all_to_all(bufs));
+        let t = time_rounds(&tcp, vec![1u8; size], rounds, |c, bufs| c.exchange(bufs));
         let ta = time_rounds(&tcp_async, vec![1u8; size], rounds, |c, bufs| {
-            c.all_to_all(bufs)
+            c.exchange(bufs)
         });
         // Against whichever plain TCP was faster at this size.
         let best = t.min(ta);
@@ -154,134 +154,80 @@ fn grpc_mesh(rt: &tokio::runtime::Handle) -> Vec<GrpcComm> {
     })
 }
 
-/// One rank of the plain TCP mesh: a communicator's data path with nothing else in it.
-struct TcpRank {
-    /// `to[p]` feeds the writer thread of the socket to rank p.
-    to: Vec<Option<Sender<Vec<u8>>>>,
-    /// `from[p]` is the socket from rank p.
-    from: Vec<Option<TcpStream>>,
+/// One rank of a plain TCP mesh: per peer, what feeds the writer of the socket to it and
+/// what reads the socket from it.
+struct TcpRank<S, R> {
+    to: Vec<Option<S>>,
+    from: Vec<Option<R>>,
 }
 
-impl TcpRank {
-    /// Hands each buffer to the writer thread of its peer's socket (which writes it as it is,
-    /// then frees it) and reads what each peer sent into a new buffer owned by the caller:
-    /// what a communicator must do, so both sides allocate and free alike.
-    fn all_to_all(&self, bufs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+impl<S, R> TcpRank<S, R> {
+    /// Hands each buffer to its peer's writer (which writes it as it is, then frees it) and
+    /// takes what each peer sent as a new buffer owned by the caller: what a communicator
+    /// must do, so both sides allocate and free alike.
+    fn all_to_all(
+        &self,
+        bufs: Vec<Vec<u8>>,
+        send: impl Fn(&S, Vec<u8>),
+        recv: impl Fn(&R) -> Vec<u8>,
+    ) -> Vec<Vec<u8>> {
         let mut out: Vec<Vec<u8>> = vec![Vec::new(); bufs.len()];
         for (p, buf) in bufs.into_iter().enumerate() {
             match &self.to[p] {
-                Some(tx) => tx.send(buf).expect("writer thread"),
+                Some(to) => send(to, buf),
                 None => out[p] = buf,
             }
         }
-        for (p, sock) in self.from.iter().enumerate() {
-            let Some(mut sock) = sock.as_ref() else {
-                continue;
-            };
-            let mut len = [0u8; 8];
-            sock.read_exact(&mut len).expect("read length");
-            let n = u64::from_le_bytes(len);
-            // Into spare capacity: no zero-filling first.
-            let mut data = Vec::with_capacity(n as usize);
-            sock.take(n).read_to_end(&mut data).expect("read payload");
-            assert_eq!(data.len() as u64, n, "short message");
-            out[p] = data;
-        }
-        out
-    }
-}
-
-/// One rank of plain TCP on the communicator's tokio runtime: per socket a writer task and a
-/// reader task, the rank's thread meeting them through channels, as in `GrpcComm` minus
-/// HTTP/2 and gRPC (and so allocating and freeing on the same threads).
-struct AsyncTcpRank {
-    to: Vec<Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>>,
-    from: Vec<Option<Mutex<Receiver<Vec<u8>>>>>,
-}
-
-impl AsyncTcpRank {
-    fn all_to_all(&self, bufs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-        let mut out: Vec<Vec<u8>> = vec![Vec::new(); bufs.len()];
-        for (p, buf) in bufs.into_iter().enumerate() {
-            match &self.to[p] {
-                Some(tx) => tx.send(buf).expect("writer task"),
-                None => out[p] = buf,
-            }
-        }
-        for (p, rx) in self.from.iter().enumerate() {
-            if let Some(rx) = rx {
-                out[p] = rx.lock().expect("lock").recv().expect("reader task");
+        for (p, from) in self.from.iter().enumerate() {
+            if let Some(from) = from {
+                out[p] = recv(from);
             }
         }
         out
     }
 }
 
-fn tokio_tcp_mesh(rt: &tokio::runtime::Handle) -> Vec<AsyncTcpRank> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _entered = rt.enter();
-    let listeners: Vec<_> = (0..WORLD)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let mut ranks: Vec<AsyncTcpRank> = (0..WORLD)
-        .map(|_| AsyncTcpRank {
-            to: (0..WORLD).map(|_| None).collect(),
-            from: (0..WORLD).map(|_| None).collect(),
-        })
-        .collect();
-    let tokio_stream = |s: TcpStream| {
-        s.set_nodelay(true).expect("nodelay");
-        s.set_nonblocking(true).expect("nonblocking");
-        tokio::net::TcpStream::from_std(s).expect("tokio stream")
-    };
-    for src in 0..WORLD {
-        for dst in 0..WORLD {
-            if src == dst {
-                continue;
-            }
-            let out =
-                TcpStream::connect(listeners[dst].local_addr().expect("addr")).expect("connect");
-            let (inc, _) = listeners[dst].accept().expect("accept");
-            let (mut out, mut inc) = (tokio_stream(out), tokio_stream(inc));
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-            rt.spawn(async move {
-                while let Some(msg) = rx.recv().await {
-                    out.write_all(&(msg.len() as u64).to_le_bytes())
-                        .await
-                        .expect("write length");
-                    out.write_all(&msg).await.expect("write payload");
-                }
-            });
-            let (in_tx, in_rx) = channel::<Vec<u8>>();
-            rt.spawn(async move {
-                loop {
-                    let Ok(n) = inc.read_u64_le().await else {
-                        return; // the bench is over
-                    };
-                    // Into spare capacity: no zero-filling first.
-                    let mut data = Vec::with_capacity(n as usize);
-                    while (data.len() as u64) < n {
-                        let left = n - data.len() as u64;
-                        let got = (&mut inc).take(left).read_buf(&mut data).await;
-                        assert!(got.expect("read payload") > 0, "short message");
-                    }
-                    if in_tx.send(data).is_err() {
-                        return;
-                    }
-                }
-            });
-            ranks[src].to[dst] = Some(tx);
-            ranks[dst].from[src] = Some(Mutex::new(in_rx));
-        }
+/// Writer threads, and the rank's thread reading its peers in turn.
+type ThreadRank = TcpRank<Sender<Vec<u8>>, TcpStream>;
+/// Writer and reader tasks on the runtime, met through channels.
+type TaskRank = TcpRank<tokio::sync::mpsc::UnboundedSender<Vec<u8>>, Mutex<Receiver<Vec<u8>>>>;
+
+impl ThreadRank {
+    fn exchange(&self, bufs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        self.all_to_all(
+            bufs,
+            |tx, buf| tx.send(buf).expect("writer thread"),
+            |mut sock| {
+                let mut len = [0u8; 8];
+                sock.read_exact(&mut len).expect("read length");
+                let n = u64::from_le_bytes(len);
+                // Into spare capacity: no zero-filling first.
+                let mut data = Vec::with_capacity(n as usize);
+                sock.take(n).read_to_end(&mut data).expect("read payload");
+                assert_eq!(data.len() as u64, n, "short message");
+                data
+            },
+        )
     }
-    ranks
 }
 
-fn tcp_mesh() -> Vec<TcpRank> {
+impl TaskRank {
+    fn exchange(&self, bufs: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        self.all_to_all(
+            bufs,
+            |tx, buf| tx.send(buf).expect("writer task"),
+            |rx| rx.lock().expect("lock").recv().expect("reader task"),
+        )
+    }
+}
+
+/// A mesh of `WORLD` ranks with a socket (TCP_NODELAY) per ordered pair; `pair` turns the
+/// outgoing and incoming ends into the sender's and the receiver's halves.
+fn mesh<S, R>(mut pair: impl FnMut(TcpStream, TcpStream) -> (S, R)) -> Vec<TcpRank<S, R>> {
     let listeners: Vec<_> = (0..WORLD)
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();
-    let mut ranks: Vec<TcpRank> = (0..WORLD)
+    let mut ranks: Vec<TcpRank<S, R>> = (0..WORLD)
         .map(|_| TcpRank {
             to: (0..WORLD).map(|_| None).collect(),
             from: (0..WORLD).map(|_| None).collect(),
@@ -297,18 +243,64 @@ fn tcp_mesh() -> Vec<TcpRank> {
             let (inc, _) = listeners[dst].accept().expect("accept");
             out.set_nodelay(true).expect("nodelay");
             inc.set_nodelay(true).expect("nodelay");
-            let (tx, rx) = channel::<Vec<u8>>();
-            std::thread::spawn(move || {
-                let mut out = out;
-                for msg in rx {
-                    out.write_all(&(msg.len() as u64).to_le_bytes())
-                        .expect("write length");
-                    out.write_all(&msg).expect("write payload");
-                }
-            });
-            ranks[src].to[dst] = Some(tx);
-            ranks[dst].from[src] = Some(inc);
+            let (to, from) = pair(out, inc);
+            ranks[src].to[dst] = Some(to);
+            ranks[dst].from[src] = Some(from);
         }
     }
     ranks
+}
+
+fn thread_mesh() -> Vec<ThreadRank> {
+    mesh(|mut out, inc| {
+        let (tx, rx) = channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            for msg in rx {
+                out.write_all(&(msg.len() as u64).to_le_bytes())
+                    .expect("write length");
+                out.write_all(&msg).expect("write payload");
+            }
+        });
+        (tx, inc)
+    })
+}
+
+fn task_mesh(rt: &tokio::runtime::Handle) -> Vec<TaskRank> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _entered = rt.enter();
+    let tokio_stream = |s: TcpStream| {
+        s.set_nonblocking(true).expect("nonblocking");
+        tokio::net::TcpStream::from_std(s).expect("tokio stream")
+    };
+    mesh(|out, inc| {
+        let (mut out, mut inc) = (tokio_stream(out), tokio_stream(inc));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        rt.spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                out.write_all(&(msg.len() as u64).to_le_bytes())
+                    .await
+                    .expect("write length");
+                out.write_all(&msg).await.expect("write payload");
+            }
+        });
+        let (in_tx, in_rx) = channel::<Vec<u8>>();
+        rt.spawn(async move {
+            loop {
+                let Ok(n) = inc.read_u64_le().await else {
+                    return; // the bench is over
+                };
+                // Into spare capacity: no zero-filling first.
+                let mut data = Vec::with_capacity(n as usize);
+                while (data.len() as u64) < n {
+                    let left = n - data.len() as u64;
+                    let got = (&mut inc).take(left).read_buf(&mut data).await;
+                    assert!(got.expect("read payload") > 0, "short message");
+                }
+                if in_tx.send(data).is_err() {
+                    return;
+                }
+            }
+        });
+        (tx, Mutex::new(in_rx))
+    })
 }
