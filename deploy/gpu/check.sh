@@ -5,7 +5,8 @@
 # 6 minutes. Parts: GPU facts; the fixture on the GPU (int8 path and bf16 cuBLAS path), every
 # parallel plan on one GPU, NCCL world of one; the cluster through worker processes (2 GPU
 # workers over gRPC, 1 GPU worker with NCCL) against the fixture's greedy tokens; the layer
-# benchmark at Grok-1 dimensions; the PyTorch eager baseline of the same layer.
+# benchmark at Grok-1 dimensions; the PyTorch eager baseline of the same layer; the gRPC
+# collectives bench (the device has 16 cores: small-round latency without a 2-core squeeze).
 set -u
 B=${GROK_GPU_BUNDLE:-target/gpu-bundle}
 OUT=${OUT:-/tmp/grok-gpu-check}
@@ -62,5 +63,8 @@ for flags in "--workers 2 --tp 2 --ep 2" "--workers 2 --tp 1 --ep 2" "--workers 
   done <"$OUT/prompts.txt"
 done
 echo "cluster rc=$cluster_ok" | tee -a "$OUT/cluster.txt"
+
+step "gRPC all-to-all vs plain TCP on this machine's cores (4 ranks, up to 16 MB)"
+timeout 60 "$B/collectives" 16 2>&1 | tee "$OUT/collectives.txt"
 
 step "done"
