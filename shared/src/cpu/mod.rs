@@ -16,7 +16,7 @@ use crate::model::weights::{ExpertWeights, LayerWeights, Slices};
 pub use crate::model::ShardOutput;
 use crate::model::{check_steps, Forward, ModelError, ModelWeights, PagedKv, RankBackend, SeqStep};
 use crate::parallel::dispatch::{split_messages, Arrivals, Dispatch};
-use crate::parallel::plan::{split_range, Plan};
+use crate::parallel::plan::Plan;
 use matmul::{matmul_bt, qmatmul};
 use std::time::Duration;
 
@@ -146,8 +146,7 @@ impl CpuShard {
         let (d, n, tp) = (c.hidden_size, positions.len(), self.plan.tp);
         let experts = c.num_local_experts;
         let group = self.plan.tp_group(self.rank);
-        let my_rows = split_range(n, tp, self.rank % tp);
-        let counts: Vec<usize> = (0..tp).map(|i| split_range(n, tp, i).len() * d).collect();
+        let (my_rows, counts) = self.plan.token_shard(n, self.rank, d);
         let mut comm = Timed {
             comm,
             spent: Duration::ZERO,

@@ -14,7 +14,7 @@ use crate::config::ModelConfig;
 use crate::model::weights::Slices;
 use crate::model::{check_steps, ModelError, ModelWeights, RankBackend, SeqStep, ShardOutput};
 use crate::parallel::dispatch::{split_messages, Arrivals, Dispatch};
-use crate::parallel::plan::{split_range, Plan};
+use crate::parallel::plan::Plan;
 use std::time::Duration;
 
 struct DevExpert {
@@ -320,8 +320,7 @@ impl CudaShard {
         let (d, n, tp) = (c.hidden_size, positions.len(), self.plan.tp);
         let experts = c.num_local_experts;
         let group = self.plan.tp_group(self.rank);
-        let my_rows = split_range(n, tp, self.rank % tp);
-        let counts: Vec<usize> = (0..tp).map(|i| split_range(n, tp, i).len() * d).collect();
+        let (my_rows, counts) = self.plan.token_shard(n, self.rank, d);
         let mut comm = Timed {
             comm,
             spent: Duration::ZERO,
@@ -596,7 +595,7 @@ impl CudaShard {
 
         // What arrives: each source's expert ids, grouped by local expert, and the rows on
         // the device in arrival order.
-        let (arrivals, counts, recv) = if world == 1 {
+        let (arrivals, recv) = if world == 1 {
             let tokens: Vec<u32> = dispatch.sent[0].iter().map(|&(t, _)| t as u32).collect();
             let rows = g.upload(&tokens)?;
             let xs = g.alloc::<f32>(tokens.len() * d)?;
@@ -611,7 +610,7 @@ impl CudaShard {
                 ],
             )?;
             let arrivals = Arrivals::new(l, self.rank, mine, &[&dispatch.experts[0]])?;
-            (arrivals, vec![tokens.len()], xs)
+            (arrivals, xs)
         } else {
             let host_x = g.download_f32(x.ptr(), m * d)?;
             let everyone: Vec<usize> = (0..world).collect();
@@ -620,11 +619,7 @@ impl CudaShard {
             let ids: Vec<&[f32]> = got.iter().map(|&(ids, _)| ids).collect();
             let arrivals = Arrivals::new(l, self.rank, mine, &ids)?;
             let rows: Vec<f32> = got.iter().flat_map(|&(_, rows)| rows).copied().collect();
-            (
-                arrivals,
-                ids.iter().map(|i| i.len()).collect(),
-                g.upload(&rows)?,
-            )
+            (arrivals, g.upload(&rows)?)
         };
 
         // Each local expert runs once on all of its rows.
@@ -668,10 +663,10 @@ impl CudaShard {
             replies
         } else {
             let host = g.download_f32(replies.ptr(), total * d)?;
-            let back: Vec<Vec<f32>> = counts
+            let back: Vec<Vec<f32>> = arrivals
+                .from
                 .iter()
-                .zip(&arrivals.offsets)
-                .map(|(&n, &start)| host[start * d..(start + n) * d].to_vec())
+                .map(|r| host[r.start * d..r.end * d].to_vec())
                 .collect();
             let everyone: Vec<usize> = (0..world).collect();
             let partials = comm.run(|cm| cm.all_to_all_v(&everyone, back))?;

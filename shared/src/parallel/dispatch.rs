@@ -133,8 +133,8 @@ pub struct Arrivals {
     /// Per local expert (from the first one this rank holds): `(source rank, row within what
     /// that source sent)` of each of its rows, in arrival order.
     pub per_expert: Vec<Vec<(usize, usize)>>,
-    /// Where each source's rows start in the sources' rows concatenated.
-    pub offsets: Vec<usize>,
+    /// Each source's rows, as a range of the sources' rows concatenated.
+    pub from: Vec<Range<usize>>,
 }
 
 impl Arrivals {
@@ -148,10 +148,10 @@ impl Arrivals {
         experts: &[&[f32]],
     ) -> Result<Arrivals, ModelError> {
         let mut per_expert = vec![Vec::new(); mine.len()];
-        let mut offsets = Vec::with_capacity(experts.len());
+        let mut from = Vec::with_capacity(experts.len());
         let mut total = 0;
         for (src, ids) in experts.iter().enumerate() {
-            offsets.push(total);
+            from.push(total..total + ids.len());
             total += ids.len();
             for (i, &e) in ids.iter().enumerate() {
                 // Ids travel as f32; anything that is not one of ours (fractions, NaN,
@@ -169,10 +169,7 @@ impl Arrivals {
                 per_expert[e - mine.start].push((src, i));
             }
         }
-        Ok(Arrivals {
-            per_expert,
-            offsets,
-        })
+        Ok(Arrivals { per_expert, from })
     }
 
     /// Every row, numbered through the sources' rows concatenated, grouped by local expert.
@@ -180,7 +177,7 @@ impl Arrivals {
         self.per_expert
             .iter()
             .flatten()
-            .map(|&(src, i)| (self.offsets[src] + i) as u32)
+            .map(|&(src, i)| (self.from[src].start + i) as u32)
             .collect()
     }
 }
@@ -235,7 +232,7 @@ mod tests {
         let a = Arrivals::new(0, 2, 4..8, &ids).unwrap();
         assert_eq!(a.per_expert[0], [(0, 1), (2, 0)]);
         assert_eq!(a.per_expert[1], [(0, 0)]);
-        assert_eq!(a.offsets, [0, 2, 2]);
+        assert_eq!(a.from, [0..2, 2..2, 2..3]);
         assert_eq!(a.expert_order(), [1, 2, 0]);
 
         for bad in [3.0, 8.0, 4.5, -1.0, f32::NAN] {

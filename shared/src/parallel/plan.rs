@@ -168,6 +168,16 @@ impl Plan {
         g * self.etp()..(g + 1) * self.etp()
     }
 
+    /// A step's `n` tokens split over `rank`'s tensor-parallel group (the reduce-scatter
+    /// after attention): the rows `rank` keeps, and each member's share in values, `width`
+    /// per row, in group order.
+    pub fn token_shard(&self, n: usize, rank: usize, width: usize) -> (Range<usize>, Vec<usize>) {
+        let counts = (0..self.tp)
+            .map(|i| split_range(n, self.tp, i).len() * width)
+            .collect();
+        (split_range(n, self.tp, rank % self.tp), counts)
+    }
+
     /// The FFN-width slice of `rank`'s experts.
     pub fn ffn_slice(&self, cfg: &ModelConfig, rank: usize) -> Range<usize> {
         split_range(cfg.intermediate_size, self.etp(), rank % self.etp())

@@ -12,7 +12,7 @@
 //! - The server (`server`) reassembles each peer's chunks, copying each payload byte once, and
 //!   queues whole messages per source rank, where `recv` waits for them with the
 //!   communicator's deadline.
-//! - The bytes on the wire are plain gRPC and protobuf, written and parsed in [`wire`] rather
+//! - The bytes on the wire are plain gRPC and protobuf, written and parsed in `wire` rather
 //!   than by tonic's codec, which would copy every payload twice more; tonic still runs the
 //!   HTTP/2 connections, and decodes the replies.
 //! - A broken stream in either direction marks the peer failed: pending and later `recv`/`send`
@@ -28,7 +28,7 @@
 
 mod client;
 mod server;
-pub mod wire;
+mod wire;
 
 use super::{CommError, Communicator, Result};
 use http::HeaderValue;

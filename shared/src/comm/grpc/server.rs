@@ -1,6 +1,6 @@
 //! The `PeerExchange` server of one rank: checks the caller's token and hello, welcomes it,
 //! then reads its stream into that peer's inbound queue. Served by tonic's server as a plain
-//! HTTP service so that request bodies are read by [`wire::FrameParser`] instead of tonic's
+//! HTTP service so that request bodies are read by `wire::FrameParser` instead of tonic's
 //! buffering decoder (see `wire` for why).
 
 use super::wire::{self, Assembler, Event, FrameParser};
