@@ -624,14 +624,23 @@ mod tests {
     #[test]
     fn a_wrong_token_is_refused_with_a_clear_error() {
         let rt = runtime();
-        let out = start_each(
-            2,
-            &[TOKEN, "not-the-token"],
-            Duration::from_secs(3),
-            &[rt.handle()],
-        );
-        let mut out = out.into_iter();
-        let (good, bad) = (out.next().unwrap(), out.next().unwrap());
+        let (listeners, addrs) = bind(2);
+        // The honest rank dials a listener nobody serves instead of the impostor: were it to
+        // reach the impostor it would be refused too, give up at once and shut down, and the
+        // impostor could then find no server to refuse it, which is not what is tested here.
+        let (silent, silent_addr) = bind(1);
+        let mut listeners = listeners.into_iter();
+        let (l0, l1) = (listeners.next().unwrap(), listeners.next().unwrap());
+        let honest_view = vec![addrs[0], silent_addr[0]];
+        let timeout = Duration::from_secs(3);
+        let (good, bad) = std::thread::scope(|s| {
+            let good = s.spawn(|| GrpcComm::start(0, honest_view, l0, TOKEN, timeout, rt.handle()));
+            let bad = s.spawn(|| {
+                GrpcComm::start(1, addrs.clone(), l1, "not-the-token", timeout, rt.handle())
+            });
+            (good.join().unwrap(), bad.join().unwrap())
+        });
+        drop(silent);
         let err = bad.err().expect("the impostor is refused");
         assert!(
             matches!(&err, CommError::PeerFailed { rank: 1, peer: 0, reason } if reason.contains("cluster token")),
