@@ -24,11 +24,12 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1
 }
 cp "$(exe test --release -p grok-shared --test cuda_fixture)" "$B/cuda_fixture"
+cp "$(exe test --release -p grok-shared --test cuda_kernels)" "$B/cuda_kernels"
 cp "$(exe test --release -p grok-shared --lib)" "$B/shared_lib"
 cp "$(exe bench -p grok-shared --bench cuda_layer)" "$B/cuda_layer"
 cp "$(exe bench -p grok-shared --bench collectives)" "$B/collectives"
 cp target/release/grok target/release/grok-worker "$B/"
-for f in "$B"/grok "$B"/grok-worker "$B"/cuda_fixture "$B"/shared_lib "$B"/cuda_layer "$B"/collectives; do
+for f in "$B"/grok "$B"/grok-worker "$B"/cuda_fixture "$B"/cuda_kernels "$B"/shared_lib "$B"/cuda_layer "$B"/collectives; do
   objcopy --strip-debug "$f"
 done
 cp -r "$REF/fixtures/grok1-tiny-a" "$B/reference/fixtures/"

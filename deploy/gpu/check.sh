@@ -3,10 +3,11 @@
 # (made here by deploy/gpu/bundle.sh; nothing is built on the device). Writes every result
 # under $OUT and a summary to stdout; each part has its own time limit, the whole well under
 # 6 minutes. Parts: GPU facts; the fixture on the GPU (int8 path and bf16 cuBLAS path), every
-# parallel plan on one GPU, NCCL world of one; the cluster through worker processes (2 GPU
-# workers over gRPC, 1 GPU worker with NCCL) against the fixture's greedy tokens; the layer
-# benchmark at Grok-1 dimensions; the PyTorch eager baseline of the same layer; the gRPC
-# collectives bench (the device has 16 cores: small-round latency without a 2-core squeeze).
+# parallel plan on one GPU, NCCL world of one; the kernels at larger shapes (cuda_kernels);
+# the cluster through worker processes (2 GPU workers over gRPC, 1 GPU worker with NCCL)
+# against the fixture's greedy tokens; the layer benchmark at Grok-1 dimensions; the PyTorch
+# eager baseline of the same layer; the gRPC collectives bench (the device has 16 cores:
+# small-round latency without a 2-core squeeze).
 set -u
 B=${GROK_GPU_BUNDLE:-target/gpu-bundle}
 OUT=${OUT:-/tmp/grok-gpu-check}
@@ -26,6 +27,11 @@ echo "cuda_fixture rc=$?" | tee -a "$OUT/fixture.txt"
 grep -E "^(GPU|plan|test |test result)" "$OUT/fixture.txt"
 timeout 60 "$B/shared_lib" --ignored nccl --nocapture >>"$OUT/fixture.txt" 2>&1
 echo "nccl collectives rc=$?" | tee -a "$OUT/fixture.txt"
+
+step "kernels at shapes the fixture does not reach (tiled int8 matmul, long prompts)"
+timeout 120 "$B/cuda_kernels" --ignored --test-threads 1 --nocapture >"$OUT/kernels.txt" 2>&1
+echo "cuda_kernels rc=$?" | tee -a "$OUT/kernels.txt"
+grep -E "^(tiled|bf16|head_dim|test |test result)|panicked|relative error" "$OUT/kernels.txt"
 
 step "layer benchmark at Grok-1 dimensions"
 export GROK_BENCH_MODEL=/tmp/grok-bench-model

@@ -30,6 +30,15 @@ pub const ATT_THREADS: usize = 128;
 /// every matmul on the exact, batch-invariant int8 path).
 pub const DEFAULT_GEMM_MIN_ROWS: usize = 9;
 
+/// Warps per block of the tiled decode kernel (fixed: the order its partial sums are added
+/// in depends on it).
+const TILED_WARPS: usize = 8;
+/// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
+const MAX_TILES: usize = 4096;
+/// Head dimensions the register-tiled prefill attention is built for (`attention_prefill_*`);
+/// others take `attention_64`.
+pub const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+
 /// Which libraries a CUDA backend needs, and whether they load here.
 pub fn cuda_available() -> bool {
     // SAFETY: each only tries to dlopen its library.
@@ -96,13 +105,34 @@ pub enum Arg {
     N(u64),
 }
 
-/// An int8 matrix on the device: `[k, n]` with f32 scales `[k / gr, n]`.
+/// An int8 matrix on the device: `[k, n]` with f32 scales `[k / gr, n]`. The weights are
+/// stored tiled ([`tile_int8`]) when `n` is a multiple of 16, which is what the decode kernel
+/// streams fastest; row-major otherwise.
 pub struct DevQ {
     pub k: usize,
     pub n: usize,
     pub gr: usize,
+    pub tiled: bool,
     pub w: Buf<i8>,
     pub s: Buf<f32>,
+}
+
+/// Columns per tile of the tiled int8 layout (`QT` in kernels.cu).
+pub const Q_TILE: usize = 512;
+
+/// The tiled layout of a row-major `[k, n]` int8 matrix (`n` a multiple of 16): column tiles
+/// of [`Q_TILE`] (the last one narrower), each holding its `k` rows back to back, so that the
+/// decode kernel's warps each read one contiguous run.
+pub fn tile_int8(w: &[i8], k: usize, n: usize) -> Vec<i8> {
+    debug_assert_eq!(w.len(), k * n);
+    let mut out = Vec::with_capacity(k * n);
+    for c0 in (0..n).step_by(Q_TILE) {
+        let width = Q_TILE.min(n - c0);
+        for row in w.chunks_exact(n) {
+            out.extend_from_slice(&row[c0..c0 + width]);
+        }
+    }
+    out
 }
 
 impl DevQ {
@@ -117,6 +147,11 @@ pub struct Gpu {
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
     sms: usize,
+    /// Blocks of the tiled decode kernel the whole GPU holds at once (its K split fills them).
+    tiled_slots: usize,
+    /// One counter per column tile for the tiled kernel's last-block sum (each launch leaves
+    /// them at zero).
+    tile_counters: Buf<u32>,
     pub name: String,
     /// With `GROK_CUDA_PROFILE=1`: every launch synchronised and timed, per kernel name
     /// (count, seconds). Off by default: the syncs serialise the host with the GPU.
@@ -177,15 +212,62 @@ impl Gpu {
                 .map_err(drv_err("allowing the attention kernel its shared memory"))?;
             }
         }
+        let big_smem = [
+            (
+                "qgemv_tiled_4".to_string(),
+                Self::tiled_smem_bytes(4) as i32,
+            ),
+            (
+                "qgemv_tiled_2".to_string(),
+                Self::tiled_smem_bytes(2) as i32,
+            ),
+        ]
+        .into_iter()
+        .chain(PREFILL_HEAD_DIMS.iter().map(|&hd| {
+            (
+                format!("attention_prefill_{hd}"),
+                Self::prefill_smem_bytes(hd) as i32,
+            )
+        }));
+        for (name, bytes) in big_smem {
+            if let Some(f) = funcs.get(&name) {
+                f.set_attribute(
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                )
+                .map_err(drv_err("allowing a kernel its shared memory"))?;
+            }
+        }
+        let per_sm = funcs
+            .get("qgemv_tiled_1")
+            .ok_or_else(|| CudaError::Unsupported("no kernel named qgemv_tiled_1".into()))?
+            .occupancy_max_active_blocks_per_multiprocessor(
+                (TILED_WARPS * 32) as u32,
+                Self::tiled_smem_bytes(1),
+                None,
+            )
+            .map_err(drv_err("reading the decode kernel's occupancy"))?;
+        let tiled_slots = sms * (per_sm as usize).max(1);
         let profile = std::env::var("GROK_CUDA_PROFILE")
             .is_ok_and(|v| v == "1")
             .then(|| std::sync::Mutex::new(HashMap::new()));
+        let tile_counters = Buf::wrap(
+            stream
+                .alloc_zeros::<u32>(MAX_TILES)
+                .map_err(|e| CudaError::OutOfMemory {
+                    bytes: MAX_TILES * 4,
+                    msg: e.to_string(),
+                })?,
+            &stream,
+        );
         Ok(Gpu {
             ctx,
             stream,
             blas,
             funcs,
             sms,
+            tiled_slots,
+            tile_counters,
             name,
             profile,
         })
@@ -363,15 +445,85 @@ impl Gpu {
         self.launch(name, (n.div_ceil(256) as u32, 1), (256, 1), 0, args)
     }
 
-    /// Uploads an int8 matrix.
+    /// Uploads an int8 matrix (tiled when its width allows).
     pub fn upload_q(&self, q: &crate::model::QMatrix) -> Result<DevQ, CudaError> {
+        let tiled = q.n.is_multiple_of(16);
+        let w = if tiled {
+            self.upload(&tile_int8(q.weight_i8(), q.k, q.n))?
+        } else {
+            self.upload(q.weight_i8())?
+        };
         Ok(DevQ {
             k: q.k,
             n: q.n,
             gr: q.group_rows,
-            w: self.upload(q.weight_i8())?,
+            tiled,
+            w,
             s: self.upload(&q.scales)?,
         })
+    }
+
+    /// The tiled kernel's K split for a `[k, n]` matrix: rows of K per warp and blocks per
+    /// column tile. It depends on the matrix and the GPU only, never on the batch, so a row's
+    /// result is the same whatever else is in its batch. One wave of blocks fills the GPU
+    /// (each SM streams its share of the weights), each warp a multiple of 8 rows.
+    pub fn tiled_split(&self, k: usize, n: usize) -> (usize, usize) {
+        tiled_split(self.tiled_slots, k, n)
+    }
+
+    /// `out[m, n] = x[m, k] · q` on the tiled layout, four rows at a time at most.
+    fn qmatmul_tiled(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
+        let (k, n) = (q.k, q.n);
+        let tiles = n.div_ceil(Q_TILE);
+        if tiles > MAX_TILES {
+            return Err(CudaError::Unsupported(format!(
+                "an int8 matrix {n} columns wide (the decode kernel takes up to {})",
+                MAX_TILES * Q_TILE
+            )));
+        }
+        let (per_warp, ky) = self.tiled_split(k, n);
+        let parts = if ky > 1 {
+            Some(self.alloc::<f32>(ky * m.min(4) * n)?)
+        } else {
+            None
+        };
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(4);
+            let mr = if rows == 3 { 4 } else { rows };
+            let name = format!("qgemv_tiled_{mr}");
+            self.launch(
+                &name,
+                (tiles as u32, ky as u32),
+                (32, TILED_WARPS as u32),
+                Self::tiled_smem_bytes(mr) as u32,
+                &[
+                    Arg::P(x + (r0 * k * 4) as u64),
+                    Arg::I(rows as i32),
+                    Arg::P(q.w.ptr()),
+                    Arg::P(q.s.ptr()),
+                    Arg::I(k as i32),
+                    Arg::I(n as i32),
+                    Arg::I(q.gr as i32),
+                    Arg::P(out + (r0 * n * 4) as u64),
+                    Arg::P(parts.as_ref().map_or(0, |p| p.ptr())),
+                    Arg::P(self.tile_counters.ptr()),
+                    Arg::I(per_warp as i32),
+                ],
+            )?;
+            r0 += rows;
+        }
+        Ok(())
+    }
+
+    /// Shared memory of `qgemv_tiled_{mr}`: every warp's partial sums of its rows.
+    fn tiled_smem_bytes(mr: usize) -> usize {
+        TILED_WARPS * mr * Q_TILE * 4
+    }
+
+    /// Shared memory of `attention_prefill_{head_dim}`.
+    pub fn prefill_smem_bytes(head_dim: usize) -> usize {
+        (2 * 64 * (head_dim + 4) + 64 * 68) * 4
     }
 
     /// `out[m, n] = x[m, k] · q` (row-major f32 at device addresses). Batches below
@@ -389,6 +541,9 @@ impl Gpu {
         }
         if m >= gemm_min_rows {
             return self.qmatmul_cublas(x, m, q, out);
+        }
+        if q.tiled {
+            return self.qmatmul_tiled(x, m, q, out);
         }
         let (k, n) = (q.k, q.n);
         let wide = n.is_multiple_of(16);
@@ -475,21 +630,33 @@ impl Gpu {
     fn qmatmul_cublas(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
         let (k, n) = (q.k, q.n);
         let wb = self.alloc::<u16>(k * n)?;
-        // One block row per matrix row, 4 columns per thread.
-        self.launch(
-            "dequant_bf16",
-            (n.div_ceil(4 * 256) as u32, k as u32),
-            (256, 1),
-            0,
-            &[
-                Arg::P(q.w.ptr()),
-                Arg::P(q.s.ptr()),
-                Arg::P(wb.ptr()),
-                Arg::I(k as i32),
-                Arg::I(n as i32),
-                Arg::I(q.gr as i32),
-            ],
-        )?;
+        let args = [
+            Arg::P(q.w.ptr()),
+            Arg::P(q.s.ptr()),
+            Arg::P(wb.ptr()),
+            Arg::I(k as i32),
+            Arg::I(n as i32),
+            Arg::I(q.gr as i32),
+        ];
+        if q.tiled {
+            // 16 weights per thread.
+            self.launch(
+                "dequant_bf16_tiled",
+                ((k * n).div_ceil(16 * 256) as u32, 1),
+                (256, 1),
+                0,
+                &args,
+            )?;
+        } else {
+            // One block row per matrix row, 4 columns per thread.
+            self.launch(
+                "dequant_bf16",
+                (n.div_ceil(4 * 256) as u32, k as u32),
+                (256, 1),
+                0,
+                &args,
+            )?;
+        }
         let xb = self.alloc::<u16>(m * k)?;
         self.elems_launch(
             "to_bf16",
@@ -590,6 +757,14 @@ impl Gpu {
     }
 }
 
+/// See [`Gpu::tiled_split`]: `slots` blocks of the kernel fit on the GPU at once.
+fn tiled_split(slots: usize, k: usize, n: usize) -> (usize, usize) {
+    let tiles = n.div_ceil(Q_TILE);
+    let ky = (slots / tiles).max(1);
+    let per_warp = k.div_ceil(ky * TILED_WARPS).next_multiple_of(8).max(16);
+    (per_warp, k.div_ceil(per_warp * TILED_WARPS).max(1))
+}
+
 /// Freed stream-ordered allocations stay in the device's pool instead of going back to the
 /// driver at every synchronisation: a step allocates its activations afresh, and remapping
 /// them after each of its syncs cost more than the decode matmuls.
@@ -633,7 +808,11 @@ fn kernel_names() -> Vec<String> {
         "scale",
         "qgemv_reduce",
         "dequant_bf16",
+        "dequant_bf16_tiled",
         "to_bf16",
+        "qgemv_tiled_1",
+        "qgemv_tiled_2",
+        "qgemv_tiled_4",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -645,6 +824,9 @@ fn kernel_names() -> Vec<String> {
     }
     for mr in [1, 2, 4] {
         v.push(format!("qgemv16_{mr}"));
+    }
+    for hd in PREFILL_HEAD_DIMS {
+        v.push(format!("attention_prefill_{hd}"));
     }
     v
 }
@@ -706,4 +888,52 @@ fn compile_cached(major: i32, minor: i32) -> Result<String, CudaError> {
         }
     }
     Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiling_puts_each_tiles_rows_back_to_back() {
+        let (k, n) = (3, 1040); // tiles of 512, 512 and 16 columns
+        let w: Vec<i8> = (0..k * n).map(|i| (i % 251) as i8).collect();
+        let t = tile_int8(&w, k, n);
+        assert_eq!(t.len(), w.len());
+        for row in 0..k {
+            for col in 0..n {
+                let (tile, c) = (col / Q_TILE, col % Q_TILE);
+                let width = Q_TILE.min(n - tile * Q_TILE);
+                let at = tile * Q_TILE * k + row * width + c;
+                assert_eq!(t[at], w[row * n + col], "row {row} col {col}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_split_covers_k_in_one_wave_of_whole_warps() {
+        // Grok-1's matrices on a GPU holding 132 x 4 blocks, and odd small ones.
+        for (k, n) in [
+            (6144, 32768),
+            (32768, 6144),
+            (6144, 6144),
+            (6144, 1024),
+            (96, 272),
+        ] {
+            for slots in [1, 528, 4096] {
+                let (per_warp, ky) = tiled_split(slots, k, n);
+                assert!(per_warp.is_multiple_of(8) && per_warp >= 16);
+                assert!(per_warp * TILED_WARPS * ky >= k, "{k}x{n}: K not covered");
+                // No block without rows of K to read.
+                assert!(
+                    per_warp * TILED_WARPS * (ky - 1) < k,
+                    "{k}x{n}: an idle block"
+                );
+                let tiles = n.div_ceil(Q_TILE);
+                if tiles <= slots {
+                    assert!(tiles * ky <= slots, "{k}x{n}: more than one wave");
+                }
+            }
+        }
+    }
 }

@@ -241,6 +241,203 @@ __device__ void attention(const float *q, const float *kc, const float *vc, floa
 ATTENTION(16)
 ATTENTION(64)
 
+// The prefill attention: the same contract as attention_64 (tiles, splits, partial outputs),
+// register-tiled for long prompts, where attention_64's score loop waits on shared memory.
+// A block of 128 threads takes 64 rows (tokens × the q heads of one kv head) against 64 keys
+// at a time; thread (rg = tid / 8, kg = tid % 8) owns rows rg + 16i (i < 4), keys kg + 8j
+// (j < 8) of the score tile, and HD / 8 columns of the output (pf_col). The 8 threads of
+// a row are adjacent lanes: row maxima and sums go through shuffles. Rows and keys are
+// interleaved that way, and shared rows padded by 4 floats, so that no two lanes of a load hit
+// the same bank. Scores are summed over the head dimension in order, as attention_R does.
+//   Dynamic shared memory: (2 * 64 * (HD + 4) + 64 * 68) floats (q, keys or values, p).
+#define PF_R 64
+#define PF_KEYS 64
+#define PF_PS 68
+// Output column e of thread kg: float4 runs of 4 (8 threads cover 32 adjacent columns), or
+// pairs when the head is narrower than 32.
+template <int HD>
+__device__ __forceinline__ int pf_col(int kg, int e) {
+    return HD >= 32 ? (e / 4) * 32 + kg * 4 + e % 4 : kg * (HD / 8) + e;
+}
+
+template <int HD>
+__device__ void attention_prefill(const float *q, const float *kc, const float *vc, float *out,
+                                  const int *tiles, const u32 *slots, int q_heads, int kv_heads,
+                                  float mult, float cap, int splits, float *part_o,
+                                  float *part_ml) {
+    extern __shared__ float sm[];
+    const int S = HD + 4, CPT = HD / 8;
+    float *sq = sm;                  // [64][S]
+    float *skv = sq + PF_R * S;      // [64][S]: keys, then values
+    float *sp = skv + PF_KEYS * S;   // [64 keys][PF_PS]
+    int tid = threadIdx.x, rg = tid / 8, kg = tid % 8;
+    int group = q_heads / kv_heads;
+    int kvh = blockIdx.y / splits, split = blockIdx.y % splits;
+    const int *t = tiles + 4 * blockIdx.x;
+    int row0 = t[0], ntok = t[1], pos0 = t[2], off = t[3];
+    int rows = ntok * group;
+    int qd = q_heads * HD, kvd = kv_heads * HD;
+    for (int i = tid; i < PF_R * (HD / 4); i += blockDim.x) {
+        int r = i / (HD / 4), c = (i % (HD / 4)) * 4;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (r < rows) {
+            int tok = r / group, h = kvh * group + r % group;
+            v = *(const float4 *)(q + (u64)(row0 + tok) * qd + h * HD + c);
+        }
+        *(float4 *)(sq + r * S + c) = v;
+    }
+    // The last key each of my rows sees (-1: a padding row sees none).
+    int lastkey[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int r = rg + 16 * i;
+        lastkey[i] = r < rows ? pos0 + r / group : -1;
+    }
+    float m_run[4], l_run[4], acc[4][CPT];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        m_run[i] = NEG_INF;
+        l_run[i] = 0.f;
+#pragma unroll
+        for (int e = 0; e < CPT; e++) acc[i][e] = 0.f;
+    }
+    int visible = pos0 + ntok;
+    int chunk = ((visible + splits - 1) / splits + PF_KEYS - 1) / PF_KEYS * PF_KEYS;
+    int kbeg = split * chunk, kend = min(visible, kbeg + chunk);
+    for (int j0 = kbeg; j0 < kend; j0 += PF_KEYS) {
+        int nk = min(PF_KEYS, kend - j0);
+        __syncthreads();  // the previous tile's values and p are no longer read
+        for (int i = tid; i < PF_KEYS * (HD / 4); i += blockDim.x) {
+            int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (j < nk) v = *(const float4 *)(kc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
+            *(float4 *)(skv + j * S + c) = v;
+        }
+        __syncthreads();
+        float s[4][8];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 8; j++) s[i][j] = 0.f;
+#pragma unroll 2
+        for (int c = 0; c < HD; c += 4) {
+            float4 qv[4], kv[8];
+#pragma unroll
+            for (int i = 0; i < 4; i++) qv[i] = *(const float4 *)(sq + (rg + 16 * i) * S + c);
+#pragma unroll
+            for (int j = 0; j < 8; j++) kv[j] = *(const float4 *)(skv + (kg + 8 * j) * S + c);
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    float a = s[i][j];
+                    a += qv[i].x * kv[j].x;
+                    a += qv[i].y * kv[j].y;
+                    a += qv[i].z * kv[j].z;
+                    a += qv[i].w * kv[j].w;
+                    s[i][j] = a;
+                }
+        }
+        // Soft cap, causal mask, online softmax; p goes to shared memory for the values.
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int key = j0 + kg + 8 * j;
+                float v = NEG_INF;
+                if (kg + 8 * j < nk && key <= lastkey[i]) {
+                    float a = s[i][j] * mult;
+                    v = cap * tanhf(a / cap);
+                }
+                s[i][j] = v;
+                mx = fmaxf(mx, v);
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            float m_new = fmaxf(m_run[i], mx);
+            float corr = (m_run[i] == NEG_INF) ? 0.f : expf(m_run[i] - m_new);
+            float l = 0.f;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float e = (s[i][j] == NEG_INF) ? 0.f : expf(s[i][j] - m_new);
+                sp[(kg + 8 * j) * PF_PS + rg + 16 * i] = e;
+                l += e;
+            }
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            l += __shfl_xor_sync(0xffffffffu, l, 4);
+            l_run[i] = l_run[i] * corr + l;
+            m_run[i] = m_new;
+#pragma unroll
+            for (int e = 0; e < CPT; e++) acc[i][e] *= corr;
+        }
+        __syncthreads();  // scores done with the keys; p written
+        for (int i = tid; i < PF_KEYS * (HD / 4); i += blockDim.x) {
+            int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (j < nk) v = *(const float4 *)(vc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
+            *(float4 *)(skv + j * S + c) = v;
+        }
+        __syncthreads();
+        for (int j = 0; j < nk; j++) {
+            float p[4], v[CPT];
+#pragma unroll
+            for (int i = 0; i < 4; i++) p[i] = sp[j * PF_PS + rg + 16 * i];
+            if (HD >= 32) {
+#pragma unroll
+                for (int e = 0; e < CPT; e += 4) {
+                    float4 t4 = *(const float4 *)(skv + j * S + pf_col<HD>(kg, e));
+                    v[e] = t4.x;
+                    v[(e + 1) % CPT] = t4.y;
+                    v[(e + 2) % CPT] = t4.z;
+                    v[(e + 3) % CPT] = t4.w;
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < CPT; e++) v[e] = skv[j * S + pf_col<HD>(kg, e)];
+            }
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int e = 0; e < CPT; e++) acc[i][e] += p[i] * v[e];
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int r = rg + 16 * i;
+        if (r >= rows) continue;
+        int tok = r / group, h = kvh * group + r % group;
+        if (splits == 1) {
+#pragma unroll
+            for (int e = 0; e < CPT; e++)
+                out[(u64)(row0 + tok) * qd + h * HD + pf_col<HD>(kg, e)] = acc[i][e] / l_run[i];
+        } else {
+            u64 part = ((u64)blockIdx.x * gridDim.y + blockIdx.y) * PF_R + r;
+#pragma unroll
+            for (int e = 0; e < CPT; e++) part_o[part * HD + pf_col<HD>(kg, e)] = acc[i][e];
+            if (kg == 0) {
+                part_ml[2 * part] = m_run[i];
+                part_ml[2 * part + 1] = l_run[i];
+            }
+        }
+    }
+}
+
+#define ATTENTION_PREFILL(HD)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) attention_prefill_##HD(                 \
+        const float *q, const float *kc, const float *vc, float *out, const int *tiles,       \
+        const u32 *slots, int q_heads, int kv_heads, int head_dim, float mult, float cap,     \
+        int splits, float *part_o, float *part_ml) {                                          \
+        attention_prefill<HD>(q, kc, vc, out, tiles, slots, q_heads, kv_heads, mult, cap,     \
+                              splits, part_o, part_ml);                                       \
+    }
+ATTENTION_PREFILL(16)
+ATTENTION_PREFILL(32)
+ATTENTION_PREFILL(64)
+ATTENTION_PREFILL(128)
+
 // Merges the key splits of attention_R: out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M),
 // splits in order. grid (tiles, kv heads), blockDim.x >= head_dim.
 extern "C" __global__ void attention_combine(const float *part_o, const float *part_ml,
@@ -542,6 +739,150 @@ __device__ void qgemv16(const float *x, int m, const signed char *w, const float
 QGEMV16(1)
 QGEMV16(2)
 QGEMV16(4)
+
+// The decode matmul on the tiled layout (see DevQ in device.rs): column tiles of 512 (the last
+// one narrower), each holding its K rows back to back, so a warp streams one contiguous run
+// of weights (U rows of 512 bytes per round, 16 bytes per lane) instead of 512-byte pieces
+// a whole row apart. Up to MR rows of x. The K split is per_warp rows per warp, consecutive
+// warps of consecutive blocks along y, chosen by the host from the matrix and the GPU only (a
+// row's result does not depend on the batch). Blocks of one tile add their partial sums in
+// y order: each writes its partial to `parts`, and the last to finish a tile (a counter per
+// tile, reset by it) adds them up, so no second launch is needed and the sum is the same
+// every run.
+//   grid (tiles, ky), block (32, warps); smem: warps * MR * 512 floats.
+#define QT 512
+template <int MR, int U>
+__device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const float *scales,
+                            int k, int n, int gr, float *out, float *parts, u32 *counters,
+                            int per_warp) {
+    extern __shared__ float red[];
+    __shared__ int last;
+    int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
+    int tid = warp * WARP + lane, nthreads = warps * WARP;
+    int tile = blockIdx.x, ky = gridDim.y;
+    int width = min(QT, n - tile * QT);
+    int c0 = tile * QT, col = c0 + lane * 16;
+    bool live = lane * 16 < width;
+    int k0 = min(k, (blockIdx.y * warps + warp) * per_warp), k1 = min(k, k0 + per_warp);
+    const signed char *wp = wt + (u64)tile * QT * k + lane * 16;
+    float total[MR][16];
+#pragma unroll
+    for (int r = 0; r < MR; r++)
+#pragma unroll
+        for (int v = 0; v < 16; v++) total[r][v] = 0.f;
+    if (live && k0 < k1) {
+        for (int g = k0 / gr; g * gr < k1; g++) {
+            int a = max(k0, g * gr), b = min(k1, (g + 1) * gr);
+            float acc[MR][16];
+#pragma unroll
+            for (int r = 0; r < MR; r++)
+#pragma unroll
+                for (int v = 0; v < 16; v++) acc[r][v] = 0.f;
+            int kk = a;
+            for (; kk + U <= b; kk += U) {
+                uint4 q[U];
+#pragma unroll
+                for (int u = 0; u < U; u++)
+                    q[u] = __ldg((const uint4 *)(wp + (u64)(kk + u) * width));
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    float xv[MR];
+#pragma unroll
+                    for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(x + (u64)r * k + kk + u) : 0.f;
+                    acc16(acc, xv, MR, q[u]);
+                }
+            }
+            for (; kk < b; kk++) {
+                uint4 q = __ldg((const uint4 *)(wp + (u64)kk * width));
+                float xv[MR];
+#pragma unroll
+                for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(x + (u64)r * k + kk) : 0.f;
+                acc16(acc, xv, MR, q);
+            }
+            const float4 *sp = (const float4 *)(scales + (u64)g * n + col);
+#pragma unroll
+            for (int v4 = 0; v4 < 4; v4++) {
+                float4 s = __ldg(sp + v4);
+                float sv[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+#pragma unroll
+                    for (int r = 0; r < MR; r++) total[r][v4 * 4 + e] += acc[r][v4 * 4 + e] * sv[e];
+            }
+        }
+    }
+    // The warps' partials, then their sum in warp order (all threads share the adding).
+#pragma unroll
+    for (int r = 0; r < MR; r++)
+#pragma unroll
+        for (int v4 = 0; v4 < 4; v4++)
+            *(float4 *)(red + (warp * MR + r) * QT + lane * 16 + v4 * 4) =
+                make_float4(total[r][v4 * 4], total[r][v4 * 4 + 1], total[r][v4 * 4 + 2],
+                            total[r][v4 * 4 + 3]);
+    __syncthreads();
+    int rows = min(m, MR);
+    for (int i = tid; i < rows * QT; i += nthreads) {
+        int r = i / QT, c = i % QT;
+        if (c >= width) continue;
+        float s = 0.f;
+        for (int w = 0; w < warps; w++) s += red[(w * MR + r) * QT + c];
+        if (ky == 1)
+            out[(u64)r * n + c0 + c] = s;
+        else
+            parts[((u64)blockIdx.y * m + r) * n + c0 + c] = s;
+    }
+    if (ky == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(counters + tile, 1u) == (u32)(ky - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = tid; i < rows * QT; i += nthreads) {
+        int r = i / QT, c = i % QT;
+        if (c >= width) continue;
+        float s = 0.f;
+#pragma unroll 8
+        for (int y = 0; y < ky; y++) s += __ldcg(parts + ((u64)y * m + r) * n + c0 + c);
+        out[(u64)r * n + c0 + c] = s;
+    }
+    if (tid == 0) counters[tile] = 0;
+}
+
+#define QGEMV_TILED(MR, U)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) qgemv_tiled_##MR(                      \
+        const float *x, int m, const signed char *wt, const float *s, int k, int n, int gr,  \
+        float *out, float *parts, u32 *counters, int per_warp) {                             \
+        qgemv_tiled<MR, U>(x, m, wt, s, k, n, gr, out, parts, counters, per_warp);           \
+    }
+QGEMV_TILED(1, 8)
+QGEMV_TILED(2, 8)
+QGEMV_TILED(4, 4)
+
+// bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales, one thread per
+// 16 weights (one 16-byte load, two 16-byte stores).
+extern "C" __global__ void dequant_bf16_tiled(const signed char *wt, const float *scales,
+                                              bf16 *out, int k, int n, int gr) {
+    u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 16;
+    if (i >= (u64)k * n) return;
+    u64 tile = i / ((u64)QT * k);
+    int width = min(QT, n - (int)tile * QT);
+    u64 within = i - tile * QT * k;
+    int row = (int)(within / width), c = (int)(within % width) + (int)tile * QT;
+    uint4 q = *(const uint4 *)(wt + i);
+    const float *s = scales + (u64)(row / gr) * n + c;
+    u32 words[4] = {q.x, q.y, q.z, q.w};
+    u32 packed[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int lo = (int)(signed char)((words[j / 2] >> (16 * (j % 2))) & 0xff);
+        int hi = (int)(signed char)((words[j / 2] >> (16 * (j % 2) + 8)) & 0xff);
+        packed[j] = (u32)f2bf((float)lo * s[2 * j]) | ((u32)f2bf((float)hi * s[2 * j + 1]) << 16);
+    }
+    uint4 *dst = (uint4 *)(out + (u64)row * n + c);
+    dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+}
 
 // out[i] = sum over y < ky of parts[y * len + i], in order.
 extern "C" __global__ void qgemv_reduce(const float *parts, float *out, u64 len, int ky) {

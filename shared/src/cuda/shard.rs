@@ -7,7 +7,9 @@
 //! only brings back the router's choices (the expert batch sizes the launches need) and the
 //! logits.
 
-use super::device::{Arg, Buf, DevQ, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS};
+use super::device::{
+    Arg, Buf, DevQ, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS, PREFILL_HEAD_DIMS,
+};
 use super::CudaError;
 use crate::comm::{Communicator, Timed};
 use crate::config::ModelConfig;
@@ -486,11 +488,23 @@ impl CudaShard {
         } else {
             (g.alloc::<f32>(0)?, g.alloc::<f32>(0)?)
         };
+        // Prefill tiles take the register-tiled kernel where it is built for the head size.
+        let (kernel, smem) = if rows == ATT_ROWS[1] && PREFILL_HEAD_DIMS.contains(&hd) {
+            (
+                format!("attention_prefill_{hd}"),
+                Gpu::prefill_smem_bytes(hd),
+            )
+        } else {
+            (
+                format!("attention_{rows}"),
+                Gpu::attention_smem_bytes(rows, hd),
+            )
+        };
         g.launch(
-            &format!("attention_{rows}"),
+            &kernel,
             (meta.num_tiles as u32, (kvh * splits) as u32),
             (ATT_THREADS as u32, 1),
-            Gpu::attention_smem_bytes(rows, hd) as u32,
+            smem as u32,
             &[
                 Arg::P(q.ptr()),
                 Arg::P(self.keys[l].ptr()),
@@ -551,8 +565,8 @@ impl CudaShard {
         if m == 0 && world == 1 {
             return Ok(y);
         }
-        let idx = g.alloc::<i32>(m * k)?;
-        let gates = g.alloc::<f32>(m * k)?;
+        // The picks, then the gates' bits: one copy (one wait) brings both back.
+        let routing = g.alloc::<u32>(2 * m * k)?;
         g.launch(
             "route",
             (m as u32, 1),
@@ -564,21 +578,20 @@ impl CudaShard {
                 Arg::I(d as i32),
                 Arg::I(c.num_local_experts as i32),
                 Arg::I(k as i32),
-                Arg::P(idx.ptr()),
-                Arg::P(gates.ptr()),
+                Arg::P(routing.ptr()),
+                Arg::P(routing.at(m * k)),
             ],
         )?;
-        let mut picks = vec![0i32; m * k];
-        let mut gate_v = vec![0f32; m * k];
-        g.copy_out(idx.ptr(), &mut picks)?;
-        g.copy_out(gates.ptr(), &mut gate_v)?;
+        let mut back = vec![0u32; 2 * m * k];
+        g.copy_out(routing.ptr(), &mut back)?;
+        let (picks, gate_bits) = back.split_at(m * k);
 
         // The router's picks, checked, then the dispatch the CPU backend makes of them.
         let mut routes = Vec::with_capacity(m);
         for t in 0..m {
             let mut choice = Vec::with_capacity(k);
             for j in 0..k {
-                let e = picks[t * k + j];
+                let e = picks[t * k + j] as i32;
                 let e = usize::try_from(e)
                     .ok()
                     .filter(|&e| e < c.num_local_experts)
@@ -586,31 +599,20 @@ impl CudaShard {
                         rank: self.rank,
                         msg: format!("layer {l}: the router kernel chose expert {e}"),
                     })?;
-                choice.push((e, gate_v[t * k + j]));
+                choice.push((e, f32::from_bits(gate_bits[t * k + j])));
             }
             routes.push(choice);
         }
         let dispatch = Dispatch::new(&self.plan, c, &routes, routed);
         let mine = self.slices.experts.clone();
 
-        // What arrives: each source's expert ids, grouped by local expert, and the rows on
-        // the device in arrival order.
-        let (arrivals, recv) = if world == 1 {
+        // What arrives: each source's expert ids, grouped by local expert, and where its rows
+        // are on the device (in arrival order). In a world of one they are rows of `x`.
+        let recv_buf;
+        let (arrivals, recv, arrival_rows): (_, u64, Option<Vec<u32>>) = if world == 1 {
             let tokens: Vec<u32> = dispatch.sent[0].iter().map(|&(t, _)| t as u32).collect();
-            let rows = g.upload(&tokens)?;
-            let xs = g.alloc::<f32>(tokens.len() * d)?;
-            g.rows_launch(
-                "gather_rows",
-                tokens.len(),
-                &[
-                    Arg::P(x.ptr()),
-                    Arg::P(rows.ptr()),
-                    Arg::P(xs.ptr()),
-                    Arg::I(d as i32),
-                ],
-            )?;
             let arrivals = Arrivals::new(l, self.rank, mine, &[&dispatch.experts[0]])?;
-            (arrivals, xs)
+            (arrivals, x.ptr(), Some(tokens))
         } else {
             let host_x = g.download_f32(x.ptr(), m * d)?;
             let everyone: Vec<usize> = (0..world).collect();
@@ -619,20 +621,40 @@ impl CudaShard {
             let ids: Vec<&[f32]> = got.iter().map(|&(ids, _)| ids).collect();
             let arrivals = Arrivals::new(l, self.rank, mine, &ids)?;
             let rows: Vec<f32> = got.iter().flat_map(|&(_, rows)| rows).copied().collect();
-            (arrivals, g.upload(&rows)?)
+            recv_buf = g.upload(&rows)?;
+            (arrivals, recv_buf.ptr(), None)
         };
 
-        // Each local expert runs once on all of its rows.
+        // Every index the rest of the layer needs, in one upload: the rows each local expert
+        // reads (grouped by expert), the arrival order they go back to, and per token its
+        // (row, gate) entries in the dispatch's combine order.
         let order = arrivals.expert_order();
         let total = order.len();
-        let order_dev = g.upload(&order)?;
+        let mut index: Vec<u32> = match &arrival_rows {
+            Some(src) => order.iter().map(|&o| src[o as usize]).collect(),
+            None => order.clone(),
+        };
+        index.extend_from_slice(&order);
+        let combine_at = index.len();
+        index.push(0);
+        let mut entries = Vec::new();
+        for list in dispatch.combine_order(m) {
+            entries.extend(list);
+            index.push(entries.len() as u32);
+        }
+        let rows_at = index.len();
+        index.extend(entries.iter().map(|&(r, _)| r as u32));
+        index.extend(entries.iter().map(|&(_, gate)| gate.to_bits()));
+        let index_d = g.upload(&index)?;
+
+        // Each local expert runs once on all of its rows.
         let xs = g.alloc::<f32>(total * d)?;
         g.rows_launch(
             "gather_rows",
             total,
             &[
-                Arg::P(recv.ptr()),
-                Arg::P(order_dev.ptr()),
+                Arg::P(recv),
+                Arg::P(index_d.ptr()),
                 Arg::P(xs.ptr()),
                 Arg::I(d as i32),
             ],
@@ -653,7 +675,7 @@ impl CudaShard {
             total,
             &[
                 Arg::P(ys.ptr()),
-                Arg::P(order_dev.ptr()),
+                Arg::P(index_d.at(total)),
                 Arg::P(replies.ptr()),
                 Arg::I(d as i32),
             ],
@@ -674,26 +696,15 @@ impl CudaShard {
             g.upload(&partials.concat())?
         };
 
-        // Combine: per token, its (row, gate) entries in the dispatch's combine order.
-        let mut offsets = Vec::with_capacity(m + 1);
-        let (mut rows, mut gs) = (Vec::new(), Vec::new());
-        offsets.push(0u32);
-        for list in dispatch.combine_order(m) {
-            for (r, gate) in list {
-                rows.push(r as u32);
-                gs.push(gate);
-            }
-            offsets.push(rows.len() as u32);
-        }
-        let (off_d, rows_d, gates_d) = (g.upload(&offsets)?, g.upload(&rows)?, g.upload(&gs)?);
+        let gates_at = rows_at + entries.len();
         g.rows_launch(
             "combine",
             m,
             &[
                 Arg::P(parts.ptr()),
-                Arg::P(off_d.ptr()),
-                Arg::P(rows_d.ptr()),
-                Arg::P(gates_d.ptr()),
+                Arg::P(index_d.at(combine_at)),
+                Arg::P(index_d.at(rows_at)),
+                Arg::P(index_d.at(gates_at)),
                 Arg::P(y.ptr()),
                 Arg::I(d as i32),
             ],

@@ -1,0 +1,215 @@
+//! The CUDA kernels at shapes the tiny fixture does not reach: the tiled int8 decode matmul
+//! (several column tiles, a narrow last tile, K split over many blocks, scale groups) against
+//! an f64 reference and across batch sizes, and long prompts (many key tiles, key splits,
+//! Grok-1's head size) through the GPU shard against the CPU engine. Needs a GPU:
+//! `cargo test -p grok-shared --test cuda_kernels -- --ignored`.
+
+use grok_shared::bytes::ByteView;
+use grok_shared::checkpoint::init::init_random;
+use grok_shared::checkpoint::open_model;
+use grok_shared::comm::local::LocalComm;
+use grok_shared::config::ModelConfig;
+use grok_shared::cpu::CpuModel;
+use grok_shared::cuda::device::{DevQ, Gpu};
+use grok_shared::cuda::CudaShard;
+use grok_shared::model::weights::QMatrix;
+use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqKv, SeqStep};
+use grok_shared::parallel::Plan;
+use std::time::Duration;
+
+/// A deterministic pseudo-random stream (xorshift), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+fn random_q(rng: &mut Rng, k: usize, n: usize, groups: usize) -> QMatrix {
+    let w: Vec<u8> = (0..k * n).map(|_| rng.next() as u8).collect();
+    let scales = (0..groups * n)
+        .map(|_| 0.01 + 0.02 * rng.unit().abs())
+        .collect();
+    QMatrix {
+        k,
+        n,
+        group_rows: k / groups,
+        weight: ByteView::from_vec(w),
+        scales,
+    }
+}
+
+fn reference(x: &[f32], m: usize, q: &QMatrix) -> Vec<f64> {
+    let w = q.dequantize();
+    let mut out = vec![0f64; m * q.n];
+    for r in 0..m {
+        for kk in 0..q.k {
+            let xv = x[r * q.k + kk] as f64;
+            let row = &w[kk * q.n..(kk + 1) * q.n];
+            for (o, &wv) in out[r * q.n..(r + 1) * q.n].iter_mut().zip(row) {
+                *o += xv * wv as f64;
+            }
+        }
+    }
+    out
+}
+
+fn run(g: &Gpu, dq: &DevQ, x: &[f32], m: usize, min_rows: usize) -> Vec<f32> {
+    let xd = g.upload(x).unwrap();
+    let out = g.alloc::<f32>(m * dq.n).unwrap();
+    g.qmatmul(xd.ptr(), m, dq, out.ptr(), min_rows).unwrap();
+    g.download_f32(out.ptr(), m * dq.n).unwrap()
+}
+
+/// Largest |got - want| over the largest |want|.
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    let scale = want.iter().fold(0f64, |a, w| a.max(w.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |a, (&g, w)| a.max((g as f64 - w).abs()));
+    worst / scale
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch() {
+    let g = Gpu::open(0).unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    // (k, n, scale groups): Grok-1-like split over many blocks; a last tile 16 wide and a K
+    // that is no multiple of 8; one tile narrower than 512.
+    for (k, n, groups) in [
+        (4096, 2560, 8),
+        (1000, 1040, 1),
+        (6144, 1024, 1),
+        (96, 272, 3),
+    ] {
+        let q = random_q(&mut rng, k, n, groups);
+        let dq = g.upload_q(&q).unwrap();
+        assert!(dq.tiled, "{k}x{n} should take the tiled layout");
+        let m_max = 9;
+        let x: Vec<f32> = (0..m_max * k).map(|_| rng.unit()).collect();
+        let want = reference(&x, m_max, &q);
+        let full = run(&g, &dq, &x, m_max, usize::MAX);
+        let err = rel_err(&full, &want);
+        println!("tiled int8 {k}x{n} (G={groups}): relative error {err:.2e}");
+        assert!(err < 1e-5, "{k}x{n}: relative error {err}");
+        // Every batch size gives each row the same bits.
+        for m in 1..m_max {
+            let part = run(&g, &dq, &x[..m * k], m, usize::MAX);
+            assert!(
+                part.iter()
+                    .zip(&full)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{k}x{n}: a batch of {m} changed a row's result"
+            );
+        }
+        // Same numbers through the row-major kernel and through bf16 cuBLAS.
+        let flat = DevQ {
+            k,
+            n,
+            gr: q.group_rows,
+            tiled: false,
+            w: g.upload(q.weight_i8()).unwrap(),
+            s: g.upload(&q.scales).unwrap(),
+        };
+        let err = rel_err(&run(&g, &flat, &x, m_max, usize::MAX), &want);
+        assert!(err < 1e-5, "{k}x{n} row-major: relative error {err}");
+        let err = rel_err(&run(&g, &dq, &x, m_max, 1), &want);
+        println!("bf16 cuBLAS from the tiled layout {k}x{n}: relative error {err:.2e}");
+        assert!(err < 2e-2, "{k}x{n} bf16: relative error {err}");
+    }
+}
+
+/// A random Grok-shaped model with `head_dim` and its GPU shard's logits for every position
+/// of long prompts (one of them continued by a second chunk) against the CPU engine's.
+fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
+    let mut cfg = ModelConfig::tiny();
+    cfg.head_dim = head_dim;
+    cfg.num_attention_heads = heads;
+    cfg.num_key_value_heads = kv_heads;
+    cfg.num_hidden_layers = 2;
+    cfg.vocab_size = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model");
+    init_random(&cfg, 7, &path, &mut |_| {}).unwrap();
+    let model = open_model(&path).unwrap();
+    let load = || ModelWeights::load(model.source.as_ref(), &model.config).unwrap();
+    let cpu = CpuModel::new(load()).unwrap();
+    let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
+    let block = 16;
+    let mut shard = CudaShard::new(load(), plan, 0, 0, 256, block).unwrap();
+    shard.gemm_min_rows = usize::MAX;
+    let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
+    let a: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % 4096).collect();
+    let b: Vec<u32> = (0..300u32).map(|i| (i * 101 + 5) % 4096).collect();
+    let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..64).collect(), (64..128).collect());
+    let v = cfg.vocab_size;
+    let mut worst = 0f64;
+    let mut check = |got: &[f32], want: &[f32], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |a, (&g, &w)| a.max((g - w).abs() as f64))
+            / scale;
+        worst = worst.max(err);
+        assert!(
+            err < 1e-4,
+            "head_dim {head_dim}, {what}: relative error {err}"
+        );
+    };
+    // Step 1: all of b and the first 400 tokens of a; step 2: the rest of a.
+    let (a1, a2) = a.split_at(400);
+    let step1 = [
+        SeqStep {
+            tokens: a1,
+            start: 0,
+            blocks: &ta,
+            logits: LogitsMode::All,
+        },
+        SeqStep {
+            tokens: &b,
+            start: 0,
+            blocks: &tb,
+            logits: LogitsMode::All,
+        },
+    ];
+    let got1 = shard.step(&comm, &step1).unwrap().logits.unwrap();
+    let step2 = [SeqStep {
+        tokens: a2,
+        start: 400,
+        blocks: &ta,
+        logits: LogitsMode::All,
+    }];
+    let got2 = shard.step(&comm, &step2).unwrap().logits.unwrap();
+    let mut kva = SeqKv::new(&cpu);
+    let want_a1 = kva.step(&cpu, a1, LogitsMode::All).unwrap();
+    let want_a2 = kva.step(&cpu, a2, LogitsMode::All).unwrap();
+    let want_b = SeqKv::new(&cpu).step(&cpu, &b, LogitsMode::All).unwrap();
+    check(&got1[0], &want_a1, "prompt a, first chunk");
+    check(&got1[1], &want_b, "prompt b");
+    check(&got2[0], &want_a2, "prompt a, second chunk");
+    assert_eq!(got2[0].len(), 300 * v);
+    println!("head_dim {head_dim}: long prompts within {worst:.2e} (relative) of the CPU engine");
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn long_prompts_at_grok_head_size_match_the_cpu_engine() {
+    long_prompts_match_the_cpu(128, 6, 1);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn long_prompts_at_the_tiny_head_size_match_the_cpu_engine() {
+    long_prompts_match_the_cpu(32, 8, 4);
+}
