@@ -8,12 +8,13 @@
 //! GROK_BENCH_MODEL (a directory to reuse; default a fresh temporary one), GROK_BENCH_JSON
 //! (also write the results there). Prints a note and exits where there is no GPU.
 
+use grok_shared::bytes::ByteView;
 use grok_shared::checkpoint::init::init_random;
 use grok_shared::checkpoint::open_model;
 use grok_shared::comm::local::LocalComm;
 use grok_shared::config::ModelConfig;
 use grok_shared::cuda::{cuda_available, gpu_count, CudaShard};
-use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqStep};
+use grok_shared::model::{LogitsMode, ModelWeights, QMatrix, RankBackend, SeqStep};
 use grok_shared::parallel::Plan;
 use std::time::{Duration, Instant};
 
@@ -82,12 +83,25 @@ fn main() {
         gemm_tflops
     );
 
+    // The decode matmul alone, one row, at the expert shapes: how close the kernel itself
+    // streams to the copy bandwidth (the layer adds the small kernels and launch gaps).
+    let mut alone = Vec::new();
+    for (k, n) in [(6144usize, 32768usize), (32768, 6144)] {
+        let (us, tb_s) = decode_matmul_alone(&shard, k, n);
+        println!(
+            "int8 decode matmul alone, 1 row, [{k} x {n}]: {us:.1} us, {tb_s:.2} TB/s of weights \
+             ({:.0}% of the copy bandwidth)",
+            100.0 * tb_s * 1e12 / copy_bw
+        );
+        alone.push(format!("\"matmul_{k}x{n}_tb_s\": {tb_s:.3}"));
+    }
     let mut json = vec![
         format!("\"gpu\": \"{}\"", shard.gpu().name),
         format!("\"layers\": {layers}"),
         format!("\"copy_tb_s\": {:.4}", copy_bw / 1e12),
         format!("\"cublas_bf16_tflops\": {gemm_tflops:.1}"),
     ];
+    json.extend(alone);
     println!("\n| step | ms / step | ms / layer | weight GB read | GB/s | floor ms | x floor |");
     println!("|---|---|---|---|---|---|---|");
     for b in [1usize, 8, 64] {
@@ -209,6 +223,41 @@ fn copy_bandwidth(shard: &CudaShard) -> f64 {
     }
     g.sync().expect("sync");
     2.0 * (n * ITERS) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Microseconds per 1-row product with an int8 `[k, n]` matrix (arbitrary values; the
+/// kernel's work does not depend on them), and the weight bytes streamed per second, in TB/s.
+fn decode_matmul_alone(shard: &CudaShard, k: usize, n: usize) -> (f64, f64) {
+    let g = shard.gpu();
+    let w: Vec<u8> = (0..k * n)
+        .map(|i| ((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+        .collect();
+    let q = QMatrix {
+        k,
+        n,
+        group_rows: k,
+        weight: ByteView::from_vec(w),
+        scales: vec![0.01; n],
+    };
+    let dq = g.upload_q(&q).expect("upload");
+    let x = g.upload(&vec![0.5f32; k]).expect("upload");
+    let out = g.alloc::<f32>(n).expect("alloc");
+    let run = || {
+        g.qmatmul(x.ptr(), 1, &dq, out.ptr(), usize::MAX)
+            .expect("matmul")
+    };
+    for _ in 0..3 {
+        run();
+    }
+    g.sync().expect("sync");
+    let iters = 50;
+    let t = Instant::now();
+    for _ in 0..iters {
+        run();
+    }
+    g.sync().expect("sync");
+    let s = t.elapsed().as_secs_f64() / iters as f64;
+    (s * 1e6, (k * n) as f64 / s / 1e12)
 }
 
 /// TFLOP/s and ms of a bf16 GEMM of the prefill's expert shape.

@@ -128,14 +128,17 @@ fn tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch() 
     }
 }
 
-/// A random Grok-shaped model with `head_dim` and its GPU shard's logits for every position
-/// of long prompts (one of them continued by a second chunk) against the CPU engine's.
-fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
+/// A random Grok-shaped model with `head_dim` (and FFN width `ffn`) and its GPU shard's
+/// logits for every position of long prompts (one of them continued by a second chunk),
+/// then for a decode step of both, against the CPU engine's. The decode step runs with the
+/// router's picks on the device and through the host, and must give the same bits.
+fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ffn: usize) {
     let mut cfg = ModelConfig::tiny();
     cfg.head_dim = head_dim;
     cfg.num_attention_heads = heads;
     cfg.num_key_value_heads = kv_heads;
     cfg.num_hidden_layers = 2;
+    cfg.intermediate_size = ffn;
     cfg.vocab_size = 4096;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model");
@@ -144,21 +147,77 @@ fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
     let load = || ModelWeights::load(model.source.as_ref(), &model.config).unwrap();
     let cpu = CpuModel::new(load()).unwrap();
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
-    let block = 16;
-    let mut shard = CudaShard::new(load(), plan, 0, 0, 256, block).unwrap();
-    shard.gemm_min_rows = usize::MAX;
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
     let a: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % 4096).collect();
     let b: Vec<u32> = (0..300u32).map(|i| (i * 101 + 5) % 4096).collect();
+    let (next_a, next_b) = ([17u32], [4000u32]);
     let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..64).collect(), (64..128).collect());
-    let v = cfg.vocab_size;
+    let (a1, a2) = a.split_at(400);
+    // Step 1: all of b and the first 400 tokens of a; step 2: the rest of a; step 3: one
+    // token of each.
+    let seq = |tokens, start, blocks, logits| SeqStep {
+        tokens,
+        start,
+        blocks,
+        logits,
+    };
+    let steps: Vec<Vec<SeqStep>> = vec![
+        vec![
+            seq(a1, 0, &ta, LogitsMode::All),
+            seq(&b, 0, &tb, LogitsMode::All),
+        ],
+        vec![seq(a2, 400, &ta, LogitsMode::All)],
+        vec![
+            seq(&next_a, 700, &ta, LogitsMode::Last),
+            seq(&next_b, 300, &tb, LogitsMode::Last),
+        ],
+    ];
+    let run = |device_routing: bool| -> Vec<Vec<Vec<f32>>> {
+        let mut shard = CudaShard::new(load(), plan, 0, 0, 256, 16).unwrap();
+        shard.gemm_min_rows = usize::MAX;
+        shard.device_routing = device_routing;
+        steps
+            .iter()
+            .map(|st| shard.step(&comm, st).unwrap().logits.unwrap())
+            .collect()
+    };
+    let got = run(true);
+    let mut kva = SeqKv::new(&cpu);
+    let mut kvb = SeqKv::new(&cpu);
+    let want = [
+        (
+            &got[0][0],
+            kva.step(&cpu, a1, LogitsMode::All).unwrap(),
+            "prompt a, first chunk",
+        ),
+        (
+            &got[0][1],
+            kvb.step(&cpu, &b, LogitsMode::All).unwrap(),
+            "prompt b",
+        ),
+        (
+            &got[1][0],
+            kva.step(&cpu, a2, LogitsMode::All).unwrap(),
+            "prompt a, second chunk",
+        ),
+        (
+            &got[2][0],
+            kva.step(&cpu, &next_a, LogitsMode::Last).unwrap(),
+            "decode a",
+        ),
+        (
+            &got[2][1],
+            kvb.step(&cpu, &next_b, LogitsMode::Last).unwrap(),
+            "decode b",
+        ),
+    ];
     let mut worst = 0f64;
-    let mut check = |got: &[f32], want: &[f32], what: &str| {
+    for (got, want, what) in want {
         assert_eq!(got.len(), want.len(), "{what}");
         let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
         let err = got
             .iter()
-            .zip(want)
+            .zip(&want)
             .fold(0f64, |a, (&g, &w)| a.max((g - w).abs() as f64))
             / scale;
         worst = worst.max(err);
@@ -166,50 +225,26 @@ fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
             err < 1e-4,
             "head_dim {head_dim}, {what}: relative error {err}"
         );
-    };
-    // Step 1: all of b and the first 400 tokens of a; step 2: the rest of a.
-    let (a1, a2) = a.split_at(400);
-    let step1 = [
-        SeqStep {
-            tokens: a1,
-            start: 0,
-            blocks: &ta,
-            logits: LogitsMode::All,
-        },
-        SeqStep {
-            tokens: &b,
-            start: 0,
-            blocks: &tb,
-            logits: LogitsMode::All,
-        },
-    ];
-    let got1 = shard.step(&comm, &step1).unwrap().logits.unwrap();
-    let step2 = [SeqStep {
-        tokens: a2,
-        start: 400,
-        blocks: &ta,
-        logits: LogitsMode::All,
-    }];
-    let got2 = shard.step(&comm, &step2).unwrap().logits.unwrap();
-    let mut kva = SeqKv::new(&cpu);
-    let want_a1 = kva.step(&cpu, a1, LogitsMode::All).unwrap();
-    let want_a2 = kva.step(&cpu, a2, LogitsMode::All).unwrap();
-    let want_b = SeqKv::new(&cpu).step(&cpu, &b, LogitsMode::All).unwrap();
-    check(&got1[0], &want_a1, "prompt a, first chunk");
-    check(&got1[1], &want_b, "prompt b");
-    check(&got2[0], &want_a2, "prompt a, second chunk");
-    assert_eq!(got2[0].len(), 300 * v);
+    }
     println!("head_dim {head_dim}: long prompts within {worst:.2e} (relative) of the CPU engine");
+    let host = run(false);
+    let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+    for (i, (d, h)) in got[2].iter().zip(&host[2]).enumerate() {
+        assert!(
+            same(d, h),
+            "decode row {i}: device routing changed the logits"
+        );
+    }
 }
 
 #[test]
 #[ignore = "needs a GPU"]
 fn long_prompts_at_grok_head_size_match_the_cpu_engine() {
-    long_prompts_match_the_cpu(128, 6, 1);
+    long_prompts_match_the_cpu(128, 6, 1, 512);
 }
 
 #[test]
 #[ignore = "needs a GPU"]
 fn long_prompts_at_the_tiny_head_size_match_the_cpu_engine() {
-    long_prompts_match_the_cpu(32, 8, 4);
+    long_prompts_match_the_cpu(32, 8, 4, ModelConfig::tiny().intermediate_size);
 }

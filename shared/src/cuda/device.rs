@@ -117,6 +117,19 @@ pub struct DevQ {
     pub s: Buf<f32>,
 }
 
+/// Same-shaped tiled matrices (one per expert, per kind) and their addresses on the device,
+/// for [`Gpu::qmatmul_experts`].
+pub struct ExpertSet {
+    pub k: usize,
+    pub n: usize,
+    pub gr: usize,
+    pub experts: usize,
+    /// Matrices in the set (experts × kinds).
+    pub len: usize,
+    w_table: Buf<u64>,
+    s_table: Buf<u64>,
+}
+
 /// Columns per tile of the tiled int8 layout (`QT` in kernels.cu).
 pub const Q_TILE: usize = 512;
 
@@ -212,23 +225,21 @@ impl Gpu {
                 .map_err(drv_err("allowing the attention kernel its shared memory"))?;
             }
         }
-        let big_smem = [
-            (
-                "qgemv_tiled_4".to_string(),
-                Self::tiled_smem_bytes(4) as i32,
-            ),
-            (
-                "qgemv_tiled_2".to_string(),
-                Self::tiled_smem_bytes(2) as i32,
-            ),
-        ]
-        .into_iter()
-        .chain(PREFILL_HEAD_DIMS.iter().map(|&hd| {
-            (
-                format!("attention_prefill_{hd}"),
-                Self::prefill_smem_bytes(hd) as i32,
-            )
-        }));
+        let big_smem = [1, 2, 4]
+            .into_iter()
+            .flat_map(|mr| {
+                let bytes = Self::tiled_smem_bytes(mr) as i32;
+                [
+                    (format!("qgemv_tiled_{mr}"), bytes),
+                    (format!("qgemv_experts_{mr}"), bytes),
+                ]
+            })
+            .chain(PREFILL_HEAD_DIMS.iter().map(|&hd| {
+                (
+                    format!("attention_prefill_{hd}"),
+                    Self::prefill_smem_bytes(hd) as i32,
+                )
+            }));
         for (name, bytes) in big_smem {
             if let Some(f) = funcs.get(&name) {
                 f.set_attribute(
@@ -403,11 +414,23 @@ impl Gpu {
         smem: u32,
         args: &[Arg],
     ) -> Result<(), CudaError> {
+        self.launch3(name, (grid.0, grid.1, 1), block, smem, args)
+    }
+
+    /// [`Gpu::launch`] with a three-dimensional grid.
+    pub fn launch3(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<(), CudaError> {
         let f = self
             .funcs
             .get(name)
             .ok_or_else(|| CudaError::Unsupported(format!("no kernel named {name}")))?;
-        if grid.0 == 0 || grid.1 == 0 {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
         let mut b = self.stream.launch_builder(f);
@@ -419,7 +442,7 @@ impl Gpu {
             };
         }
         let cfg = LaunchConfig {
-            grid_dim: (grid.0, grid.1, 1),
+            grid_dim: grid,
             block_dim: (block.0, block.1, 1),
             shared_mem_bytes: smem,
         };
@@ -514,6 +537,94 @@ impl Gpu {
             r0 += rows;
         }
         Ok(())
+    }
+
+    /// The experts of one MoE layer on a few tokens with the router's picks left on the
+    /// device (`qgemv_experts_*` in kernels.cu): matrix `z` of `set` serves the slots (token ×
+    /// choice, `slots` of them) whose pick is expert `z % experts`; slot `s` reads row
+    /// `s / in_div` of `x` and writes row `(z / experts) * slots + s` of `out`. `tokens` bounds
+    /// how many slots one expert can get. Each expert's rows get the bits the per-expert
+    /// [`Gpu::qmatmul`] gives them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qmatmul_experts(
+        &self,
+        x: u64,
+        picks: u64,
+        slots: usize,
+        in_div: usize,
+        tokens: usize,
+        set: &ExpertSet,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        let (k, n) = (set.k, set.n);
+        let tiles = n.div_ceil(Q_TILE);
+        let mats = set.len;
+        let mr = [1, 2, 4]
+            .into_iter()
+            .find(|&r| r >= tokens)
+            .ok_or_else(|| {
+                CudaError::Unsupported(format!("device-routed experts for {tokens} tokens"))
+            })?;
+        if tiles * mats > MAX_TILES {
+            return Err(CudaError::Unsupported(format!(
+                "{mats} expert matrices {n} columns wide"
+            )));
+        }
+        let (per_warp, ky) = self.tiled_split(k, n);
+        let rows = (mats / set.experts) * slots;
+        let parts = self.alloc::<f32>(if ky > 1 { ky * rows * n } else { 0 })?;
+        self.launch3(
+            &format!("qgemv_experts_{mr}"),
+            (tiles as u32, ky as u32, mats as u32),
+            (32, TILED_WARPS as u32),
+            Self::tiled_smem_bytes(mr) as u32,
+            &[
+                Arg::P(x),
+                Arg::P(picks),
+                Arg::I(slots as i32),
+                Arg::I(in_div as i32),
+                Arg::P(set.w_table.ptr()),
+                Arg::P(set.s_table.ptr()),
+                Arg::I(set.experts as i32),
+                Arg::I(k as i32),
+                Arg::I(n as i32),
+                Arg::I(set.gr as i32),
+                Arg::P(out),
+                Arg::P(parts.ptr()),
+                Arg::P(self.tile_counters.ptr()),
+                Arg::I(per_warp as i32),
+            ],
+        )
+    }
+
+    /// The device tables of [`Gpu::qmatmul_experts`] for `mats` (tiled, all of one shape;
+    /// `experts` per kind).
+    pub fn expert_set(&self, mats: &[&DevQ], experts: usize) -> Result<ExpertSet, CudaError> {
+        let first = mats
+            .first()
+            .ok_or_else(|| CudaError::Unsupported("an empty expert set".into()))?;
+        let (k, n, gr) = (first.k, first.n, first.gr);
+        if experts == 0
+            || !mats.len().is_multiple_of(experts)
+            || mats
+                .iter()
+                .any(|m| !m.tiled || (m.k, m.n, m.gr) != (k, n, gr))
+        {
+            return Err(CudaError::Unsupported(
+                "device-routed experts need tiled matrices of one shape".into(),
+            ));
+        }
+        let w: Vec<u64> = mats.iter().map(|m| m.w.ptr()).collect();
+        let sc: Vec<u64> = mats.iter().map(|m| m.s.ptr()).collect();
+        Ok(ExpertSet {
+            k,
+            n,
+            gr,
+            experts,
+            len: w.len(),
+            w_table: self.upload(&w)?,
+            s_table: self.upload(&sc)?,
+        })
     }
 
     /// Shared memory of `qgemv_tiled_{mr}`: every warp's partial sums of its rows.
@@ -639,10 +750,10 @@ impl Gpu {
             Arg::I(q.gr as i32),
         ];
         if q.tiled {
-            // 16 weights per thread.
+            // One block row per matrix row, 16 columns per thread.
             self.launch(
                 "dequant_bf16_tiled",
-                ((k * n).div_ceil(16 * 256) as u32, 1),
+                (n.div_ceil(16 * 256) as u32, k as u32),
                 (256, 1),
                 0,
                 &args,
@@ -810,9 +921,7 @@ fn kernel_names() -> Vec<String> {
         "dequant_bf16",
         "dequant_bf16_tiled",
         "to_bf16",
-        "qgemv_tiled_1",
-        "qgemv_tiled_2",
-        "qgemv_tiled_4",
+        "combine_slots",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -824,6 +933,10 @@ fn kernel_names() -> Vec<String> {
     }
     for mr in [1, 2, 4] {
         v.push(format!("qgemv16_{mr}"));
+    }
+    for mr in [1, 2, 4] {
+        v.push(format!("qgemv_tiled_{mr}"));
+        v.push(format!("qgemv_experts_{mr}"));
     }
     for hd in PREFILL_HEAD_DIMS {
         v.push(format!("attention_prefill_{hd}"));

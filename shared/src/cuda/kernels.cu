@@ -743,33 +743,39 @@ QGEMV16(4)
 // The decode matmul on the tiled layout (see DevQ in device.rs): column tiles of 512 (the last
 // one narrower), each holding its K rows back to back, so a warp streams one contiguous run
 // of weights (U rows of 512 bytes per round, 16 bytes per lane) instead of 512-byte pieces
-// a whole row apart. Up to MR rows of x. The K split is per_warp rows per warp, consecutive
-// warps of consecutive blocks along y, chosen by the host from the matrix and the GPU only (a
-// row's result does not depend on the batch). Blocks of one tile add their partial sums in
-// y order: each writes its partial to `parts`, and the last to finish a tile (a counter per
-// tile, reset by it) adds them up, so no second launch is needed and the sum is the same
-// every run.
-//   grid (tiles, ky), block (32, warps); smem: warps * MR * 512 floats.
+// a whole row apart. Up to MR rows of x: row r reads x row xrow[r] and writes output row
+// orow[r] (of nrows). The K split is per_warp rows per warp, consecutive warps of
+// consecutive blocks along y, chosen by the host from the matrix and the GPU only (a row's
+// result does not depend on the batch). Blocks of one tile add their partial sums in y order:
+// each writes its partial to `parts`, and the last to finish a tile (a counter per tile,
+// reset by it) adds them up, so no second launch is needed and the sum is the same every run.
+// Each warp's running totals live in shared memory (they change once per scale group), which
+// leaves the registers to the per-group sums and the loads in flight.
+//   block (32, warps); smem: warps * MR * 512 floats.
 #define QT 512
 template <int MR, int U>
-__device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const float *scales,
-                            int k, int n, int gr, float *out, float *parts, u32 *counters,
-                            int per_warp) {
+__device__ void qgemv_core(const float *x, const int *xrow, int m, const signed char *wt,
+                           const float *scales, int k, int n, int gr, float *out,
+                           const int *orow, int nrows, float *parts, u32 *counter,
+                           int per_warp, int tile, int by, int ky) {
     extern __shared__ float red[];
     __shared__ int last;
     int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
     int tid = warp * WARP + lane, nthreads = warps * WARP;
-    int tile = blockIdx.x, ky = gridDim.y;
     int width = min(QT, n - tile * QT);
     int c0 = tile * QT, col = c0 + lane * 16;
     bool live = lane * 16 < width;
-    int k0 = min(k, (blockIdx.y * warps + warp) * per_warp), k1 = min(k, k0 + per_warp);
+    int k0 = min(k, (by * warps + warp) * per_warp), k1 = min(k, k0 + per_warp);
     const signed char *wp = wt + (u64)tile * QT * k + lane * 16;
-    float total[MR][16];
+    const float *xr[MR];
+#pragma unroll
+    for (int r = 0; r < MR; r++) xr[r] = x + (u64)xrow[r < m ? r : 0] * k;
+    float *tot = red + warp * MR * QT + lane * 16;  // [MR][QT], this lane's 16 columns
 #pragma unroll
     for (int r = 0; r < MR; r++)
 #pragma unroll
-        for (int v = 0; v < 16; v++) total[r][v] = 0.f;
+        for (int v4 = 0; v4 < 4; v4++)
+            *(float4 *)(tot + r * QT + v4 * 4) = make_float4(0.f, 0.f, 0.f, 0.f);
     if (live && k0 < k1) {
         for (int g = k0 / gr; g * gr < k1; g++) {
             int a = max(k0, g * gr), b = min(k1, (g + 1) * gr);
@@ -788,7 +794,7 @@ __device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const 
                 for (int u = 0; u < U; u++) {
                     float xv[MR];
 #pragma unroll
-                    for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(x + (u64)r * k + kk + u) : 0.f;
+                    for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(xr[r] + kk + u) : 0.f;
                     acc16(acc, xv, MR, q[u]);
                 }
             }
@@ -796,29 +802,26 @@ __device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const 
                 uint4 q = __ldg((const uint4 *)(wp + (u64)kk * width));
                 float xv[MR];
 #pragma unroll
-                for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(x + (u64)r * k + kk) : 0.f;
+                for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(xr[r] + kk) : 0.f;
                 acc16(acc, xv, MR, q);
             }
             const float4 *sp = (const float4 *)(scales + (u64)g * n + col);
 #pragma unroll
             for (int v4 = 0; v4 < 4; v4++) {
                 float4 s = __ldg(sp + v4);
-                float sv[4] = {s.x, s.y, s.z, s.w};
 #pragma unroll
-                for (int e = 0; e < 4; e++)
-#pragma unroll
-                    for (int r = 0; r < MR; r++) total[r][v4 * 4 + e] += acc[r][v4 * 4 + e] * sv[e];
+                for (int r = 0; r < MR; r++) {
+                    float4 t = *(float4 *)(tot + r * QT + v4 * 4);
+                    t.x += acc[r][v4 * 4] * s.x;
+                    t.y += acc[r][v4 * 4 + 1] * s.y;
+                    t.z += acc[r][v4 * 4 + 2] * s.z;
+                    t.w += acc[r][v4 * 4 + 3] * s.w;
+                    *(float4 *)(tot + r * QT + v4 * 4) = t;
+                }
             }
         }
     }
-    // The warps' partials, then their sum in warp order (all threads share the adding).
-#pragma unroll
-    for (int r = 0; r < MR; r++)
-#pragma unroll
-        for (int v4 = 0; v4 < 4; v4++)
-            *(float4 *)(red + (warp * MR + r) * QT + lane * 16 + v4 * 4) =
-                make_float4(total[r][v4 * 4], total[r][v4 * 4 + 1], total[r][v4 * 4 + 2],
-                            total[r][v4 * 4 + 3]);
+    // The warps' totals added in warp order (all threads share the adding).
     __syncthreads();
     int rows = min(m, MR);
     for (int i = tid; i < rows * QT; i += nthreads) {
@@ -827,59 +830,127 @@ __device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const 
         float s = 0.f;
         for (int w = 0; w < warps; w++) s += red[(w * MR + r) * QT + c];
         if (ky == 1)
-            out[(u64)r * n + c0 + c] = s;
+            out[(u64)orow[r] * n + c0 + c] = s;
         else
-            parts[((u64)blockIdx.y * m + r) * n + c0 + c] = s;
+            parts[((u64)by * nrows + orow[r]) * n + c0 + c] = s;
     }
     if (ky == 1) return;
     __threadfence();
     __syncthreads();
-    if (tid == 0) last = atomicAdd(counters + tile, 1u) == (u32)(ky - 1);
+    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ky - 1);
     __syncthreads();
     if (!last) return;
     __threadfence();
     for (int i = tid; i < rows * QT; i += nthreads) {
         int r = i / QT, c = i % QT;
         if (c >= width) continue;
+        u64 o = (u64)orow[r] * n + c0 + c;
         float s = 0.f;
 #pragma unroll 8
-        for (int y = 0; y < ky; y++) s += __ldcg(parts + ((u64)y * m + r) * n + c0 + c);
-        out[(u64)r * n + c0 + c] = s;
+        for (int y = 0; y < ky; y++) s += __ldcg(parts + (u64)y * nrows * n + o);
+        out[o] = s;
     }
-    if (tid == 0) counters[tile] = 0;
+    if (tid == 0) *counter = 0;
 }
 
-#define QGEMV_TILED(MR, U)                                                                   \
+// y[0..m) = x[0..m) · w: grid (tiles, ky).
+template <int MR>
+__device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const float *scales,
+                            int k, int n, int gr, float *out, float *parts, u32 *counters,
+                            int per_warp) {
+    int rows[MR];
+#pragma unroll
+    for (int r = 0; r < MR; r++) rows[r] = r;
+    qgemv_core<MR, 8>(x, rows, m, wt, scales, k, n, gr, out, rows, m, parts,
+                      counters + blockIdx.x, per_warp, blockIdx.x, blockIdx.y, gridDim.y);
+}
+
+// The experts of a MoE layer for a few tokens, with the routing left on the device (no wait
+// for the host between the router and the experts). Matrix z = blockIdx.z of the tables (E
+// experts per kind, `kinds` kinds with the same shape: gate and up, or down) serves the
+// (token, choice) slots that picked expert z % E: slot s reads x row s / in_div (in_div = k
+// to read the tokens, 1 to read per-slot rows) and writes output row (z / E) * slots + s.
+// Every row of an expert is one batch of the kernel above, so a slot's result is the same as
+// through the host's grouping. Blocks of unpicked experts return at once.
+//   grid (tiles, ky, E * kinds); MR >= the most slots one expert can get (the token count).
+template <int MR>
+__device__ void qgemv_experts(const float *x, const int *picks, int slots, int in_div,
+                              const u64 *wtab, const u64 *stab, int experts, int k, int n,
+                              int gr, float *out, float *parts, u32 *counters, int per_warp) {
+    int z = blockIdx.z, e = z % experts;
+    int xrow[MR], orow[MR], m = 0;
+#pragma unroll
+    for (int r = 0; r < MR; r++) xrow[r] = orow[r] = 0;
+    for (int s = 0; s < slots; s++) {
+        if (picks[s] == e && m < MR) {
+#pragma unroll
+            for (int r = 0; r < MR; r++) {
+                if (r == m) {
+                    xrow[r] = s / in_div;
+                    orow[r] = (z / experts) * slots + s;
+                }
+            }
+            m++;
+        }
+    }
+    if (m == 0) return;
+    int nrows = (gridDim.z / experts) * slots;
+    qgemv_core<MR, 8>(x, xrow, m, (const signed char *)wtab[z], (const float *)stab[z], k, n,
+                      gr, out, orow, nrows, parts, counters + (u64)z * gridDim.x + blockIdx.x,
+                      per_warp, blockIdx.x, blockIdx.y, gridDim.y);
+}
+
+#define QGEMV_TILED(MR)                                                                      \
     extern "C" __global__ void __launch_bounds__(256) qgemv_tiled_##MR(                      \
         const float *x, int m, const signed char *wt, const float *s, int k, int n, int gr,  \
         float *out, float *parts, u32 *counters, int per_warp) {                             \
-        qgemv_tiled<MR, U>(x, m, wt, s, k, n, gr, out, parts, counters, per_warp);           \
+        qgemv_tiled<MR>(x, m, wt, s, k, n, gr, out, parts, counters, per_warp);              \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) qgemv_experts_##MR(                    \
+        const float *x, const int *picks, int slots, int in_div, const u64 *wtab,            \
+        const u64 *stab, int experts, int k, int n, int gr, float *out, float *parts,        \
+        u32 *counters, int per_warp) {                                                       \
+        qgemv_experts<MR>(x, picks, slots, in_div, wtab, stab, experts, k, n, gr, out, parts, \
+                          counters, per_warp);                                               \
     }
-QGEMV_TILED(1, 8)
-QGEMV_TILED(2, 8)
-QGEMV_TILED(4, 4)
+QGEMV_TILED(1)
+QGEMV_TILED(2)
+QGEMV_TILED(4)
 
-// bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales, one thread per
-// 16 weights (one 16-byte load, two 16-byte stores).
+// y[t] = sum over choices j of gates[t * k + j] * ys[t * k + j], in choice order: the
+// combine of qgemv_experts' per-slot outputs.
+extern "C" __global__ void combine_slots(const float *ys, const float *gates, float *y, int k,
+                                         int d) {
+    int t = blockIdx.x;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float a = 0.f;
+        for (int j = 0; j < k; j++) a += gates[t * k + j] * ys[(u64)(t * k + j) * d + i];
+        y[(u64)t * d + i] = a;
+    }
+}
+
+// bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales. grid
+// (ceil(n / 4096), k), 256 threads of 16 columns each (one 16-byte load, two 16-byte stores).
 extern "C" __global__ void dequant_bf16_tiled(const signed char *wt, const float *scales,
                                               bf16 *out, int k, int n, int gr) {
-    u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 16;
-    if (i >= (u64)k * n) return;
-    u64 tile = i / ((u64)QT * k);
-    int width = min(QT, n - (int)tile * QT);
-    u64 within = i - tile * QT * k;
-    int row = (int)(within / width), c = (int)(within % width) + (int)tile * QT;
-    uint4 q = *(const uint4 *)(wt + i);
-    const float *s = scales + (u64)(row / gr) * n + c;
+    int row = blockIdx.y, col = (blockIdx.x * blockDim.x + threadIdx.x) * 16;
+    if (col >= n) return;
+    int tile = col / QT, width = min(QT, n - tile * QT);
+    uint4 q = *(const uint4 *)(wt + (u64)tile * QT * k + (u64)row * width + (col - tile * QT));
+    const float4 *s4 = (const float4 *)(scales + (u64)(row / gr) * n + col);
     u32 words[4] = {q.x, q.y, q.z, q.w};
     u32 packed[8];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        int lo = (int)(signed char)((words[j / 2] >> (16 * (j % 2))) & 0xff);
-        int hi = (int)(signed char)((words[j / 2] >> (16 * (j % 2) + 8)) & 0xff);
-        packed[j] = (u32)f2bf((float)lo * s[2 * j]) | ((u32)f2bf((float)hi * s[2 * j + 1]) << 16);
+    for (int j = 0; j < 4; j++) {
+        float4 s = __ldg(s4 + j);
+        int b0 = (int)(signed char)(words[j] & 0xff);
+        int b1 = (int)(signed char)((words[j] >> 8) & 0xff);
+        int b2 = (int)(signed char)((words[j] >> 16) & 0xff);
+        int b3 = (int)(signed char)(words[j] >> 24);
+        packed[2 * j] = (u32)f2bf((float)b0 * s.x) | ((u32)f2bf((float)b1 * s.y) << 16);
+        packed[2 * j + 1] = (u32)f2bf((float)b2 * s.z) | ((u32)f2bf((float)b3 * s.w) << 16);
     }
-    uint4 *dst = (uint4 *)(out + (u64)row * n + c);
+    uint4 *dst = (uint4 *)(out + (u64)row * n + col);
     dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
     dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
 }

@@ -8,7 +8,8 @@
 //! logits.
 
 use super::device::{
-    Arg, Buf, DevQ, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS, PREFILL_HEAD_DIMS,
+    Arg, Buf, DevQ, ExpertSet, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS,
+    PREFILL_HEAD_DIMS,
 };
 use super::CudaError;
 use crate::comm::{Communicator, Timed};
@@ -25,6 +26,13 @@ struct DevExpert {
     down: DevQ,
 }
 
+/// A layer's experts as device tables, for routing on the device (world of one).
+struct DeviceRouted {
+    /// Every expert's gate matrix, then every expert's up matrix.
+    gate_up: ExpertSet,
+    down: ExpertSet,
+}
+
 struct DevLayer {
     attn_norm: Buf<f32>,
     post_attn_norm: Buf<f32>,
@@ -36,6 +44,7 @@ struct DevLayer {
     wo: DevQ,
     router: Buf<f32>,
     experts: Vec<DevExpert>,
+    routed: Option<DeviceRouted>,
 }
 
 pub struct CudaShard {
@@ -59,23 +68,34 @@ pub struct CudaShard {
     weight_bytes: usize,
     /// Batches of at least this many rows use cuBLAS (bf16) instead of the int8 kernel.
     pub gemm_min_rows: usize,
+    /// Decode steps of up to [`DEVICE_ROUTED_TOKENS`] tokens in a world of one keep the
+    /// router's picks on the GPU (no wait for the host inside a layer) where the experts'
+    /// matrices allow it. The same bits either way; off only to compare the two.
+    pub device_routing: bool,
 }
 
-/// Per-step tables every layer shares.
+/// The most tokens a step may have for the device-routed experts (each expert's rows are one
+/// batch of the decode kernel, which takes up to 4).
+pub const DEVICE_ROUTED_TOKENS: usize = 4;
+
+/// Per-step tables every layer shares (device addresses inside one buffer).
 struct StepMeta {
     n: usize,
-    positions: Buf<u32>,
+    /// The step's tokens.
+    tokens: u64,
+    positions: u64,
     /// Pool row of each new token.
-    write_slots: Buf<u32>,
+    write_slots: u64,
     /// `[tiles, 4]`: see the attention kernel.
-    tiles: Buf<i32>,
+    tiles: u64,
     num_tiles: usize,
     /// Rows per attention tile: which `attention_R` runs.
     tile_rows: usize,
     /// Key splits per tile (flash-decoding: a small grid splits each tile's keys).
     splits: usize,
     /// Pool rows of every visible position of every sequence, concatenated.
-    read_slots: Buf<u32>,
+    read_slots: u64,
+    _buf: Buf<u32>,
 }
 
 impl CudaShard {
@@ -123,6 +143,23 @@ impl CudaShard {
                     })
                 })
                 .collect::<Result<Vec<_>, CudaError>>()?;
+            // Every expert in full on this rank: tables for routing on the device.
+            let routed = if plan.world == 1 && experts.len() == c.num_local_experts {
+                let gate_up: Vec<&DevQ> = experts
+                    .iter()
+                    .map(|e| &e.gate)
+                    .chain(experts.iter().map(|e| &e.up))
+                    .collect();
+                let down: Vec<&DevQ> = experts.iter().map(|e| &e.down).collect();
+                let n = experts.len();
+                match (gpu.expert_set(&gate_up, n), gpu.expert_set(&down, n)) {
+                    (Ok(gate_up), Ok(down)) => Some(DeviceRouted { gate_up, down }),
+                    // Untiled widths: the host groups the rows instead.
+                    _ => None,
+                }
+            } else {
+                None
+            };
             let layer = DevLayer {
                 attn_norm: up(&lw.attn_norm)?,
                 post_attn_norm: up(&lw.post_attn_norm)?,
@@ -134,6 +171,7 @@ impl CudaShard {
                 wo: q(&lw.wo)?,
                 router: up(&lw.router)?,
                 experts,
+                routed,
             };
             weight_bytes += [&layer.wq, &layer.wk, &layer.wv, &layer.wo]
                 .iter()
@@ -187,6 +225,7 @@ impl CudaShard {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_GEMM_MIN_ROWS),
+            device_routing: true,
         })
     }
 
@@ -291,15 +330,32 @@ impl CudaShard {
                 .min(longest.div_ceil(2 * ATT_KEYS))
                 .max(1)
         };
+        // One upload for all of them (and the step's tokens): a step starts with the GPU
+        // idle, waiting for these.
+        let tokens = batch.iter().flat_map(|s| s.tokens.iter().copied());
+        let mut all: Vec<u32> = Vec::with_capacity(3 * pos.len() + tiles.len() + read.len());
+        all.extend(tokens);
+        let at = |all: &Vec<u32>| all.len();
+        let p_at = at(&all);
+        all.extend_from_slice(&pos);
+        let w_at = at(&all);
+        all.extend_from_slice(&write);
+        let t_at = at(&all);
+        all.extend(tiles.iter().map(|&v| v as u32));
+        let r_at = at(&all);
+        all.extend_from_slice(&read);
+        let buf = self.gpu.upload(&all)?;
         Ok(StepMeta {
             tile_rows,
             splits,
             n: positions.len(),
-            positions: self.gpu.upload(&pos)?,
-            write_slots: self.gpu.upload(&write)?,
+            tokens: buf.ptr(),
+            positions: buf.at(p_at),
+            write_slots: buf.at(w_at),
             num_tiles,
-            tiles: self.gpu.upload(&tiles)?,
-            read_slots: self.gpu.upload(&read)?,
+            tiles: buf.at(t_at),
+            read_slots: buf.at(r_at),
+            _buf: buf,
         })
     }
 
@@ -330,11 +386,6 @@ impl CudaShard {
         let mut expert_tokens = vec![0u64; c.num_hidden_layers * experts];
         let g = &self.gpu;
         let meta = self.step_meta(batch, &positions)?;
-        let tokens: Vec<u32> = batch
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect();
-        let tok = g.upload(&tokens)?;
         let mut h = g.alloc::<f32>(n * d)?;
         g.rows_launch(
             "embed",
@@ -342,12 +393,23 @@ impl CudaShard {
             &[
                 Arg::P(h.ptr()),
                 Arg::P(self.embeddings.ptr()),
-                Arg::P(tok.ptr()),
+                Arg::P(meta.tokens),
                 Arg::I(d as i32),
                 Arg::F(c.embedding_multiplier_scale),
             ],
         )?;
         let m = my_rows.len();
+        // Device routing: every layer's picks land here, read once after the step.
+        let k = c.num_experts_per_tok;
+        let device_picks = if self.device_routing
+            && self.plan.world == 1
+            && (1..=DEVICE_ROUTED_TOKENS).contains(&m)
+            && self.layers.iter().all(|l| l.routed.is_some())
+        {
+            Some(g.alloc::<i32>(self.layers.len() * m * k)?)
+        } else {
+            None
+        };
         for l in 0..self.layers.len() {
             let o = self.attention(l, &h, &meta)?;
             let o_shard = if tp == 1 {
@@ -369,7 +431,10 @@ impl CudaShard {
             let x = g.alloc::<f32>(m * d)?;
             self.rmsnorm(&h_shard, &lw.moe_norm, &x, m, 1.0)?;
             let routed = &mut expert_tokens[l * experts..(l + 1) * experts];
-            let y = self.moe(&mut comm, l, &x, m, routed)?;
+            let y = match &device_picks {
+                Some(p) => self.moe_device_routed(l, &x, m, p.at(l * m * k))?,
+                None => self.moe(&mut comm, l, &x, m, routed)?,
+            };
             self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, m)?;
             h = if tp == 1 {
                 h_shard
@@ -388,6 +453,22 @@ impl CudaShard {
             out.logits = Some(self.head(&h, batch)?);
         } else {
             g.sync()?;
+        }
+        if let Some(p) = device_picks {
+            let mut picks = vec![0i32; p.len()];
+            g.copy_out(p.ptr(), &mut picks)?;
+            for (l, layer) in picks.chunks_exact(m * k).enumerate() {
+                for &e in layer {
+                    let e = usize::try_from(e)
+                        .ok()
+                        .filter(|&e| e < experts)
+                        .ok_or_else(|| ModelError::Peer {
+                            rank: self.rank,
+                            msg: format!("layer {l}: the router kernel chose expert {e}"),
+                        })?;
+                    out.expert_tokens[l * experts + e] += 1;
+                }
+            }
         }
         Ok(out)
     }
@@ -460,7 +541,7 @@ impl CudaShard {
                 n,
                 &[
                     Arg::P(buf.ptr()),
-                    Arg::P(meta.positions.ptr()),
+                    Arg::P(meta.positions),
                     Arg::P(self.inv_freq.ptr()),
                     Arg::I(heads as i32),
                     Arg::I(hd as i32),
@@ -475,7 +556,7 @@ impl CudaShard {
                 Arg::P(v.ptr()),
                 Arg::P(self.keys[l].ptr()),
                 Arg::P(self.values[l].ptr()),
-                Arg::P(meta.write_slots.ptr()),
+                Arg::P(meta.write_slots),
                 Arg::I(kvd as i32),
             ],
         )?;
@@ -510,8 +591,8 @@ impl CudaShard {
                 Arg::P(self.keys[l].ptr()),
                 Arg::P(self.values[l].ptr()),
                 Arg::P(att.ptr()),
-                Arg::P(meta.tiles.ptr()),
-                Arg::P(meta.read_slots.ptr()),
+                Arg::P(meta.tiles),
+                Arg::P(meta.read_slots),
                 Arg::I(c.num_attention_heads as i32),
                 Arg::I(kvh as i32),
                 Arg::I(hd as i32),
@@ -532,7 +613,7 @@ impl CudaShard {
                     Arg::P(part_o.ptr()),
                     Arg::P(part_ml.ptr()),
                     Arg::P(att.ptr()),
-                    Arg::P(meta.tiles.ptr()),
+                    Arg::P(meta.tiles),
                     Arg::I(c.num_attention_heads as i32),
                     Arg::I(kvh as i32),
                     Arg::I(hd as i32),
@@ -706,6 +787,71 @@ impl CudaShard {
                 Arg::P(index_d.at(rows_at)),
                 Arg::P(index_d.at(gates_at)),
                 Arg::P(y.ptr()),
+                Arg::I(d as i32),
+            ],
+        )?;
+        Ok(y)
+    }
+
+    /// The MoE of a world of one on `m` (at most [`DEVICE_ROUTED_TOKENS`]) tokens with the
+    /// router's picks left on the device (written at `picks`): each expert's matrices run on
+    /// the slots that picked it, then the gates combine the slots in choice order (for top-2
+    /// the CPU backend's sum, bit for bit).
+    fn moe_device_routed(
+        &self,
+        l: usize,
+        x: &Buf<f32>,
+        m: usize,
+        picks: u64,
+    ) -> Result<Buf<f32>, CudaError> {
+        let (g, c, lw) = (&self.gpu, &self.config, &self.layers[l]);
+        let Some(sets) = &lw.routed else {
+            return Err(CudaError::Unsupported(
+                "device routing without expert tables".into(),
+            ));
+        };
+        let (d, k, e) = (c.hidden_size, c.num_experts_per_tok, c.num_local_experts);
+        let slots = m * k;
+        let f = sets.gate_up.n;
+        let gates = g.alloc::<f32>(slots)?;
+        g.launch(
+            "route",
+            (m as u32, 1),
+            (128, 1),
+            0,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(lw.router.ptr()),
+                Arg::I(d as i32),
+                Arg::I(e as i32),
+                Arg::I(k as i32),
+                Arg::P(picks),
+                Arg::P(gates.ptr()),
+            ],
+        )?;
+        // Gate and up rows of every slot: [2, slots, f].
+        let ab = g.alloc::<f32>(2 * slots * f)?;
+        g.qmatmul_experts(x.ptr(), picks, slots, k, m, &sets.gate_up, ab.ptr())?;
+        g.elems_launch(
+            "gelu_mul",
+            slots * f,
+            &[
+                Arg::P(ab.ptr()),
+                Arg::P(ab.at(slots * f)),
+                Arg::N((slots * f) as u64),
+            ],
+        )?;
+        let ys = g.alloc::<f32>(slots * d)?;
+        g.qmatmul_experts(ab.ptr(), picks, slots, 1, m, &sets.down, ys.ptr())?;
+        let y = g.alloc::<f32>(m * d)?;
+        g.rows_launch(
+            "combine_slots",
+            m,
+            &[
+                Arg::P(ys.ptr()),
+                Arg::P(gates.ptr()),
+                Arg::P(y.ptr()),
+                Arg::I(k as i32),
                 Arg::I(d as i32),
             ],
         )?;
