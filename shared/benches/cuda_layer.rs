@@ -187,7 +187,7 @@ fn time_steps(
     for _ in 0..3 {
         out = Some(shard.step(comm, batch).expect("step"));
     }
-    shard.gpu().profile_report(); // drops the warm-ups' entries
+    shard.gpu().profile_report().expect("profile"); // drops the warm-ups' entries
     let mut times = Vec::with_capacity(ITERS);
     for _ in 0..ITERS {
         let t = Instant::now();
@@ -195,14 +195,23 @@ fn time_steps(
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(f64::total_cmp);
-    // GROK_CUDA_PROFILE=1: where a step's time goes (every launch synchronised, so the
-    // total exceeds the step time above).
-    for (name, n, secs) in shard.gpu().profile_report().into_iter().take(12) {
+    // GROK_CUDA_PROFILE=1: where a step's GPU time goes, and how much of the step is gaps
+    // between kernels (launches, waits for the host).
+    let report = shard.gpu().profile_report().expect("profile");
+    if !report.is_empty() {
+        let busy: f64 = report.iter().map(|r| r.2).sum::<f64>() * 1e3 / ITERS as f64;
+        let mean = times.iter().sum::<f64>() / ITERS as f64;
         println!(
-            "    {name:<24} {:>6} calls {:>9.3} ms/step",
-            n / ITERS as u64,
-            secs * 1e3 / ITERS as f64
+            "    GPU busy {busy:.3} ms of a {mean:.3} ms step (mean): {:.3} ms between kernels",
+            mean - busy
         );
+        for (name, n, secs) in report.into_iter().take(14) {
+            println!(
+                "    {name:<24} {:>6} calls {:>9.3} ms/step",
+                n / ITERS as u64,
+                secs * 1e3 / ITERS as f64
+            );
+        }
     }
     (times[ITERS / 2], out.expect("ran"))
 }

@@ -128,6 +128,57 @@ fn tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch() 
     }
 }
 
+#[test]
+#[ignore = "needs a GPU"]
+fn a_split_product_gives_each_part_its_columns() {
+    let g = Gpu::open(0).unwrap();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    // q, k and v side by side: two whole tiles and a narrow last part.
+    let (k, widths) = (1024, [1024, 512, 272]);
+    let n: usize = widths.iter().sum();
+    let q = random_q(&mut rng, k, n, 1);
+    let dq = g.upload_q(&q).unwrap();
+    for (m, min_rows, tol) in [(1, usize::MAX, 1e-5), (5, usize::MAX, 1e-5), (9, 1, 2e-2)] {
+        let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
+        let want = reference(&x, m, &q);
+        let xd = g.upload(&x).unwrap();
+        let outs: Vec<_> = widths
+            .iter()
+            .map(|&w| g.alloc::<f32>(m * w).unwrap())
+            .collect();
+        g.qmatmul_split(
+            xd.ptr(),
+            m,
+            &dq,
+            widths,
+            [outs[0].ptr(), outs[1].ptr(), outs[2].ptr()],
+            min_rows,
+        )
+        .unwrap();
+        let mut col = 0;
+        for (out, &w) in outs.iter().zip(&widths) {
+            let got = g.download_f32(out.ptr(), m * w).unwrap();
+            let part: Vec<f64> = (0..m)
+                .flat_map(|r| want[r * n + col..r * n + col + w].to_vec())
+                .collect();
+            let err = rel_err(&got, &part);
+            assert!(
+                err < tol,
+                "rows {m}, columns {col}..{}: error {err}",
+                col + w
+            );
+            col += w;
+        }
+    }
+    // Checked before anything runs (no rows here, so nothing would).
+    let ok = g.qmatmul_split(0, 0, &dq, [512, 512, n - 1024], [0; 3], usize::MAX);
+    assert!(ok.is_ok(), "tile-aligned splits are fine");
+    let err = g.qmatmul_split(0, 0, &dq, [1000, 536, 272], [0; 3], usize::MAX);
+    assert!(err.is_err(), "a split inside a tile is refused");
+    let err = g.qmatmul_split(0, 0, &dq, [1024, 512, 100], [0; 3], usize::MAX);
+    assert!(err.is_err(), "widths that do not add up are refused");
+}
+
 /// A random Grok-shaped model with `head_dim` (and FFN width `ffn`) and its GPU shard's
 /// logits for every position of long prompts (one of them continued by a second chunk),
 /// then for a decode step of both, against the CPU engine's. The decode step runs with the
@@ -241,6 +292,13 @@ fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ff
 #[ignore = "needs a GPU"]
 fn long_prompts_at_grok_head_size_match_the_cpu_engine() {
     long_prompts_match_the_cpu(128, 6, 1, 512);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn long_prompts_with_fused_qkv_match_the_cpu_engine() {
+    // q 1024 and k, v 512 wide: one launch for the three projections.
+    long_prompts_match_the_cpu(128, 8, 4, 512);
 }
 
 #[test]

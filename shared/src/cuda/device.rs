@@ -30,6 +30,9 @@ pub const ATT_THREADS: usize = 128;
 /// every matmul on the exact, batch-invariant int8 path).
 pub const DEFAULT_GEMM_MIN_ROWS: usize = 9;
 
+/// Threads of the one-block-per-row kernels.
+const ROW_THREADS: u32 = 1024;
+
 /// Warps per block of the tiled decode kernel (fixed: the order its partial sums are added
 /// in depends on it).
 const TILED_WARPS: usize = 8;
@@ -166,9 +169,31 @@ pub struct Gpu {
     /// them at zero).
     tile_counters: Buf<u32>,
     pub name: String,
-    /// With `GROK_CUDA_PROFILE=1`: every launch synchronised and timed, per kernel name
-    /// (count, seconds). Off by default: the syncs serialise the host with the GPU.
-    profile: Option<std::sync::Mutex<HashMap<String, (u64, f64)>>>,
+    /// With `GROK_CUDA_PROFILE=1`: every launch timed on the GPU by a pair of events (no
+    /// waits, so the step keeps its pace), per kernel name. Off by default: an event pair per
+    /// launch costs the host time.
+    profile: Option<std::sync::Mutex<Profile>>,
+}
+
+/// Launches timed by events, resolved into per-name totals (count, seconds) on report.
+#[derive(Default)]
+struct Profile {
+    pending: Vec<(String, cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+    totals: HashMap<String, (u64, f64)>,
+}
+
+impl Profile {
+    fn resolve(&mut self) -> Result<(), CudaError> {
+        for (name, start, end) in self.pending.drain(..) {
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(drv_err("reading a kernel's time"))?;
+            let e = self.totals.entry(name).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += ms as f64 / 1e3;
+        }
+        Ok(())
+    }
 }
 
 fn drv_err(op: &'static str) -> impl Fn(drv::DriverError) -> CudaError {
@@ -261,7 +286,7 @@ impl Gpu {
         let tiled_slots = sms * (per_sm as usize).max(1);
         let profile = std::env::var("GROK_CUDA_PROFILE")
             .is_ok_and(|v| v == "1")
-            .then(|| std::sync::Mutex::new(HashMap::new()));
+            .then(|| std::sync::Mutex::new(Profile::default()));
         let tile_counters = Buf::wrap(
             stream
                 .alloc_zeros::<u32>(MAX_TILES)
@@ -297,31 +322,35 @@ impl Gpu {
         let Some(p) = &self.profile else {
             return f();
         };
-        self.sync()?;
-        let t = std::time::Instant::now();
+        let timing = Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .stream
+            .record_event(timing)
+            .map_err(drv_err("recording an event"))?;
         let r = f()?;
-        self.sync()?;
-        let dt = t.elapsed().as_secs_f64();
-        if let Ok(mut m) = p.lock() {
-            let e = m.entry(what.to_string()).or_insert((0, 0.0));
-            e.0 += 1;
-            e.1 += dt;
+        let end = self
+            .stream
+            .record_event(timing)
+            .map_err(drv_err("recording an event"))?;
+        if let Ok(mut p) = p.lock() {
+            p.pending.push((what.to_string(), start, end));
         }
         Ok(r)
     }
 
-    /// (name, launches, seconds) per kernel since the last report, most time first; empty
-    /// unless `GROK_CUDA_PROFILE=1`.
-    pub fn profile_report(&self) -> Vec<(String, u64, f64)> {
+    /// (name, launches, seconds on the GPU) per kernel since the last report, most time
+    /// first; empty unless `GROK_CUDA_PROFILE=1`.
+    pub fn profile_report(&self) -> Result<Vec<(String, u64, f64)>, CudaError> {
         let Some(p) = &self.profile else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        let Ok(mut m) = p.lock() else {
-            return Vec::new();
+        let Ok(mut p) = p.lock() else {
+            return Ok(Vec::new());
         };
-        let mut v: Vec<_> = m.drain().map(|(k, (n, s))| (k, n, s)).collect();
+        p.resolve()?;
+        let mut v: Vec<_> = p.totals.drain().map(|(k, (n, s))| (k, n, s)).collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
-        v
+        Ok(v)
     }
 
     pub fn context(&self) -> &Arc<CudaContext> {
@@ -458,9 +487,10 @@ impl Gpu {
         })
     }
 
-    /// One block per row with up to 256 threads.
+    /// One block per row with 1024 threads: decode steps have a row or two, and a row of
+    /// Grok-1 (6144 values) is then 6 per thread, not a long chain of dependent loads.
     pub fn rows_launch(&self, name: &str, rows: usize, args: &[Arg]) -> Result<(), CudaError> {
-        self.launch(name, (rows as u32, 1), (256, 1), 0, args)
+        self.launch(name, (rows as u32, 1), (ROW_THREADS, 1), 0, args)
     }
 
     /// One thread per element.
@@ -494,8 +524,55 @@ impl Gpu {
         tiled_split(self.tiled_slots, k, n)
     }
 
-    /// `out[m, n] = x[m, k] · q` on the tiled layout, four rows at a time at most.
-    fn qmatmul_tiled(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
+    /// `x[m, k] · q` where `q` is three matrices side by side (a fused q, k, v projection;
+    /// the first two `widths` whole tiles), each product into its own `outs` (row-major at
+    /// its width). One launch for the three in the int8 kernel; one dequantisation and three
+    /// GEMMs on the cuBLAS path.
+    pub fn qmatmul_split(
+        &self,
+        x: u64,
+        m: usize,
+        q: &DevQ,
+        widths: [usize; 3],
+        outs: [u64; 3],
+        gemm_min_rows: usize,
+    ) -> Result<(), CudaError> {
+        if !q.tiled
+            || !widths[0].is_multiple_of(Q_TILE)
+            || !widths[1].is_multiple_of(Q_TILE)
+            || widths.iter().sum::<usize>() != q.n
+        {
+            return Err(CudaError::Unsupported(format!(
+                "splitting a {}-wide int8 product into {widths:?}",
+                q.n
+            )));
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        if m >= gemm_min_rows {
+            let (wb, xb) = self.bf16_operands(x, m, q)?;
+            let mut col = 0;
+            for (w, out) in widths.into_iter().zip(outs) {
+                self.gemm_bf16_ld(xb.ptr(), wb.at(col), q.n, out, m, w, q.k)?;
+                col += w;
+            }
+            return Ok(());
+        }
+        let t1 = widths[0] / Q_TILE;
+        self.qmatmul_tiled(x, m, q, outs, [t1, t1 + widths[1] / Q_TILE])
+    }
+
+    /// `x[m, k] · q` on the tiled layout, four rows at a time at most; tiles before `split[0]`
+    /// go to `outs[0]`, then to `outs[1]` before `split[1]`, the rest to `outs[2]`.
+    fn qmatmul_tiled(
+        &self,
+        x: u64,
+        m: usize,
+        q: &DevQ,
+        outs: [u64; 3],
+        split: [usize; 2],
+    ) -> Result<(), CudaError> {
         let (k, n) = (q.k, q.n);
         let tiles = n.div_ceil(Q_TILE);
         if tiles > MAX_TILES {
@@ -505,6 +582,10 @@ impl Gpu {
             )));
         }
         let (per_warp, ky) = self.tiled_split(k, n);
+        // Each output's width (rows of outs[i] are that far apart).
+        let w0 = (split[0] * Q_TILE).min(n);
+        let w1 = (split[1] * Q_TILE).min(n) - w0;
+        let widths = [w0, w1, n - w0 - w1];
         let parts = if ky > 1 {
             Some(self.alloc::<f32>(ky * m.min(4) * n)?)
         } else {
@@ -528,7 +609,11 @@ impl Gpu {
                     Arg::I(k as i32),
                     Arg::I(n as i32),
                     Arg::I(q.gr as i32),
-                    Arg::P(out + (r0 * n * 4) as u64),
+                    Arg::P(outs[0] + (r0 * widths[0] * 4) as u64),
+                    Arg::P(outs[1] + (r0 * widths[1] * 4) as u64),
+                    Arg::P(outs[2] + (r0 * widths[2] * 4) as u64),
+                    Arg::I(split[0] as i32),
+                    Arg::I(split[1] as i32),
                     Arg::P(parts.as_ref().map_or(0, |p| p.ptr())),
                     Arg::P(self.tile_counters.ptr()),
                     Arg::I(per_warp as i32),
@@ -540,9 +625,9 @@ impl Gpu {
     }
 
     /// The experts of one MoE layer on a few tokens with the router's picks left on the
-    /// device (`qgemv_experts_*` in kernels.cu): matrix `z` of `set` serves the slots (token ×
-    /// choice, `slots` of them) whose pick is expert `z % experts`; slot `s` reads row
-    /// `s / in_div` of `x` and writes row `(z / experts) * slots + s` of `out`. `tokens` bounds
+    /// device (`qgemv_experts_*` in kernels.cu): each picked expert's matrix of each kind in
+    /// `set` serves the slots (token × choice, `slots` of them) that picked it; slot `s` reads
+    /// row `s / in_div` of `x` and writes row `kind * slots + s` of `out`. `tokens` bounds
     /// how many slots one expert can get. Each expert's rows get the bits the per-expert
     /// [`Gpu::qmatmul`] gives them.
     #[allow(clippy::too_many_arguments)]
@@ -571,11 +656,14 @@ impl Gpu {
             )));
         }
         let (per_warp, ky) = self.tiled_split(k, n);
-        let rows = (mats / set.experts) * slots;
+        let kinds = mats / set.experts;
+        // One z slice per expert the slots can have picked, per kind.
+        let per_kind = set.experts.min(slots);
+        let rows = kinds * slots;
         let parts = self.alloc::<f32>(if ky > 1 { ky * rows * n } else { 0 })?;
         self.launch3(
             &format!("qgemv_experts_{mr}"),
-            (tiles as u32, ky as u32, mats as u32),
+            (tiles as u32, ky as u32, (kinds * per_kind) as u32),
             (32, TILED_WARPS as u32),
             Self::tiled_smem_bytes(mr) as u32,
             &[
@@ -654,7 +742,8 @@ impl Gpu {
             return self.qmatmul_cublas(x, m, q, out);
         }
         if q.tiled {
-            return self.qmatmul_tiled(x, m, q, out);
+            let tiles = q.n.div_ceil(Q_TILE);
+            return self.qmatmul_tiled(x, m, q, [out; 3], [tiles; 2]);
         }
         let (k, n) = (q.k, q.n);
         let wide = n.is_multiple_of(16);
@@ -739,6 +828,12 @@ impl Gpu {
     /// bf16 copies of `x` and the dequantised weight, one cuBLAS GEMM with f32 accumulation
     /// and f32 output.
     fn qmatmul_cublas(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
+        let (wb, xb) = self.bf16_operands(x, m, q)?;
+        self.gemm_bf16(xb.ptr(), wb.ptr(), out, m, q.n, q.k)
+    }
+
+    /// bf16 copies of the dequantised weight and of `x` (`[m, k]`), for cuBLAS.
+    fn bf16_operands(&self, x: u64, m: usize, q: &DevQ) -> Result<(Buf<u16>, Buf<u16>), CudaError> {
         let (k, n) = (q.k, q.n);
         let wb = self.alloc::<u16>(k * n)?;
         let args = [
@@ -774,7 +869,7 @@ impl Gpu {
             m * k,
             &[Arg::P(x), Arg::P(xb.ptr()), Arg::N((m * k) as u64)],
         )?;
-        self.gemm_bf16(xb.ptr(), wb.ptr(), out, m, n, k)
+        Ok((wb, xb))
     }
 
     /// Row-major `c[m, n] = a[m, k] · b[k, n]`, bf16 inputs, f32 accumulation and output.
@@ -787,9 +882,24 @@ impl Gpu {
         n: usize,
         k: usize,
     ) -> Result<(), CudaError> {
+        self.gemm_bf16_ld(a, b, n, c, m, n, k)
+    }
+
+    /// [`Gpu::gemm_bf16`] with `b`'s rows `ldb` apart (columns of a wider matrix).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_bf16_ld(
+        &self,
+        a: u64,
+        b: u64,
+        ldb: usize,
+        c: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(), CudaError> {
         // Row-major C[m,n] = A[m,k] B[k,n] is column-major Cᵀ[n,m] = Bᵀ[n,k] Aᵀ[k,m].
         let (alpha, beta) = (1f32, 0f32);
-        // SAFETY: the callers' buffers hold m*k and k*n bf16 and m*n f32.
+        // SAFETY: the callers' buffers hold m*k bf16, k rows of ldb >= n bf16, m*n f32.
         self.timed("cublas_gemm_bf16", || unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
@@ -801,7 +911,7 @@ impl Gpu {
                 &alpha as *const f32 as *const _,
                 b as *const _,
                 blas_sys::cudaDataType::CUDA_R_16BF,
-                n as i32,
+                ldb as i32,
                 a as *const _,
                 blas_sys::cudaDataType::CUDA_R_16BF,
                 k as i32,
@@ -906,8 +1016,8 @@ fn kernel_names() -> Vec<String> {
         "embed",
         "rmsnorm",
         "add_rmsnorm",
-        "rope",
-        "kv_write",
+        "add_rmsnorm_norm",
+        "rope_kv",
         "attention_16",
         "attention_64",
         "attention_combine",

@@ -49,8 +49,10 @@ extern "C" __global__ void rmsnorm(const float *x, const float *w, float *out, i
     const float *xr = x + (u64)blockIdx.x * d;
     float *o = out + (u64)blockIdx.x * d;
     float s = 0.f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * xr[i];
     float inv = 1.f / sqrtf(block_sum(s, scratch) / d + eps);
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = w[i] * (xr[i] * inv) * post;
 }
 
@@ -60,36 +62,69 @@ extern "C" __global__ void add_rmsnorm(float *h, const float *y, const float *w,
     const float *yr = y + (u64)blockIdx.x * d;
     float *hr = h + (u64)blockIdx.x * d;
     float s = 0.f;
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) s += yr[i] * yr[i];
     float inv = 1.f / sqrtf(block_sum(s, scratch) / d + eps);
+#pragma unroll 4
     for (int i = threadIdx.x; i < d; i += blockDim.x) hr[i] += w[i] * (yr[i] * inv);
 }
 
-// Rotate-half RoPE of every head of row blockIdx.x (width heads * head_dim) to positions[r].
-extern "C" __global__ void rope(float *x, const u32 *positions, const float *inv_freq, int heads,
-                                int head_dim) {
-    int half = head_dim / 2;
+// h[r] += rmsnorm(y[r]) * w, then out[r] = rmsnorm(h[r]) * w2 * post: a residual update and
+// the norm that follows it, in one pass (the same bits as add_rmsnorm then rmsnorm).
+extern "C" __global__ void add_rmsnorm_norm(float *h, const float *y, const float *w,
+                                            const float *w2, float *out, int d, float eps,
+                                            float post) {
+    __shared__ float scratch[32];
+    const float *yr = y + (u64)blockIdx.x * d;
+    float *hr = h + (u64)blockIdx.x * d;
+    float *o = out + (u64)blockIdx.x * d;
+    float s = 0.f;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += yr[i] * yr[i];
+    float inv = 1.f / sqrtf(block_sum(s, scratch) / d + eps);
+    float s2 = 0.f;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = hr[i] + w[i] * (yr[i] * inv);
+        hr[i] = v;
+        s2 += v * v;
+    }
+    float inv2 = 1.f / sqrtf(block_sum(s2, scratch) / d + eps);
+#pragma unroll 4
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = w2[i] * (hr[i] * inv2) * post;
+}
+
+// Rotate-half RoPE of row r's q heads (in place) and k heads to positions[r]; the rotated k
+// row and the v row go to pool row slots[r] of this layer's caches.
+extern "C" __global__ void rope_kv(float *q, const float *k, const float *v, float *kc,
+                                   float *vc, const u32 *positions, const u32 *slots,
+                                   const float *inv_freq, int q_heads, int kv_heads,
+                                   int head_dim) {
+    int half = head_dim / 2, kvd = kv_heads * head_dim;
     float p = (float)positions[blockIdx.x];
-    float *row = x + (u64)blockIdx.x * heads * head_dim;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    float *qr = q + (u64)blockIdx.x * q_heads * head_dim;
+    for (int i = threadIdx.x; i < q_heads * half; i += blockDim.x) {
         int h = i / half, j = i % half;
         float s, c;
         sincosf(p * inv_freq[j], &s, &c);
-        float *a = row + h * head_dim;
+        float *a = qr + h * head_dim;
         float x1 = a[j], x2 = a[j + half];
         a[j] = x1 * c - x2 * s;
         a[j + half] = x2 * c + x1 * s;
     }
-}
-
-// Writes row r of k and v (width kvd) to pool row slots[r] of this layer's caches.
-extern "C" __global__ void kv_write(const float *k, const float *v, float *kc, float *vc,
-                                    const u32 *slots, int kvd) {
-    u64 dst = (u64)slots[blockIdx.x] * kvd, src = (u64)blockIdx.x * kvd;
-    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
-        kc[dst + i] = k[src + i];
-        vc[dst + i] = v[src + i];
+    const float *kr = k + (u64)blockIdx.x * kvd;
+    u64 dst = (u64)slots[blockIdx.x] * kvd;
+    for (int i = threadIdx.x; i < kv_heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float s, c;
+        sincosf(p * inv_freq[j], &s, &c);
+        const float *a = kr + h * head_dim;
+        float x1 = a[j], x2 = a[j + half];
+        kc[dst + h * head_dim + j] = x1 * c - x2 * s;
+        kc[dst + h * head_dim + j + half] = x2 * c + x1 * s;
     }
+    const float *vr = v + (u64)blockIdx.x * kvd;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) vc[dst + i] = vr[i];
 }
 
 // Causal grouped-query attention with the soft cap, over the paged cache, flash style: one
@@ -439,32 +474,34 @@ ATTENTION_PREFILL(64)
 ATTENTION_PREFILL(128)
 
 // Merges the key splits of attention_R: out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M),
-// splits in order. grid (tiles, kv heads), blockDim.x >= head_dim.
+// splits in order. grid (tiles, kv heads, R): one row of a tile per block (rows past the
+// tile's return); blockDim.x >= head_dim.
 extern "C" __global__ void attention_combine(const float *part_o, const float *part_ml,
                                              float *out, const int *tiles, int q_heads,
                                              int kv_heads, int head_dim, int splits, int R) {
     int hd = head_dim, group = q_heads / kv_heads, kvh = blockIdx.y, c = threadIdx.x;
+    int r = blockIdx.z;
     const int *t = tiles + 4 * blockIdx.x;
     int row0 = t[0], rows = t[1] * group;
-    if (c >= hd) return;
-    for (int r = 0; r < rows; r++) {
-        float m = NEG_INF;
-        for (int s = 0; s < splits; s++) {
-            u64 part = ((u64)blockIdx.x * kv_heads * splits + kvh * splits + s) * R + r;
-            m = fmaxf(m, part_ml[2 * part]);
+    if (c >= hd || r >= rows) return;
+    u64 first = ((u64)blockIdx.x * kv_heads * splits + kvh * splits) * R + r;
+    float m = NEG_INF;
+#pragma unroll 8
+    for (int s = 0; s < splits; s++) m = fmaxf(m, part_ml[2 * (first + (u64)s * R)]);
+    float o = 0.f, l = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < splits; s++) {
+        u64 part = first + (u64)s * R;
+        float ms = part_ml[2 * part];
+        float w = ms == NEG_INF ? 0.f : expf(ms - m);
+        float po = part_o[part * hd + c], pl = part_ml[2 * part + 1];
+        if (ms != NEG_INF) {
+            o += po * w;
+            l += pl * w;
         }
-        float o = 0.f, l = 0.f;
-        for (int s = 0; s < splits; s++) {
-            u64 part = ((u64)blockIdx.x * kv_heads * splits + kvh * splits + s) * R + r;
-            float ms = part_ml[2 * part];
-            if (ms == NEG_INF) continue;
-            float w = expf(ms - m);
-            o += part_o[part * hd + c] * w;
-            l += part_ml[2 * part + 1] * w;
-        }
-        int tok = r / group, h = kvh * group + r % group;
-        out[(u64)(row0 + tok) * q_heads * hd + h * hd + c] = o / l;
     }
+    int tok = r / group, h = kvh * group + r % group;
+    out[(u64)(row0 + tok) * q_heads * hd + h * hd + c] = o / l;
 }
 
 // Router: per token, logits = x[r] . router[:, e] (router [d, E]), softmax, top-k (ties to the
@@ -756,8 +793,8 @@ QGEMV16(4)
 template <int MR, int U>
 __device__ void qgemv_core(const float *x, const int *xrow, int m, const signed char *wt,
                            const float *scales, int k, int n, int gr, float *out,
-                           const int *orow, int nrows, float *parts, u32 *counter,
-                           int per_warp, int tile, int by, int ky) {
+                           int ostride, int oc0, const int *orow, int nrows, float *parts,
+                           u32 *counter, int per_warp, int tile, int by, int ky) {
     extern __shared__ float red[];
     __shared__ int last;
     int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
@@ -830,7 +867,7 @@ __device__ void qgemv_core(const float *x, const int *xrow, int m, const signed 
         float s = 0.f;
         for (int w = 0; w < warps; w++) s += red[(w * MR + r) * QT + c];
         if (ky == 1)
-            out[(u64)orow[r] * n + c0 + c] = s;
+            out[(u64)orow[r] * ostride + oc0 + c] = s;
         else
             parts[((u64)by * nrows + orow[r]) * n + c0 + c] = s;
     }
@@ -848,36 +885,62 @@ __device__ void qgemv_core(const float *x, const int *xrow, int m, const signed 
         float s = 0.f;
 #pragma unroll 8
         for (int y = 0; y < ky; y++) s += __ldcg(parts + (u64)y * nrows * n + o);
-        out[o] = s;
+        out[(u64)orow[r] * ostride + oc0 + c] = s;
     }
     if (tid == 0) *counter = 0;
 }
 
-// y[0..m) = x[0..m) · w: grid (tiles, ky).
+// y[0..m) = x[0..m) · w: grid (tiles, ky). The output's columns may go to three matrices
+// (a fused q, k, v projection): tiles [0, t1) to out0, [t1, t2) to out1, the rest to out2,
+// each row-major at its own width (t2 = t1 = tiles: all to out0).
 template <int MR>
 __device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const float *scales,
-                            int k, int n, int gr, float *out, float *parts, u32 *counters,
-                            int per_warp) {
+                            int k, int n, int gr, float *out0, float *out1, float *out2,
+                            int t1, int t2, float *parts, u32 *counters, int per_warp) {
     int rows[MR];
 #pragma unroll
     for (int r = 0; r < MR; r++) rows[r] = r;
-    qgemv_core<MR, 8>(x, rows, m, wt, scales, k, n, gr, out, rows, m, parts,
+    int tile = blockIdx.x;
+    float *out = out0;
+    int ostride = min(n, t1 * QT), oc0 = tile * QT;
+    if (tile >= t2) {
+        out = out2;
+        ostride = n - t2 * QT;
+        oc0 -= t2 * QT;
+    } else if (tile >= t1) {
+        out = out1;
+        ostride = (t2 - t1) * QT;
+        oc0 -= t1 * QT;
+    }
+    qgemv_core<MR, 8>(x, rows, m, wt, scales, k, n, gr, out, ostride, oc0, rows, m, parts,
                       counters + blockIdx.x, per_warp, blockIdx.x, blockIdx.y, gridDim.y);
 }
 
 // The experts of a MoE layer for a few tokens, with the routing left on the device (no wait
-// for the host between the router and the experts). Matrix z = blockIdx.z of the tables (E
-// experts per kind, `kinds` kinds with the same shape: gate and up, or down) serves the
-// (token, choice) slots that picked expert z % E: slot s reads x row s / in_div (in_div = k
-// to read the tokens, 1 to read per-slot rows) and writes output row (z / E) * slots + s.
-// Every row of an expert is one batch of the kernel above, so a slot's result is the same as
-// through the host's grouping. Blocks of unpicked experts return at once.
-//   grid (tiles, ky, E * kinds); MR >= the most slots one expert can get (the token count).
+// for the host between the router and the experts). The tables hold E experts per kind
+// (`kinds` kinds of the same shape: gate and up, or down). Along z, each kind has
+// gridDim.z / kinds slices: slice i serves the i-th smallest expert the slots picked (none
+// left: the blocks return at once), on every slot (token, choice) that picked it: slot s
+// reads x row s / in_div (in_div = k to read the tokens, 1 to read per-slot rows) and writes
+// output row kind * slots + s. Every row of an expert is one batch of the kernel above, so a
+// slot's result is the same as through the host's grouping.
+//   grid (tiles, ky, kinds * min(E, slots)); MR >= the most slots one expert can get.
 template <int MR>
 __device__ void qgemv_experts(const float *x, const int *picks, int slots, int in_div,
                               const u64 *wtab, const u64 *stab, int experts, int k, int n,
                               int gr, float *out, float *parts, u32 *counters, int per_warp) {
-    int z = blockIdx.z, e = z % experts;
+    int per_kind = min(experts, slots), kind = blockIdx.z / per_kind, want = blockIdx.z % per_kind;
+    // The want-th smallest picked expert.
+    int e = -1;
+    for (int c = 0, seen = 0; c < experts && e < 0; c++) {
+        bool picked = false;
+        for (int s = 0; s < slots; s++) picked |= picks[s] == c;
+        if (picked) {
+            if (seen == want) e = c;
+            seen++;
+        }
+    }
+    if (e < 0) return;
     int xrow[MR], orow[MR], m = 0;
 #pragma unroll
     for (int r = 0; r < MR; r++) xrow[r] = orow[r] = 0;
@@ -887,41 +950,45 @@ __device__ void qgemv_experts(const float *x, const int *picks, int slots, int i
             for (int r = 0; r < MR; r++) {
                 if (r == m) {
                     xrow[r] = s / in_div;
-                    orow[r] = (z / experts) * slots + s;
+                    orow[r] = kind * slots + s;
                 }
             }
             m++;
         }
     }
-    if (m == 0) return;
-    int nrows = (gridDim.z / experts) * slots;
+    int z = kind * experts + e;
+    int nrows = (gridDim.z / per_kind) * slots;
     qgemv_core<MR, 8>(x, xrow, m, (const signed char *)wtab[z], (const float *)stab[z], k, n,
-                      gr, out, orow, nrows, parts, counters + (u64)z * gridDim.x + blockIdx.x,
-                      per_warp, blockIdx.x, blockIdx.y, gridDim.y);
+                      gr, out, n, blockIdx.x * QT, orow, nrows, parts,
+                      counters + (u64)blockIdx.z * gridDim.x + blockIdx.x, per_warp, blockIdx.x,
+                      blockIdx.y, gridDim.y);
 }
-
-#define QGEMV_TILED(MR)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) qgemv_tiled_##MR(                      \
+#define QGEMV_TILED(MR, MINB)                                                                \
+    extern "C" __global__ void __launch_bounds__(256, MINB) qgemv_tiled_##MR(                \
         const float *x, int m, const signed char *wt, const float *s, int k, int n, int gr,  \
-        float *out, float *parts, u32 *counters, int per_warp) {                             \
-        qgemv_tiled<MR>(x, m, wt, s, k, n, gr, out, parts, counters, per_warp);              \
+        float *out0, float *out1, float *out2, int t1, int t2, float *parts, u32 *counters,  \
+        int per_warp) {                                                                      \
+        qgemv_tiled<MR>(x, m, wt, s, k, n, gr, out0, out1, out2, t1, t2, parts, counters,    \
+                        per_warp);                                                           \
     }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(256) qgemv_experts_##MR(                    \
+    extern "C" __global__ void __launch_bounds__(256, MINB) qgemv_experts_##MR(              \
         const float *x, const int *picks, int slots, int in_div, const u64 *wtab,            \
         const u64 *stab, int experts, int k, int n, int gr, float *out, float *parts,        \
         u32 *counters, int per_warp) {                                                       \
         qgemv_experts<MR>(x, picks, slots, in_div, wtab, stab, experts, k, n, gr, out, parts, \
                           counters, per_warp);                                               \
     }
-QGEMV_TILED(1)
-QGEMV_TILED(2)
-QGEMV_TILED(4)
+// Blocks per SM the register budget is held to: 4 (64 registers) for one row.
+QGEMV_TILED(1, 4)
+QGEMV_TILED(2, 2)
+QGEMV_TILED(4, 1)
 
 // y[t] = sum over choices j of gates[t * k + j] * ys[t * k + j], in choice order: the
 // combine of qgemv_experts' per-slot outputs.
 extern "C" __global__ void combine_slots(const float *ys, const float *gates, float *y, int k,
                                          int d) {
     int t = blockIdx.x;
+#pragma unroll 2
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float a = 0.f;
         for (int j = 0; j < k; j++) a += gates[t * k + j] * ys[(u64)(t * k + j) * d + i];

@@ -9,12 +9,13 @@
 
 use super::device::{
     Arg, Buf, DevQ, ExpertSet, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS,
-    PREFILL_HEAD_DIMS,
+    PREFILL_HEAD_DIMS, Q_TILE,
 };
 use super::CudaError;
+use crate::bytes::ByteView;
 use crate::comm::{Communicator, Timed};
 use crate::config::ModelConfig;
-use crate::model::weights::Slices;
+use crate::model::weights::{QMatrix, Slices};
 use crate::model::{check_steps, ModelError, ModelWeights, RankBackend, SeqStep, ShardOutput};
 use crate::parallel::dispatch::{split_messages, Arrivals, Dispatch};
 use crate::parallel::plan::Plan;
@@ -24,6 +25,64 @@ struct DevExpert {
     gate: DevQ,
     up: DevQ,
     down: DevQ,
+}
+
+/// A layer's q, k and v projections.
+enum Qkv {
+    /// Side by side in one tiled matrix (widths of q, k, v): one launch for the three.
+    Fused { w: DevQ, widths: [usize; 3] },
+    /// q, k, v (boxed: the variants' sizes differ a lot).
+    Separate(Box<[DevQ; 3]>),
+}
+
+impl Qkv {
+    fn upload(gpu: &Gpu, wq: &QMatrix, wk: &QMatrix, wv: &QMatrix) -> Result<Self, CudaError> {
+        let fusable = wq.n.is_multiple_of(Q_TILE)
+            && wk.n.is_multiple_of(Q_TILE)
+            && wv.n.is_multiple_of(16)
+            && [wk, wv]
+                .iter()
+                .all(|m| m.k == wq.k && m.group_rows == wq.group_rows);
+        if !fusable {
+            return Ok(Qkv::Separate(Box::new([
+                gpu.upload_q(wq)?,
+                gpu.upload_q(wk)?,
+                gpu.upload_q(wv)?,
+            ])));
+        }
+        let parts = [wq, wk, wv];
+        let n: usize = parts.iter().map(|m| m.n).sum();
+        let mut w = Vec::with_capacity(wq.k * n);
+        for row in 0..wq.k {
+            for m in parts {
+                w.extend_from_slice(&m.weight.as_slice()[row * m.n..(row + 1) * m.n]);
+            }
+        }
+        let mut scales = Vec::with_capacity(wq.scales.len() / wq.n * n);
+        for g in 0..wq.k / wq.group_rows {
+            for m in parts {
+                scales.extend_from_slice(&m.scales[g * m.n..(g + 1) * m.n]);
+            }
+        }
+        let fused = QMatrix {
+            k: wq.k,
+            n,
+            group_rows: wq.group_rows,
+            weight: ByteView::from_vec(w),
+            scales,
+        };
+        Ok(Qkv::Fused {
+            w: gpu.upload_q(&fused)?,
+            widths: [wq.n, wk.n, wv.n],
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Qkv::Fused { w, .. } => w.bytes(),
+            Qkv::Separate(m) => m.iter().map(|m| m.bytes()).sum(),
+        }
+    }
 }
 
 /// A layer's experts as device tables, for routing on the device (world of one).
@@ -38,9 +97,7 @@ struct DevLayer {
     post_attn_norm: Buf<f32>,
     moe_norm: Buf<f32>,
     post_moe_norm: Buf<f32>,
-    wq: DevQ,
-    wk: DevQ,
-    wv: DevQ,
+    qkv: Qkv,
     wo: DevQ,
     router: Buf<f32>,
     experts: Vec<DevExpert>,
@@ -165,18 +222,14 @@ impl CudaShard {
                 post_attn_norm: up(&lw.post_attn_norm)?,
                 moe_norm: up(&lw.moe_norm)?,
                 post_moe_norm: up(&lw.post_moe_norm)?,
-                wq: q(&lw.wq)?,
-                wk: q(&lw.wk)?,
-                wv: q(&lw.wv)?,
+                qkv: Qkv::upload(&gpu, &lw.wq, &lw.wk, &lw.wv)?,
                 wo: q(&lw.wo)?,
                 router: up(&lw.router)?,
                 experts,
                 routed,
             };
-            weight_bytes += [&layer.wq, &layer.wk, &layer.wv, &layer.wo]
-                .iter()
-                .map(|m| m.bytes())
-                .sum::<usize>()
+            weight_bytes += layer.qkv.bytes()
+                + layer.wo.bytes()
                 + layer
                     .experts
                     .iter()
@@ -257,7 +310,7 @@ impl CudaShard {
         let mine = self.slices.experts.clone();
         let mut total = 0;
         for (l, lw) in self.layers.iter().enumerate() {
-            total += lw.wq.bytes() + lw.wk.bytes() + lw.wv.bytes() + lw.wo.bytes();
+            total += lw.qkv.bytes() + lw.wo.bytes();
             total += lw.router.bytes();
             for (j, e) in lw.experts.iter().enumerate() {
                 let used = expert_tokens
@@ -314,7 +367,8 @@ impl CudaShard {
             row += s.tokens.len();
         }
         let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        // Enough blocks to fill the GPU four times over, each split at least two key tiles.
+        // Enough blocks to fill the GPU four times over, each split at least one key tile
+        // (a decode step's few blocks are otherwise one per SM, waiting on their loads).
         let num_tiles = tiles.len() / 4;
         let blocks = num_tiles * self.local.num_key_value_heads;
         let longest = batch
@@ -327,7 +381,7 @@ impl CudaShard {
         } else {
             (4 * self.gpu.sms())
                 .div_ceil(blocks)
-                .min(longest.div_ceil(2 * ATT_KEYS))
+                .min(longest.div_ceil(ATT_KEYS))
                 .max(1)
         };
         // One upload for all of them (and the step's tokens): a step starts with the GPU
@@ -410,8 +464,10 @@ impl CudaShard {
         } else {
             None
         };
+        // The next layer's attention input, when this layer's last kernel can make it.
+        let mut x_next = None;
         for l in 0..self.layers.len() {
-            let o = self.attention(l, &h, &meta)?;
+            let o = self.attention(l, &h, x_next.take(), &meta)?;
             let o_shard = if tp == 1 {
                 o
             } else {
@@ -427,15 +483,22 @@ impl CudaShard {
                 s
             };
             let lw = &self.layers[l];
-            self.add_rmsnorm(&h_shard, &o_shard, &lw.post_attn_norm, m)?;
             let x = g.alloc::<f32>(m * d)?;
-            self.rmsnorm(&h_shard, &lw.moe_norm, &x, m, 1.0)?;
+            self.add_rmsnorm_norm(&h_shard, &o_shard, &lw.post_attn_norm, &lw.moe_norm, &x, m)?;
             let routed = &mut expert_tokens[l * experts..(l + 1) * experts];
             let y = match &device_picks {
                 Some(p) => self.moe_device_routed(l, &x, m, p.at(l * m * k))?,
                 None => self.moe(&mut comm, l, &x, m, routed)?,
             };
-            self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, m)?;
+            match self.layers.get(l + 1) {
+                // Without TP the residual stays here: norm it for the next layer too.
+                Some(next) if tp == 1 => {
+                    let x = g.alloc::<f32>(m * d)?;
+                    self.add_rmsnorm_norm(&h_shard, &y, &lw.post_moe_norm, &next.attn_norm, &x, m)?;
+                    x_next = Some(x);
+                }
+                _ => self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, m)?,
+            }
             h = if tp == 1 {
                 h_shard
             } else {
@@ -496,6 +559,33 @@ impl CudaShard {
         )
     }
 
+    /// `h += rmsnorm(y) * w`, then `out = rmsnorm(h) * w2`, in one kernel.
+    fn add_rmsnorm_norm(
+        &self,
+        h: &Buf<f32>,
+        y: &Buf<f32>,
+        w: &Buf<f32>,
+        w2: &Buf<f32>,
+        out: &Buf<f32>,
+        rows: usize,
+    ) -> Result<(), CudaError> {
+        let c = &self.config;
+        self.gpu.rows_launch(
+            "add_rmsnorm_norm",
+            rows,
+            &[
+                Arg::P(h.ptr()),
+                Arg::P(y.ptr()),
+                Arg::P(w.ptr()),
+                Arg::P(w2.ptr()),
+                Arg::P(out.ptr()),
+                Arg::I(c.hidden_size as i32),
+                Arg::F(c.rms_norm_eps),
+                Arg::F(1.0),
+            ],
+        )
+    }
+
     fn add_rmsnorm(
         &self,
         h: &Buf<f32>,
@@ -523,41 +613,58 @@ impl CudaShard {
 
     /// This rank's heads of attention for all rows of `h`, through its slice of the output
     /// projection: a partial `[rows, d]` sum over the TP group.
-    fn attention(&self, l: usize, h: &Buf<f32>, meta: &StepMeta) -> Result<Buf<f32>, CudaError> {
+    /// `x` is `h` through the layer's attention norm when the previous layer made it already.
+    fn attention(
+        &self,
+        l: usize,
+        h: &Buf<f32>,
+        x: Option<Buf<f32>>,
+        meta: &StepMeta,
+    ) -> Result<Buf<f32>, CudaError> {
         let (g, c, lw) = (&self.gpu, &self.local, &self.layers[l]);
         let (d, n) = (c.hidden_size, meta.n);
         let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
-        let x = g.alloc::<f32>(n * d)?;
-        self.rmsnorm(h, &lw.attn_norm, &x, n, 1.0)?;
+        let x = match x {
+            Some(x) => x,
+            None => {
+                let x = g.alloc::<f32>(n * d)?;
+                self.rmsnorm(h, &lw.attn_norm, &x, n, 1.0)?;
+                x
+            }
+        };
         let q = g.alloc::<f32>(n * qd)?;
         let k = g.alloc::<f32>(n * kvd)?;
         let v = g.alloc::<f32>(n * kvd)?;
-        self.mm(x.ptr(), n, &lw.wq, q.ptr())?;
-        self.mm(x.ptr(), n, &lw.wk, k.ptr())?;
-        self.mm(x.ptr(), n, &lw.wv, v.ptr())?;
-        for (buf, heads) in [(&q, c.num_attention_heads), (&k, c.num_key_value_heads)] {
-            g.rows_launch(
-                "rope",
+        match &lw.qkv {
+            Qkv::Fused { w, widths } => g.qmatmul_split(
+                x.ptr(),
                 n,
-                &[
-                    Arg::P(buf.ptr()),
-                    Arg::P(meta.positions),
-                    Arg::P(self.inv_freq.ptr()),
-                    Arg::I(heads as i32),
-                    Arg::I(hd as i32),
-                ],
-            )?;
+                w,
+                *widths,
+                [q.ptr(), k.ptr(), v.ptr()],
+                self.gemm_min_rows,
+            )?,
+            Qkv::Separate(m) => {
+                for (w, out) in m.iter().zip([&q, &k, &v]) {
+                    self.mm(x.ptr(), n, w, out.ptr())?;
+                }
+            }
         }
         g.rows_launch(
-            "kv_write",
+            "rope_kv",
             n,
             &[
+                Arg::P(q.ptr()),
                 Arg::P(k.ptr()),
                 Arg::P(v.ptr()),
                 Arg::P(self.keys[l].ptr()),
                 Arg::P(self.values[l].ptr()),
+                Arg::P(meta.positions),
                 Arg::P(meta.write_slots),
-                Arg::I(kvd as i32),
+                Arg::P(self.inv_freq.ptr()),
+                Arg::I(c.num_attention_heads as i32),
+                Arg::I(c.num_key_value_heads as i32),
+                Arg::I(hd as i32),
             ],
         )?;
         let att = g.alloc::<f32>(n * qd)?;
@@ -604,9 +711,9 @@ impl CudaShard {
             ],
         )?;
         if splits > 1 {
-            g.launch(
+            g.launch3(
                 "attention_combine",
-                (meta.num_tiles as u32, kvh as u32),
+                (meta.num_tiles as u32, kvh as u32, rows as u32),
                 (ATT_THREADS as u32, 1),
                 0,
                 &[
@@ -651,7 +758,7 @@ impl CudaShard {
         g.launch(
             "route",
             (m as u32, 1),
-            (128, 1),
+            (1024, 1),
             0,
             &[
                 Arg::P(x.ptr()),
@@ -817,7 +924,7 @@ impl CudaShard {
         g.launch(
             "route",
             (m as u32, 1),
-            (128, 1),
+            (1024, 1),
             0,
             &[
                 Arg::P(x.ptr()),
