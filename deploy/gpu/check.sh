@@ -39,7 +39,7 @@ export GROK_BENCH_MODEL=/tmp/grok-bench-model
 # model's 64, and the host's launches run ahead of the GPU as they do there.
 export GROK_BENCH_LAYERS=${GROK_BENCH_LAYERS:-4}
 GROK_BENCH_JSON="$OUT/cuda_layer.json" timeout 200 "$B/cuda_layer" 2>&1 | tee "$OUT/cuda_layer.txt"
-step "the same, every kernel timed (GROK_CUDA_PROFILE=1; times inflated by the syncs)"
+step "the same, every launch timed by CUDA events (GROK_CUDA_PROFILE=1; adds host time)"
 GROK_CUDA_PROFILE=1 timeout 100 "$B/cuda_layer" 2>&1 | tee "$OUT/cuda_layer_profile.txt"
 
 if [ "${SKIP_TORCH:-0}" != 1 ]; then

@@ -2,7 +2,9 @@
 //! `grok init --preset grok-1 --layers N`): ms per layer for decode at batch 1, 8 and 64 with
 //! 1024 positions of context, and a 2048-token prefill; the weight bytes/s decode achieves
 //! against a device-to-device copy measured in the same run, and prefill FLOP/s against a
-//! bf16 cuBLAS GEMM of the prefill's expert shape measured in the same run.
+//! bf16 cuBLAS GEMM of the prefill's expert shape measured in the same run; and the decode
+//! matmul alone at the experts' shapes. With `GROK_CUDA_PROFILE=1` each step's GPU time is
+//! broken down by kernel.
 //!
 //! `cargo bench -p grok-shared --bench cuda_layer`; env: GROK_BENCH_LAYERS (default 1),
 //! GROK_BENCH_MODEL (a directory to reuse; default a fresh temporary one), GROK_BENCH_JSON

@@ -745,35 +745,25 @@ impl Gpu {
             let tiles = q.n.div_ceil(Q_TILE);
             return self.qmatmul_tiled(x, m, q, [out; 3], [tiles; 2]);
         }
+        // Row-major (widths that are no multiple of 16): VEC columns per lane.
         let (k, n) = (q.k, q.n);
-        let wide = n.is_multiple_of(16);
         let vec = if n.is_multiple_of(4) { 4 } else { 1 };
         let warps = 4;
-        // The K split depends only on the matrix (the wide kernel's column tiles when it
-        // applies), so a row's sum is the same whatever else is in the batch; enough blocks
-        // to fill the GPU several times over, each warp ≥ 16 rows of K.
-        let split_tiles = if wide {
-            n.div_ceil(512)
-        } else {
-            n.div_ceil(32 * vec)
-        };
+        // The K split depends only on the matrix, so a row's sum is the same whatever else
+        // is in the batch; enough blocks to fill the GPU several times over, each warp ≥ 16
+        // rows of K.
         let ky = (8 * self.sms)
-            .div_ceil(split_tiles)
+            .div_ceil(n.div_ceil(32 * vec))
             .min((k / (warps * 16)).max(1))
             .max(1);
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(16);
-            let (name, mr, cols) = if wide && rows <= 4 {
-                let mr = [1, 2, 4].into_iter().find(|&r| r >= rows).unwrap_or(4);
-                (format!("qgemv16_{mr}"), mr, 16)
-            } else {
-                let mr = [1, 2, 4, 8, 16]
-                    .into_iter()
-                    .find(|&r| r >= rows)
-                    .unwrap_or(16);
-                (format!("qgemv_{mr}_{vec}"), mr, vec)
-            };
+            let mr = [1, 2, 4, 8, 16]
+                .into_iter()
+                .find(|&r| r >= rows)
+                .unwrap_or(16);
+            let (name, cols) = (format!("qgemv_{mr}_{vec}"), vec);
             let gx = n.div_ceil(32 * cols);
             let smem = (warps * mr * 32 * cols * 4) as u32;
             let xs = x + (r0 * k * 4) as u64;
@@ -1026,7 +1016,6 @@ fn kernel_names() -> Vec<String> {
         "scatter_rows",
         "combine",
         "gelu_mul",
-        "scale",
         "qgemv_reduce",
         "dequant_bf16",
         "dequant_bf16_tiled",
@@ -1040,9 +1029,6 @@ fn kernel_names() -> Vec<String> {
         for vec in [4, 1] {
             v.push(format!("qgemv_{mr}_{vec}"));
         }
-    }
-    for mr in [1, 2, 4] {
-        v.push(format!("qgemv16_{mr}"));
     }
     for mr in [1, 2, 4] {
         v.push(format!("qgemv_tiled_{mr}"));
@@ -1116,6 +1102,34 @@ fn compile_cached(major: i32, minor: i32) -> Result<String, CudaError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every kernel the GPU looks up at start-up is defined in kernels.cu, by name or by a
+    /// macro instance (a missing one would fail `Gpu::open` on the device).
+    #[test]
+    fn every_listed_kernel_is_in_the_source() {
+        // (name prefix, the macro that defines such kernels, how its argument list starts)
+        let macros = [
+            ("attention_prefill_", "ATTENTION_PREFILL("),
+            ("attention_", "ATTENTION("),
+            ("qgemv_tiled_", "QGEMV_TILED("),
+            ("qgemv_experts_", "QGEMV_TILED("),
+            ("qgemv_", "QGEMV("),
+        ];
+        for name in kernel_names() {
+            let direct = KERNELS.contains(&format!("void {name}("));
+            let by_macro = macros.iter().any(|(prefix, mac)| {
+                name.strip_prefix(prefix).is_some_and(|rest| {
+                    let args = rest.replace('_', ", ");
+                    KERNELS.contains(&format!("\n{mac}{args})"))
+                        || KERNELS.contains(&format!("\n{mac}{args},"))
+                })
+            });
+            assert!(
+                direct || by_macro,
+                "kernel {name} is not defined in kernels.cu"
+            );
+        }
+    }
 
     #[test]
     fn tiling_puts_each_tiles_rows_back_to_back() {

@@ -592,12 +592,6 @@ extern "C" __global__ void gelu_mul(float *a, const float *b, u64 n) {
     a[i] = 0.5f * x * (1.f + tanhf(u)) * b[i];
 }
 
-// x *= s.
-extern "C" __global__ void scale(float *x, float s, u64 n) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] *= s;
-}
-
 // The decode matmul: y[m, n] = sum_k x[m, k] * w[k, n] * scales[k / gr, n] for up to MR rows,
 // reading the int8 weights once (the step is bound by weight bytes). Each lane owns VEC
 // adjacent columns (one 4-byte load per row of K when VEC = 4); the block's warps split its K
@@ -683,11 +677,9 @@ QGEMV(4, 1)
 QGEMV(8, 1)
 QGEMV(16, 1)
 
-// The same product for batches of up to 4 rows with 16 columns per lane (one 16-byte load
-// per row of K, four rows in flight): the decode path, bound by how many weight bytes are in
-// flight. Same K split and summation order as qgemv for the same ky, so a row's result does
-// not depend on which kernel its batch size picked.
-//   grid (ceil(N / 512), ky), block (32, warps); smem: warps * MR * 32 * 16 floats.
+// acc[r][v] += xv[r] * w[v] for the 16 int8 weights of one 16-byte load (one row of K, 16
+// adjacent columns), converted without the (quarter-rate) conversion unit: byte b + 128
+// under the exponent of 2^23, minus 2^23 + 128, is exactly b.
 __device__ __forceinline__ void acc16(float (*acc)[16], const float *xv, int mr, uint4 q) {
     u32 words[4] = {q.x ^ 0x80808080u, q.y ^ 0x80808080u, q.z ^ 0x80808080u, q.w ^ 0x80808080u};
 #pragma unroll
@@ -700,82 +692,6 @@ __device__ __forceinline__ void acc16(float (*acc)[16], const float *xv, int mr,
     }
 }
 
-template <int MR>
-__device__ void qgemv16(const float *x, int m, const signed char *w, const float *scales, int k,
-                        int n, int gr, float *out, int ky) {
-    extern __shared__ float red[];
-    int lane = threadIdx.x, warp = threadIdx.y, warps = blockDim.y;
-    int col = (blockIdx.x * WARP + lane) * 16;
-    int per_block = (k + ky - 1) / ky;
-    int kb0 = blockIdx.y * per_block, kb1 = min(k, kb0 + per_block);
-    int per_warp = (kb1 - kb0 + warps - 1) / warps;
-    int k0 = min(kb1, kb0 + warp * per_warp), k1 = min(kb1, k0 + per_warp);
-    float total[MR][16];
-#pragma unroll
-    for (int r = 0; r < MR; r++)
-#pragma unroll
-        for (int v = 0; v < 16; v++) total[r][v] = 0.f;
-    bool live = col < n;
-    if (live && k0 < k1) {
-        for (int g = k0 / gr; g * gr < k1; g++) {
-            int a = max(k0, g * gr), b = min(k1, (g + 1) * gr);
-            float acc[MR][16];
-#pragma unroll
-            for (int r = 0; r < MR; r++)
-#pragma unroll
-                for (int v = 0; v < 16; v++) acc[r][v] = 0.f;
-            int kk = a;
-            for (; kk + 4 <= b; kk += 4) {
-                uint4 q[4];
-#pragma unroll
-                for (int u = 0; u < 4; u++) q[u] = __ldg((const uint4 *)(w + (u64)(kk + u) * n + col));
-#pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    float xv[MR];
-#pragma unroll
-                    for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(x + (u64)r * k + kk + u) : 0.f;
-                    acc16(acc, xv, MR, q[u]);
-                }
-            }
-            for (; kk < b; kk++) {
-                uint4 q = __ldg((const uint4 *)(w + (u64)kk * n + col));
-                float xv[MR];
-#pragma unroll
-                for (int r = 0; r < MR; r++) xv[r] = (r < m) ? __ldg(x + (u64)r * k + kk) : 0.f;
-                acc16(acc, xv, MR, q);
-            }
-#pragma unroll
-            for (int v = 0; v < 16; v++) {
-                float s = scales[(u64)g * n + col + v];
-#pragma unroll
-                for (int r = 0; r < MR; r++) total[r][v] += acc[r][v] * s;
-            }
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < MR; r++)
-#pragma unroll
-        for (int v = 0; v < 16; v++) red[((warp * MR + r) * WARP + lane) * 16 + v] = total[r][v];
-    __syncthreads();
-    if (warp != 0 || !live) return;
-    for (int r = 0; r < m && r < MR; r++) {
-        for (int v = 0; v < 16; v++) {
-            float s = 0.f;
-            for (int i = 0; i < warps; i++) s += red[((i * MR + r) * WARP + lane) * 16 + v];
-            out[((u64)blockIdx.y * m + r) * n + col + v] = s;
-        }
-    }
-}
-
-#define QGEMV16(MR)                                                                          \
-    extern "C" __global__ void qgemv16_##MR(const float *x, int m, const signed char *w,     \
-                                            const float *s, int k, int n, int gr, float *out, \
-                                            int ky) {                                        \
-        qgemv16<MR>(x, m, w, s, k, n, gr, out, ky);                                          \
-    }
-QGEMV16(1)
-QGEMV16(2)
-QGEMV16(4)
 
 // The decode matmul on the tiled layout (see DevQ in device.rs): column tiles of 512 (the last
 // one narrower), each holding its K rows back to back, so a warp streams one contiguous run
