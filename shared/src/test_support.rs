@@ -1,5 +1,6 @@
 //! For tests: paths to the team's read-only reference folder (`../shared` beside the
-//! checkout), the `grok1-tiny-a` fixture's expected outputs, tensor comparison.
+//! checkout), the `grok1-tiny-a` fixture's expected outputs, tensor comparison, random int8
+//! matrices and their f64 product.
 
 use std::path::PathBuf;
 
@@ -126,4 +127,44 @@ pub fn read_logits_file(path: &std::path::Path) -> (Vec<usize>, Vec<f32>) {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
     (t.shape().to_vec(), values)
+}
+
+/// A deterministic pseudo-random step (an LCG's top bits), so failures reproduce.
+pub fn lcg(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+/// A random int8 `[k, n]` matrix with `groups` scale rows (all int8 values occur).
+pub fn random_qmatrix(k: usize, n: usize, groups: usize, seed: u64) -> crate::model::QMatrix {
+    let mut s = seed;
+    let w: Vec<u8> = (0..k * n).map(|_| (lcg(&mut s) % 255) as u8).collect();
+    let scales = (0..groups * n)
+        .map(|_| 0.001 + (lcg(&mut s) % 1000) as f32 * 1e-5)
+        .collect();
+    crate::model::QMatrix {
+        k,
+        n,
+        group_rows: k / groups,
+        weight: crate::bytes::ByteView::from_vec(w),
+        scales,
+    }
+}
+
+/// `x[m, k] · w`, dequantised, accumulated in f64: the reference for the int8 matmuls.
+pub fn qmatmul_reference(x: &[f32], m: usize, w: &crate::model::QMatrix) -> Vec<f64> {
+    let d = w.dequantize();
+    let mut out = vec![0f64; m * w.n];
+    for r in 0..m {
+        for kk in 0..w.k {
+            let xv = x[r * w.k + kk] as f64;
+            let row = &d[kk * w.n..(kk + 1) * w.n];
+            for (o, &dv) in out[r * w.n..(r + 1) * w.n].iter_mut().zip(row) {
+                *o += xv * dv as f64;
+            }
+        }
+    }
+    out
 }

@@ -4,7 +4,6 @@
 //! Grok-1's head size) through the GPU shard against the CPU engine. Needs a GPU:
 //! `cargo test -p grok-shared --test cuda_kernels -- --ignored`.
 
-use grok_shared::bytes::ByteView;
 use grok_shared::checkpoint::init::init_random;
 use grok_shared::checkpoint::open_model;
 use grok_shared::comm::local::LocalComm;
@@ -12,54 +11,10 @@ use grok_shared::config::ModelConfig;
 use grok_shared::cpu::CpuModel;
 use grok_shared::cuda::device::{DevQ, Gpu};
 use grok_shared::cuda::CudaShard;
-use grok_shared::model::weights::QMatrix;
 use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqKv, SeqStep};
 use grok_shared::parallel::Plan;
+use grok_shared::test_support::{lcg, qmatmul_reference, random_qmatrix};
 use std::time::Duration;
-
-/// A deterministic pseudo-random stream (xorshift), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-    }
-}
-
-fn random_q(rng: &mut Rng, k: usize, n: usize, groups: usize) -> QMatrix {
-    let w: Vec<u8> = (0..k * n).map(|_| rng.next() as u8).collect();
-    let scales = (0..groups * n)
-        .map(|_| 0.01 + 0.02 * rng.unit().abs())
-        .collect();
-    QMatrix {
-        k,
-        n,
-        group_rows: k / groups,
-        weight: ByteView::from_vec(w),
-        scales,
-    }
-}
-
-fn reference(x: &[f32], m: usize, q: &QMatrix) -> Vec<f64> {
-    let w = q.dequantize();
-    let mut out = vec![0f64; m * q.n];
-    for r in 0..m {
-        for kk in 0..q.k {
-            let xv = x[r * q.k + kk] as f64;
-            let row = &w[kk * q.n..(kk + 1) * q.n];
-            for (o, &wv) in out[r * q.n..(r + 1) * q.n].iter_mut().zip(row) {
-                *o += xv * wv as f64;
-            }
-        }
-    }
-    out
-}
 
 fn run(g: &Gpu, dq: &DevQ, x: &[f32], m: usize, min_rows: usize) -> Vec<f32> {
     let xd = g.upload(x).unwrap();
@@ -82,7 +37,8 @@ fn rel_err(got: &[f32], want: &[f64]) -> f64 {
 #[ignore = "needs a GPU"]
 fn tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch() {
     let g = Gpu::open(0).unwrap();
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut seed = 0x9e37_79b9_7f4a_7c15;
+    let mut unit = move || (lcg(&mut seed) % 2000) as f32 / 1000.0 - 1.0;
     // (k, n, scale groups): Grok-1-like split over many blocks; a last tile 16 wide and a K
     // that is no multiple of 8; one tile narrower than 512.
     for (k, n, groups) in [
@@ -91,12 +47,12 @@ fn tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch() 
         (6144, 1024, 1),
         (96, 272, 3),
     ] {
-        let q = random_q(&mut rng, k, n, groups);
+        let q = random_qmatrix(k, n, groups, (k * n) as u64);
         let dq = g.upload_q(&q).unwrap();
         assert!(dq.tiled, "{k}x{n} should take the tiled layout");
         let m_max = 9;
-        let x: Vec<f32> = (0..m_max * k).map(|_| rng.unit()).collect();
-        let want = reference(&x, m_max, &q);
+        let x: Vec<f32> = (0..m_max * k).map(|_| unit()).collect();
+        let want = qmatmul_reference(&x, m_max, &q);
         let full = run(&g, &dq, &x, m_max, usize::MAX);
         let err = rel_err(&full, &want);
         println!("tiled int8 {k}x{n} (G={groups}): relative error {err:.2e}");
@@ -132,15 +88,16 @@ fn tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch() 
 #[ignore = "needs a GPU"]
 fn a_split_product_gives_each_part_its_columns() {
     let g = Gpu::open(0).unwrap();
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut seed = 0x2545_f491_4f6c_dd1d;
+    let mut unit = move || (lcg(&mut seed) % 2000) as f32 / 1000.0 - 1.0;
     // q, k and v side by side: two whole tiles and a narrow last part.
     let (k, widths) = (1024, [1024, 512, 272]);
     let n: usize = widths.iter().sum();
-    let q = random_q(&mut rng, k, n, 1);
+    let q = random_qmatrix(k, n, 1, 5);
     let dq = g.upload_q(&q).unwrap();
     for (m, min_rows, tol) in [(1, usize::MAX, 1e-5), (5, usize::MAX, 1e-5), (9, 1, 2e-2)] {
-        let x: Vec<f32> = (0..m * k).map(|_| rng.unit()).collect();
-        let want = reference(&x, m, &q);
+        let x: Vec<f32> = (0..m * k).map(|_| unit()).collect();
+        let want = qmatmul_reference(&x, m, &q);
         let xd = g.upload(&x).unwrap();
         let outs: Vec<_> = widths
             .iter()

@@ -669,42 +669,7 @@ pub fn matmul_f32(x: &[f32], m: usize, k: usize, b: &[f32], n: usize, out: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bytes::ByteView;
-
-    fn lcg(seed: &mut u64) -> u64 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        *seed >> 33
-    }
-
-    pub(crate) fn random_qmatrix(k: usize, n: usize, groups: usize, seed: u64) -> QMatrix {
-        let mut s = seed;
-        let w: Vec<u8> = (0..k * n).map(|_| (lcg(&mut s) % 255) as u8).collect();
-        let scales = (0..groups * n)
-            .map(|_| 0.001 + (lcg(&mut s) % 1000) as f32 * 1e-5)
-            .collect();
-        QMatrix {
-            k,
-            n,
-            group_rows: k / groups,
-            weight: ByteView::from_vec(w),
-            scales,
-        }
-    }
-
-    fn reference(x: &[f32], m: usize, w: &QMatrix) -> Vec<f32> {
-        let d = w.dequantize();
-        let mut out = vec![0f64; m * w.n];
-        for r in 0..m {
-            for kk in 0..w.k {
-                for j in 0..w.n {
-                    out[r * w.n + j] += x[r * w.k + kk] as f64 * d[kk * w.n + j] as f64;
-                }
-            }
-        }
-        out.into_iter().map(|v| v as f32).collect()
-    }
+    use crate::test_support::{lcg, qmatmul_reference, random_qmatrix};
 
     #[test]
     fn both_paths_match_dequantised_reference() {
@@ -722,7 +687,10 @@ mod tests {
                 .collect();
             let mut out = vec![f32::NAN; m * n];
             qmatmul(&x, m, &w, &mut out);
-            let want = reference(&x, m, &w);
+            let want: Vec<f32> = qmatmul_reference(&x, m, &w)
+                .into_iter()
+                .map(|v| v as f32)
+                .collect();
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),

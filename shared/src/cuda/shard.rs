@@ -484,7 +484,8 @@ impl CudaShard {
             };
             let lw = &self.layers[l];
             let x = g.alloc::<f32>(m * d)?;
-            self.add_rmsnorm_norm(&h_shard, &o_shard, &lw.post_attn_norm, &lw.moe_norm, &x, m)?;
+            let then = Some((&lw.moe_norm, &x));
+            self.add_rmsnorm(&h_shard, &o_shard, &lw.post_attn_norm, then, m)?;
             let routed = &mut expert_tokens[l * experts..(l + 1) * experts];
             let y = match &device_picks {
                 Some(p) => self.moe_device_routed(l, &x, m, p.at(l * m * k))?,
@@ -494,10 +495,11 @@ impl CudaShard {
                 // Without TP the residual stays here: norm it for the next layer too.
                 Some(next) if tp == 1 => {
                     let x = g.alloc::<f32>(m * d)?;
-                    self.add_rmsnorm_norm(&h_shard, &y, &lw.post_moe_norm, &next.attn_norm, &x, m)?;
+                    let then = Some((&next.attn_norm, &x));
+                    self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, then, m)?;
                     x_next = Some(x);
                 }
-                _ => self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, m)?,
+                _ => self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, None, m)?,
             }
             h = if tp == 1 {
                 h_shard
@@ -559,52 +561,38 @@ impl CudaShard {
         )
     }
 
-    /// `h += rmsnorm(y) * w`, then `out = rmsnorm(h) * w2`, in one kernel.
-    fn add_rmsnorm_norm(
-        &self,
-        h: &Buf<f32>,
-        y: &Buf<f32>,
-        w: &Buf<f32>,
-        w2: &Buf<f32>,
-        out: &Buf<f32>,
-        rows: usize,
-    ) -> Result<(), CudaError> {
-        let c = &self.config;
-        self.gpu.rows_launch(
-            "add_rmsnorm_norm",
-            rows,
-            &[
-                Arg::P(h.ptr()),
-                Arg::P(y.ptr()),
-                Arg::P(w.ptr()),
-                Arg::P(w2.ptr()),
-                Arg::P(out.ptr()),
-                Arg::I(c.hidden_size as i32),
-                Arg::F(c.rms_norm_eps),
-                Arg::F(1.0),
-            ],
-        )
-    }
-
+    /// `h += rmsnorm(y) * w`; with `then = (w2, out)` also `out = rmsnorm(h) * w2` in the
+    /// same kernel (the norm that follows a residual update).
     fn add_rmsnorm(
         &self,
         h: &Buf<f32>,
         y: &Buf<f32>,
         w: &Buf<f32>,
+        then: Option<(&Buf<f32>, &Buf<f32>)>,
         rows: usize,
     ) -> Result<(), CudaError> {
         let c = &self.config;
-        self.gpu.rows_launch(
-            "add_rmsnorm",
-            rows,
-            &[
-                Arg::P(h.ptr()),
-                Arg::P(y.ptr()),
-                Arg::P(w.ptr()),
-                Arg::I(c.hidden_size as i32),
-                Arg::F(c.rms_norm_eps),
-            ],
-        )
+        let (d, eps) = (Arg::I(c.hidden_size as i32), Arg::F(c.rms_norm_eps));
+        let (h, y, w) = (Arg::P(h.ptr()), Arg::P(y.ptr()), Arg::P(w.ptr()));
+        match then {
+            Some((w2, out)) => self.gpu.rows_launch(
+                "add_rmsnorm_norm",
+                rows,
+                &[
+                    h,
+                    y,
+                    w,
+                    Arg::P(w2.ptr()),
+                    Arg::P(out.ptr()),
+                    d,
+                    eps,
+                    Arg::F(1.0),
+                ],
+            ),
+            None => self
+                .gpu
+                .rows_launch("add_rmsnorm", rows, &[h, y, w, d, eps]),
+        }
     }
 
     fn mm(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
@@ -755,21 +743,7 @@ impl CudaShard {
         }
         // The picks, then the gates' bits: one copy (one wait) brings both back.
         let routing = g.alloc::<u32>(2 * m * k)?;
-        g.launch(
-            "route",
-            (m as u32, 1),
-            (1024, 1),
-            0,
-            &[
-                Arg::P(x.ptr()),
-                Arg::P(lw.router.ptr()),
-                Arg::I(d as i32),
-                Arg::I(c.num_local_experts as i32),
-                Arg::I(k as i32),
-                Arg::P(routing.ptr()),
-                Arg::P(routing.at(m * k)),
-            ],
-        )?;
+        self.route(l, x, m, routing.ptr(), routing.at(m * k))?;
         let mut back = vec![0u32; 2 * m * k];
         g.copy_out(routing.ptr(), &mut back)?;
         let (picks, gate_bits) = back.split_at(m * k);
@@ -900,6 +874,34 @@ impl CudaShard {
         Ok(y)
     }
 
+    /// The router on `m` rows of `x`: each row's top-k experts (i32) at `picks` and their
+    /// gates at `gates`, in the router's order.
+    fn route(
+        &self,
+        l: usize,
+        x: &Buf<f32>,
+        m: usize,
+        picks: u64,
+        gates: u64,
+    ) -> Result<(), CudaError> {
+        let c = &self.config;
+        self.gpu.launch(
+            "route",
+            (m as u32, 1),
+            (1024, 1),
+            0,
+            &[
+                Arg::P(x.ptr()),
+                Arg::P(self.layers[l].router.ptr()),
+                Arg::I(c.hidden_size as i32),
+                Arg::I(c.num_local_experts as i32),
+                Arg::I(c.num_experts_per_tok as i32),
+                Arg::P(picks),
+                Arg::P(gates),
+            ],
+        )
+    }
+
     /// The MoE of a world of one on `m` (at most [`DEVICE_ROUTED_TOKENS`]) tokens with the
     /// router's picks left on the device (written at `picks`): each expert's matrices run on
     /// the slots that picked it, then the gates combine the slots in choice order (for top-2
@@ -917,25 +919,11 @@ impl CudaShard {
                 "device routing without expert tables".into(),
             ));
         };
-        let (d, k, e) = (c.hidden_size, c.num_experts_per_tok, c.num_local_experts);
+        let (d, k) = (c.hidden_size, c.num_experts_per_tok);
         let slots = m * k;
         let f = sets.gate_up.n;
         let gates = g.alloc::<f32>(slots)?;
-        g.launch(
-            "route",
-            (m as u32, 1),
-            (1024, 1),
-            0,
-            &[
-                Arg::P(x.ptr()),
-                Arg::P(lw.router.ptr()),
-                Arg::I(d as i32),
-                Arg::I(e as i32),
-                Arg::I(k as i32),
-                Arg::P(picks),
-                Arg::P(gates.ptr()),
-            ],
-        )?;
+        self.route(l, x, m, picks, gates.ptr())?;
         // Gate and up rows of every slot: [2, slots, f].
         let ab = g.alloc::<f32>(2 * slots * f)?;
         g.qmatmul_experts(x.ptr(), picks, slots, k, m, &sets.gate_up, ab.ptr())?;
