@@ -389,14 +389,13 @@ impl CudaShard {
         let tokens = batch.iter().flat_map(|s| s.tokens.iter().copied());
         let mut all: Vec<u32> = Vec::with_capacity(3 * pos.len() + tiles.len() + read.len());
         all.extend(tokens);
-        let at = |all: &Vec<u32>| all.len();
-        let p_at = at(&all);
+        let p_at = all.len();
         all.extend_from_slice(&pos);
-        let w_at = at(&all);
+        let w_at = all.len();
         all.extend_from_slice(&write);
-        let t_at = at(&all);
+        let t_at = all.len();
         all.extend(tiles.iter().map(|&v| v as u32));
-        let r_at = at(&all);
+        let r_at = all.len();
         all.extend_from_slice(&read);
         let buf = self.gpu.upload(&all)?;
         Ok(StepMeta {
