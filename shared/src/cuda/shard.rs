@@ -4,8 +4,8 @@
 //!
 //! The collectives trait works on host vectors, so a rank of a larger world copies the few
 //! activations each collective moves; a world of one keeps the whole step on the device and
-//! only brings back the router's choices (the expert batch sizes the launches need) and the
-//! logits.
+//! only brings back the router's choices (the expert batch sizes the launches need; decode
+//! steps of a few tokens leave them on the device until the step ends) and the logits.
 
 use super::device::{
     Arg, Buf, DevQ, ExpertSet, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS,
