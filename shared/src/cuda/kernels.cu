@@ -696,8 +696,9 @@ __device__ __forceinline__ void acc16(float (*acc)[16], const float *xv, int mr,
 // The decode matmul on the tiled layout (see DevQ in device.rs): column tiles of 512 (the last
 // one narrower), each holding its K rows back to back, so a warp streams one contiguous run
 // of weights (U rows of 512 bytes per round, 16 bytes per lane) instead of 512-byte pieces
-// a whole row apart. Up to MR rows of x: row r reads x row xrow[r] and writes output row
-// orow[r] (of nrows). The K split is per_warp rows per warp, consecutive warps of
+// a whole row apart. Up to MR rows of x: row r reads x row xrow[r] and writes row orow[r]
+// of `out` (rows ostride apart; this tile's first column at oc0) and of the nrows-row
+// partial sums. The K split is per_warp rows per warp, consecutive warps of
 // consecutive blocks along y, chosen by the host from the matrix and the GPU only (a row's
 // result does not depend on the batch). Blocks of one tile add their partial sums in y order:
 // each writes its partial to `parts`, and the last to finish a tile (a counter per tile,
