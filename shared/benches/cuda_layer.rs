@@ -10,14 +10,14 @@
 //! GROK_BENCH_MODEL (a directory to reuse; default a fresh temporary one), GROK_BENCH_JSON
 //! (also write the results there). Prints a note and exits where there is no GPU.
 
-use grok_shared::bytes::ByteView;
 use grok_shared::checkpoint::init::init_random;
 use grok_shared::checkpoint::open_model;
 use grok_shared::comm::local::LocalComm;
 use grok_shared::config::ModelConfig;
 use grok_shared::cuda::{cuda_available, gpu_count, CudaShard};
-use grok_shared::model::{LogitsMode, ModelWeights, QMatrix, RankBackend, SeqStep};
+use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqStep};
 use grok_shared::parallel::Plan;
+use grok_shared::test_support::random_qmatrix;
 use std::time::{Duration, Instant};
 
 const CTX: usize = 1024;
@@ -236,21 +236,11 @@ fn copy_bandwidth(shard: &CudaShard) -> f64 {
     2.0 * (n * ITERS) as f64 / t.elapsed().as_secs_f64()
 }
 
-/// Microseconds per 1-row product with an int8 `[k, n]` matrix (arbitrary values; the
-/// kernel's work does not depend on them), and the weight bytes streamed per second, in TB/s.
+/// Microseconds per 1-row product with a random int8 `[k, n]` matrix (the kernel's work does
+/// not depend on the values), and the weight bytes streamed per second, in TB/s.
 fn decode_matmul_alone(shard: &CudaShard, k: usize, n: usize) -> (f64, f64) {
     let g = shard.gpu();
-    let w: Vec<u8> = (0..k * n)
-        .map(|i| ((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
-        .collect();
-    let q = QMatrix {
-        k,
-        n,
-        group_rows: k,
-        weight: ByteView::from_vec(w),
-        scales: vec![0.01; n],
-    };
-    let dq = g.upload_q(&q).expect("upload");
+    let dq = g.upload_q(&random_qmatrix(k, n, 1, 1)).expect("upload");
     let x = g.upload(&vec![0.5f32; k]).expect("upload");
     let out = g.alloc::<f32>(n).expect("alloc");
     let run = || {

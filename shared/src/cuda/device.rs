@@ -36,6 +36,8 @@ const ROW_THREADS: u32 = 1024;
 /// Warps per block of the tiled decode kernel (fixed: the order its partial sums are added
 /// in depends on it).
 const TILED_WARPS: usize = 8;
+/// Rows of x the tiled kernels come in (`QGEMV_TILED(MR, ..)` in kernels.cu).
+const TILED_ROWS: [usize; 3] = [1, 2, 4];
 /// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
 const MAX_TILES: usize = 4096;
 /// Head dimensions the register-tiled prefill attention is built for (`attention_prefill_*`);
@@ -240,17 +242,8 @@ impl Gpu {
                 .map_err(drv_err("finding a kernel"))?;
             funcs.insert(name, f);
         }
-        for rows in ATT_ROWS {
-            if let Some(f) = funcs.get(&format!("attention_{rows}")) {
-                // Prefill tiles need more than the default 48 KiB of dynamic shared memory.
-                f.set_attribute(
-                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    Self::attention_smem_bytes(rows, ATT_THREADS) as i32,
-                )
-                .map_err(drv_err("allowing the attention kernel its shared memory"))?;
-            }
-        }
-        let big_smem = [1, 2, 4]
+        // Kernels that may need more than the default 48 KiB of dynamic shared memory.
+        let big_smem = TILED_ROWS
             .into_iter()
             .flat_map(|mr| {
                 let bytes = Self::tiled_smem_bytes(mr) as i32;
@@ -263,6 +256,12 @@ impl Gpu {
                 (
                     format!("attention_prefill_{hd}"),
                     Self::prefill_smem_bytes(hd) as i32,
+                )
+            }))
+            .chain(ATT_ROWS.iter().map(|&rows| {
+                (
+                    format!("attention_{rows}"),
+                    Self::attention_smem_bytes(rows, ATT_THREADS) as i32,
                 )
             }));
         for (name, bytes) in big_smem {
@@ -594,7 +593,7 @@ impl Gpu {
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(4);
-            let mr = if rows == 3 { 4 } else { rows };
+            let mr = tiled_rows(rows)?;
             let name = format!("qgemv_tiled_{mr}");
             self.launch(
                 &name,
@@ -644,12 +643,7 @@ impl Gpu {
         let (k, n) = (set.k, set.n);
         let tiles = n.div_ceil(Q_TILE);
         let mats = set.len;
-        let mr = [1, 2, 4]
-            .into_iter()
-            .find(|&r| r >= tokens)
-            .ok_or_else(|| {
-                CudaError::Unsupported(format!("device-routed experts for {tokens} tokens"))
-            })?;
+        let mr = tiled_rows(tokens)?;
         if tiles * mats > MAX_TILES {
             return Err(CudaError::Unsupported(format!(
                 "{mats} expert matrices {n} columns wide"
@@ -968,6 +962,15 @@ impl Gpu {
     }
 }
 
+/// The smallest instance of the tiled kernels (`qgemv_tiled_*`, `qgemv_experts_*`) that
+/// takes `rows` rows.
+fn tiled_rows(rows: usize) -> Result<usize, CudaError> {
+    TILED_ROWS
+        .into_iter()
+        .find(|&r| r >= rows)
+        .ok_or_else(|| CudaError::Unsupported(format!("the tiled int8 kernel on {rows} rows")))
+}
+
 /// See [`Gpu::tiled_split`]: `slots` blocks of the kernel fit on the GPU at once.
 fn tiled_split(slots: usize, k: usize, n: usize) -> (usize, usize) {
     let tiles = n.div_ceil(Q_TILE);
@@ -1030,7 +1033,7 @@ fn kernel_names() -> Vec<String> {
             v.push(format!("qgemv_{mr}_{vec}"));
         }
     }
-    for mr in [1, 2, 4] {
+    for mr in TILED_ROWS {
         v.push(format!("qgemv_tiled_{mr}"));
         v.push(format!("qgemv_experts_{mr}"));
     }
