@@ -263,3 +263,99 @@ fn long_prompts_with_fused_qkv_match_the_cpu_engine() {
 fn long_prompts_at_the_tiny_head_size_match_the_cpu_engine() {
     long_prompts_match_the_cpu(32, 8, 4, ModelConfig::tiny().intermediate_size);
 }
+
+/// Decode steps (the `attention_decode_*` kernels) against the CPU engine: five sequences of
+/// 1 to 1100 tokens prefilled, then steps of one token each (key splits, some of them past a
+/// short sequence's end), of two tokens each (tiles of 2 × group rows, the 16-row kernel when
+/// that is over 8), and of the longest sequence alone (the most splits).
+fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
+    let mut cfg = ModelConfig::tiny();
+    cfg.head_dim = head_dim;
+    cfg.num_attention_heads = heads;
+    cfg.num_key_value_heads = kv_heads;
+    cfg.num_hidden_layers = 2;
+    cfg.vocab_size = 512;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model");
+    init_random(&cfg, 11, &path, &mut |_| {}).unwrap();
+    let model = open_model(&path).unwrap();
+    let load = || ModelWeights::load(model.source.as_ref(), &model.config).unwrap();
+    let cpu = CpuModel::new(load()).unwrap();
+    let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
+    let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
+    let (block, per_seq) = (16usize, 80u32); // 80 blocks of 16: 1280 positions each
+    let mut shard = CudaShard::new(load(), plan, 0, 0, 5 * per_seq as usize, block).unwrap();
+    shard.gemm_min_rows = usize::MAX;
+    let lens = [1usize, 7, 40, 300, 1100];
+    let blocks: Vec<Vec<u32>> = (0..5u32)
+        .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
+        .collect();
+    let mut kvs: Vec<SeqKv> = lens.iter().map(|_| SeqKv::new(&cpu)).collect();
+    let mut pos = [0usize; 5];
+    let mut seed = 5u64;
+    let mut worst = 0f64;
+    // (sequences in the step, tokens each)
+    let steps: [(&[usize], usize); 6] = [
+        (&[0, 1, 2, 3, 4], 0), // the prompts
+        (&[0, 1, 2, 3, 4], 1),
+        (&[0, 1, 2, 3, 4], 1),
+        (&[0, 1, 2, 3, 4], 2),
+        (&[4], 1),
+        (&[2, 4], 1),
+    ];
+    for (i, &(seqs, n)) in steps.iter().enumerate() {
+        let tokens: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|&s| {
+                let len = if n == 0 { lens[s] } else { n };
+                (0..len).map(|_| (lcg(&mut seed) % 512) as u32).collect()
+            })
+            .collect();
+        let batch: Vec<SeqStep> = seqs
+            .iter()
+            .zip(&tokens)
+            .map(|(&s, t)| SeqStep {
+                tokens: t,
+                start: pos[s],
+                blocks: &blocks[s],
+                logits: LogitsMode::All,
+            })
+            .collect();
+        let got = shard.step(&comm, &batch).unwrap().logits.unwrap();
+        for ((&s, t), got) in seqs.iter().zip(&tokens).zip(&got) {
+            let want = kvs[s].step(&cpu, t, LogitsMode::All).unwrap();
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |a, (&g, &w)| a.max((g - w).abs() as f64))
+                / scale;
+            worst = worst.max(err);
+            assert!(
+                err < 1e-4,
+                "head_dim {head_dim}, group {}: step {i}, sequence {s}: relative error {err}",
+                heads / kv_heads
+            );
+            pos[s] += t.len();
+        }
+    }
+    println!(
+        "decode head_dim {head_dim}, group {}: within {worst:.2e} (relative) of the CPU engine",
+        heads / kv_heads
+    );
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn decode_steps_at_grok_head_size_match_the_cpu_engine() {
+    decode_steps_match_the_cpu(128, 12, 2); // group 6: two tokens are a 12-row tile
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn decode_steps_at_small_head_sizes_match_the_cpu_engine() {
+    decode_steps_match_the_cpu(16, 16, 2); // group 8: 8 keys per warp-wide load
+    decode_steps_match_the_cpu(32, 4, 1); // group 4
+    decode_steps_match_the_cpu(64, 8, 8); // group 1
+}

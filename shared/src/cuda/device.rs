@@ -9,6 +9,7 @@ use super::CudaError;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{result as drv, sys as drv_sys, CudaContext, CudaFunction, CudaSlice};
 use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,9 +41,29 @@ const TILED_WARPS: usize = 8;
 const TILED_ROWS: [usize; 3] = [1, 2, 4];
 /// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
 const MAX_TILES: usize = 4096;
-/// Head dimensions the register-tiled prefill attention is built for (`attention_prefill_*`);
-/// others take `attention_64`.
-pub const PREFILL_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+/// Head dimensions with attention kernels of their own: the register-tiled prefill
+/// (`attention_prefill_*`) and the decode kernel (`attention_decode_*`). Others take
+/// `attention_64` and `attention_16`.
+pub const ATT_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
+/// Rows per tile the decode kernel comes in (`attention_decode_{HD}_{R}`): the smallest that
+/// holds a step's largest tile runs.
+pub const DECODE_ROWS: [usize; 2] = [8, 16];
+/// Warps per block of the decode kernel and keys each lane loads per round (`DEC_WARPS`,
+/// `DEC_U` in kernels.cu).
+const DECODE_WARPS: usize = 4;
+const DECODE_KEYS_PER_LANE: usize = 8;
+
+/// Keys of one round of a whole `attention_decode_*` block at head size `head_dim` (a warp
+/// loads 128 / head_dim keys at once): its key splits are multiples of this.
+pub fn decode_key_granule(head_dim: usize) -> usize {
+    DECODE_WARPS * DECODE_KEYS_PER_LANE * (128 / head_dim.max(1)).max(1)
+}
+
+/// The most key splits `attention_decode_*` merges (`DEC_MAX_SPLITS` in kernels.cu).
+pub const DECODE_MAX_SPLITS: usize = 64;
+
+/// Threads of an `attention_decode_*` block.
+pub const DECODE_THREADS: usize = DECODE_WARPS * 32;
 
 /// Which libraries a CUDA backend needs, and whether they load here.
 pub fn cuda_available() -> bool {
@@ -143,13 +164,20 @@ pub const Q_TILE: usize = 512;
 /// decode kernel's warps each read one contiguous run.
 pub fn tile_int8(w: &[i8], k: usize, n: usize) -> Vec<i8> {
     debug_assert_eq!(w.len(), k * n);
-    let mut out = Vec::with_capacity(k * n);
-    for c0 in (0..n).step_by(Q_TILE) {
-        let width = Q_TILE.min(n - c0);
-        for row in w.chunks_exact(n) {
-            out.extend_from_slice(&row[c0..c0 + width]);
-        }
+    let mut out = vec![0i8; k * n];
+    if k == 0 {
+        return out;
     }
+    // Each tile fills its own run of the output, so the tiles go in parallel (loading
+    // Grok-1's experts is otherwise bound by this shuffle, not by the upload).
+    out.par_chunks_mut(Q_TILE * k)
+        .enumerate()
+        .for_each(|(t, dst)| {
+            let (c0, width) = (t * Q_TILE, dst.len() / k);
+            for (row, d) in w.chunks_exact(n).zip(dst.chunks_exact_mut(width)) {
+                d.copy_from_slice(&row[c0..c0 + width]);
+            }
+        });
     out
 }
 
@@ -252,7 +280,7 @@ impl Gpu {
                     (format!("qgemv_experts_{mr}"), bytes),
                 ]
             })
-            .chain(PREFILL_HEAD_DIMS.iter().map(|&hd| {
+            .chain(ATT_HEAD_DIMS.iter().map(|&hd| {
                 (
                     format!("attention_prefill_{hd}"),
                     Self::prefill_smem_bytes(hd) as i32,
@@ -310,6 +338,18 @@ impl Gpu {
 
     pub fn sms(&self) -> usize {
         self.sms
+    }
+
+    /// `n` zeroed u32 counters for a kernel's last-block merge (the tiled matmuls' and the
+    /// decode attention's). The launches share them: each leaves them at zero, and they run
+    /// in stream order.
+    pub fn counters(&self, n: usize) -> Result<u64, CudaError> {
+        if n > MAX_TILES {
+            return Err(CudaError::Unsupported(format!(
+                "{n} counters for one launch (at most {MAX_TILES})"
+            )));
+        }
+        Ok(self.tile_counters.ptr())
     }
 
     /// Runs `f`, timing it under `what` when profiling (see [`Gpu::profile_report`]).
@@ -1008,13 +1048,11 @@ fn kernel_names() -> Vec<String> {
     let mut v: Vec<String> = [
         "embed",
         "rmsnorm",
-        "add_rmsnorm",
-        "add_rmsnorm_norm",
+        "residual_norm",
         "rope_kv",
         "attention_16",
         "attention_64",
         "attention_combine",
-        "route",
         "gather_rows",
         "scatter_rows",
         "combine",
@@ -1023,7 +1061,6 @@ fn kernel_names() -> Vec<String> {
         "dequant_bf16",
         "dequant_bf16_tiled",
         "to_bf16",
-        "combine_slots",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -1037,8 +1074,11 @@ fn kernel_names() -> Vec<String> {
         v.push(format!("qgemv_tiled_{mr}"));
         v.push(format!("qgemv_experts_{mr}"));
     }
-    for hd in PREFILL_HEAD_DIMS {
+    for hd in ATT_HEAD_DIMS {
         v.push(format!("attention_prefill_{hd}"));
+        for rows in DECODE_ROWS {
+            v.push(format!("attention_decode_{hd}_{rows}"));
+        }
     }
     v
 }
@@ -1113,6 +1153,7 @@ mod tests {
         // (name prefix, the macro that defines such kernels, how its argument list starts)
         let macros = [
             ("attention_prefill_", "ATTENTION_PREFILL("),
+            ("attention_decode_", "ATTENTION_DECODE("),
             ("attention_", "ATTENTION("),
             ("qgemv_tiled_", "QGEMV_TILED("),
             ("qgemv_experts_", "QGEMV_TILED("),

@@ -56,42 +56,108 @@ extern "C" __global__ void rmsnorm(const float *x, const float *w, float *out, i
     for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = w[i] * (xr[i] * inv) * post;
 }
 
-// h[r] += rmsnorm(y[r]) * w: the release's post-norm residual update.
-extern "C" __global__ void add_rmsnorm(float *h, const float *y, const float *w, int d, float eps) {
-    __shared__ float scratch[32];
-    const float *yr = y + (u64)blockIdx.x * d;
-    float *hr = h + (u64)blockIdx.x * d;
-    float s = 0.f;
-#pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += yr[i] * yr[i];
-    float inv = 1.f / sqrtf(block_sum(s, scratch) / d + eps);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) hr[i] += w[i] * (yr[i] * inv);
+// Row t of a residual update: y[t], or with gates given, the experts' per-slot outputs
+// y[t * k + j] summed with gates[t * k + j] in choice order (the CPU backend's combine).
+__device__ __forceinline__ float update_at(const float *y, const float *gates, int k, int t,
+                                           int d, int i) {
+    if (!gates) return y[(u64)t * d + i];
+    float a = 0.f;
+    for (int j = 0; j < k; j++) a += gates[t * k + j] * y[(u64)(t * k + j) * d + i];
+    return a;
 }
 
-// h[r] += rmsnorm(y[r]) * w, then out[r] = rmsnorm(h[r]) * w2 * post: a residual update and
-// the norm that follows it, in one pass (the same bits as add_rmsnorm then rmsnorm).
-extern "C" __global__ void add_rmsnorm_norm(float *h, const float *y, const float *w,
-                                            const float *w2, float *out, int d, float eps,
-                                            float post) {
-    __shared__ float scratch[32];
-    const float *yr = y + (u64)blockIdx.x * d;
-    float *hr = h + (u64)blockIdx.x * d;
-    float *o = out + (u64)blockIdx.x * d;
+// Softmax and top-k of one row's router logits (ties to the lower index, as jax.lax.top_k);
+// the gates are the probabilities, not renormalised.
+__device__ void route_top_k(float *logits, int experts, int k, int *picks, float *gates) {
+    float m = NEG_INF, sum = 0.f;
+    for (int e = 0; e < experts; e++) m = fmaxf(m, logits[e]);
+    for (int e = 0; e < experts; e++) {
+        logits[e] = expf(logits[e] - m);
+        sum += logits[e];
+    }
+    for (int e = 0; e < experts; e++) logits[e] /= sum;
+    u64 taken = 0;
+    for (int i = 0; i < k; i++) {
+        int best = -1;
+        for (int e = 0; e < experts; e++)
+            if (!((taken >> e) & 1) && (best < 0 || logits[e] > logits[best])) best = e;
+        taken |= 1ull << best;
+        picks[i] = best;
+        gates[i] = logits[best];
+    }
+}
+
+// One row per block, the release's post-norm residual update and what follows it:
+//   h[t] += rmsnorm(update_at(t)) * w;
+//   with w2:     out[t] = rmsnorm(h[t]) * w2 * post (the next norm, in the same pass);
+//   with router: the router's top-k of out[t] (router [d, E], E <= 64) at picks[t * k..],
+//                gates at pgates[t * k..] (the MoE's routing, no launch of its own).
+extern "C" __global__ void residual_norm(float *h, const float *y, const float *gates, int k,
+                                         const float *w, const float *w2, float *out, int d,
+                                         float eps, float post, const float *router,
+                                         int experts, int *picks, float *pgates) {
+    __shared__ float scratch[32 * 8];
+    __shared__ float logits[64];
+    int t = blockIdx.x, tid = threadIdx.x;
+    float *hr = h + (u64)t * d;
     float s = 0.f;
 #pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += yr[i] * yr[i];
+    for (int i = tid; i < d; i += blockDim.x) {
+        float v = update_at(y, gates, k, t, d, i);
+        s += v * v;
+    }
     float inv = 1.f / sqrtf(block_sum(s, scratch) / d + eps);
     float s2 = 0.f;
 #pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = hr[i] + w[i] * (yr[i] * inv);
+    for (int i = tid; i < d; i += blockDim.x) {
+        float v = hr[i] + w[i] * (update_at(y, gates, k, t, d, i) * inv);
         hr[i] = v;
         s2 += v * v;
     }
+    if (!w2) return;
     float inv2 = 1.f / sqrtf(block_sum(s2, scratch) / d + eps);
+    float *o = out + (u64)t * d;
+    // With 8 experts the router's logits come from the values as they are written.
+    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    bool eight = router && experts == 8;
 #pragma unroll 4
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = w2[i] * (hr[i] * inv2) * post;
+    for (int i = tid; i < d; i += blockDim.x) {
+        float v = w2[i] * (hr[i] * inv2) * post;
+        o[i] = v;
+        if (eight) {
+            const float4 *r4 = (const float4 *)(router + (u64)i * 8);
+            float4 w0 = __ldg(r4), w1 = __ldg(r4 + 1);
+            a[0] += v * w0.x; a[1] += v * w0.y; a[2] += v * w0.z; a[3] += v * w0.w;
+            a[4] += v * w1.x; a[5] += v * w1.y; a[6] += v * w1.z; a[7] += v * w1.w;
+        }
+    }
+    if (!router) return;
+    int lane = tid % WARP, wi = tid / WARP, nw = (blockDim.x + WARP - 1) / WARP;
+    if (eight) {
+        // The eight sums at once: a shuffle tree per warp, then the warps in order.
+#pragma unroll
+        for (int e = 0; e < 8; e++) a[e] = warp_sum(a[e]);
+        __syncthreads();
+        if (lane == 0)
+#pragma unroll
+            for (int e = 0; e < 8; e++) scratch[wi * 8 + e] = a[e];
+        __syncthreads();
+        if (tid < 8) {
+            float v = 0.f;
+            for (int i = 0; i < nw; i++) v += scratch[i * 8 + tid];
+            logits[tid] = v;
+        }
+    } else {
+        // Any other expert count: a block sum per expert over the row just written.
+        for (int e = 0; e < experts; e++) {
+            float v = 0.f;
+            for (int i = tid; i < d; i += blockDim.x) v += o[i] * router[(u64)i * experts + e];
+            v = block_sum(v, scratch);
+            if (tid == 0) logits[e] = v;
+        }
+    }
+    __syncthreads();
+    if (tid == 0) route_top_k(logits, experts, k, picks + t * k, pgates + t * k);
 }
 
 // Rotate-half RoPE of row r's q heads (in place) and k heads to positions[r]; the rotated k
@@ -198,7 +264,7 @@ __device__ void attention(const float *q, const float *kc, const float *vc, floa
                 }
             }
         }
-                __syncthreads();
+        __syncthreads();
         for (int i = threadIdx.x; i < rows * ATT_KEYS; i += blockDim.x) {
             int r = i / ATT_KEYS, j = i % ATT_KEYS;
             float s = NEG_INF;
@@ -473,6 +539,234 @@ ATTENTION_PREFILL(32)
 ATTENTION_PREFILL(64)
 ATTENTION_PREFILL(128)
 
+// The decode attention: a tile of up to R rows (a token or two of one sequence × the q heads
+// sharing a kv head) against the cached keys, for head sizes HD in {16, 32, 64, 128}. A key's
+// row is HD / 4 lanes holding a float4 each, so a warp-wide load covers KPW = 128 / HD keys
+// and a lane keeps DEC_U keys' k and v loads in flight at once (decode attention is bound by
+// load latency: 8 MB of keys and values per layer of Grok-1 at 1024 tokens). A block of
+// DEC_WARPS warps takes one key split of one (tile, kv head), each warp rounds of
+// DEC_U * KPW keys. Scores are summed across a key's lanes by shuffles; every lane holds the
+// same running max and sum of each row. The warps' states merge in warp order in shared
+// memory. With key splits, each block writes its partial (as attention_R does) and the last
+// block of a (tile, kv head) to finish merges them in split order (a counter per (tile, kv
+// head), reset by that block): no second launch. Splits: at most DEC_MAX_SPLITS, each a
+// whole multiple of DEC_WARPS * DEC_U * KPW keys (decode_key_granule in device.rs).
+#define DEC_WARPS 4
+#define DEC_U 8
+#define DEC_MAX_SPLITS 64
+template <int HD, int R>
+__device__ void attention_decode(const float *q, const float *kc, const float *vc, float *out,
+                                 const int *tiles, const u32 *slots, int q_heads, int kv_heads,
+                                 float mult, float cap, int splits, float *part_o,
+                                 float *part_ml, u32 *counters) {
+    constexpr int L = HD / 4, KPW = WARP / L, ROUND = DEC_U * KPW;
+    __shared__ __align__(16) float sq[R * HD];
+    __shared__ __align__(16) float so[DEC_WARPS * R * HD];
+    __shared__ float sml[DEC_WARPS * R * 2];
+    __shared__ float sw[DEC_MAX_SPLITS * R], sls[R];
+    __shared__ int last;
+    int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
+    int sub = lane / L, cl = (lane % L) * 4;
+    int group = q_heads / kv_heads;
+    int kvh = blockIdx.y / splits, split = blockIdx.y % splits;
+    const int *t = tiles + 4 * blockIdx.x;
+    int row0 = t[0], ntok = t[1], pos0 = t[2], off = t[3];
+    int rows = min(ntok * group, R);
+    int qd = q_heads * HD, kvd = kv_heads * HD;
+    for (int i = tid; i < rows * L; i += blockDim.x) {
+        int r = i / L, c = (i % L) * 4;
+        int tok = r / group, h = kvh * group + r % group;
+        *(float4 *)(sq + r * HD + c) = *(const float4 *)(q + (u64)(row0 + tok) * qd + h * HD + c);
+    }
+    __syncthreads();
+    float m[R], l[R];
+    float4 acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.f;
+        acc[r] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    int visible = pos0 + ntok;
+    const int granule = DEC_WARPS * ROUND;
+    int chunk = ((visible + splits - 1) / splits + granule - 1) / granule * granule;
+    int kbeg = split * chunk, kend = min(visible, kbeg + chunk);
+    const float *kb = kc + kvh * HD + cl, *vb = vc + kvh * HD + cl;
+    for (int j0 = kbeg + warp * ROUND; j0 < kend; j0 += DEC_WARPS * ROUND) {
+        float4 kr[DEC_U], vr[DEC_U];
+#pragma unroll
+        for (int u = 0; u < DEC_U; u++) {
+            int j = j0 + u * KPW + sub;
+            kr[u] = vr[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (j < kend) {
+                u64 at = (u64)slots[off + j] * kvd;
+                kr[u] = __ldg((const float4 *)(kb + at));
+                vr[u] = __ldg((const float4 *)(vb + at));
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            if (r >= rows) continue;
+            float4 qv = *(const float4 *)(sq + r * HD + cl);
+            int lastkey = pos0 + r / group;  // the last key row r sees
+            float s[DEC_U], mx = NEG_INF;
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                float a = qv.x * kr[u].x;
+                a += qv.y * kr[u].y;
+                a += qv.z * kr[u].z;
+                a += qv.w * kr[u].w;
+#pragma unroll
+                for (int o = L / 2; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+                int j = j0 + u * KPW + sub;
+                a *= mult;
+                s[u] = (j < kend && j <= lastkey) ? cap * tanhf(a / cap) : NEG_INF;
+                mx = fmaxf(mx, s[u]);
+            }
+#pragma unroll
+            for (int o = L; o < WARP; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float mn = fmaxf(m[r], mx);
+            // A row may see no key yet (mn stays -inf, everything is 0).
+            float corr = m[r] == NEG_INF ? 0.f : expf(m[r] - mn);
+            float4 a4 = acc[r];
+            a4.x *= corr;
+            a4.y *= corr;
+            a4.z *= corr;
+            a4.w *= corr;
+            float ps = 0.f;
+#pragma unroll
+            for (int u = 0; u < DEC_U; u++) {
+                float p = s[u] == NEG_INF ? 0.f : expf(s[u] - mn);
+                ps += p;
+                a4.x += p * vr[u].x;
+                a4.y += p * vr[u].y;
+                a4.z += p * vr[u].z;
+                a4.w += p * vr[u].w;
+            }
+#pragma unroll
+            for (int o = L; o < WARP; o <<= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+            l[r] = l[r] * corr + ps;
+            m[r] = mn;
+            acc[r] = a4;
+        }
+    }
+    // The lanes of different keys hold parts of the same columns: add them up.
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int o = L; o < WARP; o <<= 1) {
+            acc[r].x += __shfl_xor_sync(0xffffffffu, acc[r].x, o);
+            acc[r].y += __shfl_xor_sync(0xffffffffu, acc[r].y, o);
+            acc[r].z += __shfl_xor_sync(0xffffffffu, acc[r].z, o);
+            acc[r].w += __shfl_xor_sync(0xffffffffu, acc[r].w, o);
+        }
+        if (r < rows && sub == 0) *(float4 *)(so + (warp * R + r) * HD + cl) = acc[r];
+        if (r < rows && lane == 0) {
+            sml[(warp * R + r) * 2] = m[r];
+            sml[(warp * R + r) * 2 + 1] = l[r];
+        }
+    }
+    __syncthreads();
+    // The warps' states merged in warp order, a float4 of one row per thread and pass.
+    for (int i = tid; i < rows * L; i += blockDim.x) {
+        int r = i / L, c = (i % L) * 4;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) mx = fmaxf(mx, sml[(w * R + r) * 2]);
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+        float ls = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) {
+            float mw = sml[(w * R + r) * 2];
+            if (mw != NEG_INF) {
+                float e = expf(mw - mx);
+                float4 v = *(const float4 *)(so + (w * R + r) * HD + c);
+                o.x += v.x * e;
+                o.y += v.y * e;
+                o.z += v.z * e;
+                o.w += v.w * e;
+                ls += sml[(w * R + r) * 2 + 1] * e;
+            }
+        }
+        int tok = r / group, h = kvh * group + r % group;
+        if (splits == 1) {
+            *(float4 *)(out + (u64)(row0 + tok) * qd + h * HD + c) =
+                make_float4(o.x / ls, o.y / ls, o.z / ls, o.w / ls);
+        } else {
+            u64 part = ((u64)blockIdx.x * gridDim.y + blockIdx.y) * R + r;
+            *(float4 *)(part_o + part * HD + c) = o;
+            if (c == 0) {
+                part_ml[2 * part] = mx;
+                part_ml[2 * part + 1] = ls;
+            }
+        }
+    }
+    if (splits == 1) return;
+    __threadfence();
+    __syncthreads();
+    u32 *counter = counters + (u64)blockIdx.x * kv_heads + kvh;
+    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(splits - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // The last block merges the splits: a warp per row finds the row's max and each split's
+    // weight (sw), then every thread adds a float4 of one row over the splits in order.
+    u64 first = ((u64)blockIdx.x * gridDim.y + (u64)kvh * splits) * R;
+    for (int r = warp; r < rows; r += DEC_WARPS) {
+        float mx = NEG_INF;
+        for (int sp = lane; sp < splits; sp += WARP)
+            mx = fmaxf(mx, __ldcg(part_ml + 2 * (first + (u64)sp * R + r)));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float ls = 0.f;
+        for (int sp = lane; sp < splits; sp += WARP) {
+            u64 part = first + (u64)sp * R + r;
+            float ms = __ldcg(part_ml + 2 * part);
+            float e = ms == NEG_INF ? 0.f : expf(ms - mx);
+            sw[sp * R + r] = e;
+            ls += __ldcg(part_ml + 2 * part + 1) * e;
+        }
+        ls = warp_sum(ls);
+        if (lane == 0) sls[r] = ls;
+    }
+    __syncthreads();
+    for (int i = tid; i < rows * L; i += blockDim.x) {
+        int r = i / L, c = (i % L) * 4;
+        float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int sp = 0; sp < splits; sp++) {
+            float e = sw[sp * R + r];
+            float4 v = __ldcg((const float4 *)(part_o + (first + (u64)sp * R + r) * HD + c));
+            o.x += v.x * e;
+            o.y += v.y * e;
+            o.z += v.z * e;
+            o.w += v.w * e;
+        }
+        float ls = sls[r];
+        int tok = r / group, h = kvh * group + r % group;
+        *(float4 *)(out + (u64)(row0 + tok) * qd + h * HD + c) =
+            make_float4(o.x / ls, o.y / ls, o.z / ls, o.w / ls);
+    }
+    if (tid == 0) *counter = 0;
+}
+
+#define ATTENTION_DECODE(HD, R)                                                               \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * WARP) attention_decode_##HD##_##R( \
+        const float *q, const float *kc, const float *vc, float *out, const int *tiles,       \
+        const u32 *slots, int q_heads, int kv_heads, int head_dim, float mult, float cap,     \
+        int splits, float *part_o, float *part_ml, u32 *counters) {                           \
+        attention_decode<HD, R>(q, kc, vc, out, tiles, slots, q_heads, kv_heads, mult, cap,   \
+                                splits, part_o, part_ml, counters);                           \
+    }
+ATTENTION_DECODE(16, 8)
+ATTENTION_DECODE(32, 8)
+ATTENTION_DECODE(64, 8)
+ATTENTION_DECODE(128, 8)
+ATTENTION_DECODE(16, 16)
+ATTENTION_DECODE(32, 16)
+ATTENTION_DECODE(64, 16)
+ATTENTION_DECODE(128, 16)
+
 // Merges the key splits of attention_R: out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M),
 // splits in order. grid (tiles, kv heads, R): one row of a tile per block (rows past the
 // tile's return); blockDim.x >= head_dim.
@@ -502,58 +796,6 @@ extern "C" __global__ void attention_combine(const float *part_o, const float *p
     }
     int tok = r / group, h = kvh * group + r % group;
     out[(u64)(row0 + tok) * q_heads * hd + h * hd + c] = o / l;
-}
-
-// Router: per token, logits = x[r] . router[:, e] (router [d, E]), softmax, top-k (ties to the
-// lower index, as jax.lax.top_k). Gates are the probabilities, not renormalised.
-extern "C" __global__ void route(const float *x, const float *router, int d, int experts, int k,
-                                 int *out_idx, float *out_gate) {
-    __shared__ float scratch[32];
-    __shared__ float logits[64];
-    const float *xr = x + (u64)blockIdx.x * d;
-    if (experts == 8) {
-        // One pass over x and the router's contiguous rows.
-        float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int i = threadIdx.x; i < d; i += blockDim.x) {
-            float xv = xr[i];
-            const float4 *w = (const float4 *)(router + (u64)i * 8);
-            float4 w0 = w[0], w1 = w[1];
-            a[0] += xv * w0.x; a[1] += xv * w0.y; a[2] += xv * w0.z; a[3] += xv * w0.w;
-            a[4] += xv * w1.x; a[5] += xv * w1.y; a[6] += xv * w1.z; a[7] += xv * w1.w;
-        }
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            float s = block_sum(a[e], scratch);
-            if (threadIdx.x == 0) logits[e] = s;
-        }
-    } else {
-        for (int e = 0; e < experts; e++) {
-            float s = 0.f;
-            for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i] * router[(u64)i * experts + e];
-            s = block_sum(s, scratch);
-            if (threadIdx.x == 0) logits[e] = s;
-        }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float m = NEG_INF, sum = 0.f;
-        for (int e = 0; e < experts; e++) m = fmaxf(m, logits[e]);
-        for (int e = 0; e < experts; e++) {
-            logits[e] = expf(logits[e] - m);
-            sum += logits[e];
-        }
-        for (int e = 0; e < experts; e++) logits[e] /= sum;
-        for (int i = 0; i < k; i++) {
-            int best = -1;
-            for (int e = 0; e < experts; e++) {
-                bool taken = false;
-                for (int p = 0; p < i; p++) taken |= (out_idx[blockIdx.x * k + p] == e);
-                if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
-            }
-            out_idx[blockIdx.x * k + i] = best;
-            out_gate[blockIdx.x * k + i] = logits[best];
-        }
-    }
 }
 
 // dst[r] = src[idx[r]] (rows of width d): permutes tokens into expert order.
@@ -899,19 +1141,6 @@ __device__ void qgemv_experts(const float *x, const int *picks, int slots, int i
 QGEMV_TILED(1, 4)
 QGEMV_TILED(2, 2)
 QGEMV_TILED(4, 1)
-
-// y[t] = sum over choices j of gates[t * k + j] * ys[t * k + j], in choice order: the
-// combine of qgemv_experts' per-slot outputs.
-extern "C" __global__ void combine_slots(const float *ys, const float *gates, float *y, int k,
-                                         int d) {
-    int t = blockIdx.x;
-#pragma unroll 2
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float a = 0.f;
-        for (int j = 0; j < k; j++) a += gates[t * k + j] * ys[(u64)(t * k + j) * d + i];
-        y[(u64)t * d + i] = a;
-    }
-}
 
 // bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales. grid
 // (ceil(n / 4096), k), 256 threads of 16 columns each (one 16-byte load, two 16-byte stores).

@@ -8,8 +8,8 @@
 //! steps of a few tokens leave them on the device until the step ends) and the logits.
 
 use super::device::{
-    Arg, Buf, DevQ, ExpertSet, Gpu, ATT_KEYS, ATT_ROWS, ATT_THREADS, DEFAULT_GEMM_MIN_ROWS,
-    PREFILL_HEAD_DIMS, Q_TILE,
+    decode_key_granule, Arg, Buf, DevQ, ExpertSet, Gpu, ATT_HEAD_DIMS, ATT_KEYS, ATT_ROWS,
+    ATT_THREADS, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, DEFAULT_GEMM_MIN_ROWS, Q_TILE,
 };
 use super::CudaError;
 use crate::bytes::ByteView;
@@ -20,6 +20,44 @@ use crate::model::{check_steps, ModelError, ModelWeights, RankBackend, SeqStep, 
 use crate::parallel::dispatch::{split_messages, Arrivals, Dispatch};
 use crate::parallel::plan::Plan;
 use std::time::Duration;
+
+/// What a residual update adds to the stream.
+#[derive(Clone, Copy)]
+enum Update<'a> {
+    /// A row per token.
+    Rows(&'a Buf<f32>),
+    /// The experts' `k` output rows per token (`[m * k, d]`) and their gates at a device
+    /// address, combined in choice order by the residual kernel.
+    Slots { ys: &'a Buf<f32>, gates: u64 },
+}
+
+/// A router fused into a residual kernel: its weights and where the picks (i32) and gates
+/// (f32) go, `k` per row (device addresses).
+#[derive(Clone, Copy)]
+struct Route {
+    router: u64,
+    picks: u64,
+    gates: u64,
+}
+
+/// Whether a step's tiles take `attention_decode_*`: decode-sized tiles at a head size it is
+/// built for.
+fn decode_kernel(tile_rows: usize, head_dim: usize) -> bool {
+    tile_rows == ATT_ROWS[0] && ATT_HEAD_DIMS.contains(&head_dim)
+}
+
+/// Key splits per (tile, kv head): enough blocks to fill the GPU four times over, each split
+/// at least `granule` keys (a decode step's few blocks are otherwise one per SM, waiting on
+/// their loads). At least one.
+fn key_splits(blocks: usize, sms: usize, longest: usize, granule: usize) -> usize {
+    if blocks == 0 || blocks >= 4 * sms {
+        return 1;
+    }
+    (4 * sms)
+        .div_ceil(blocks)
+        .min(longest.div_ceil(granule))
+        .max(1)
+}
 
 struct DevExpert {
     gate: DevQ,
@@ -148,6 +186,8 @@ struct StepMeta {
     num_tiles: usize,
     /// Rows per attention tile: which `attention_R` runs.
     tile_rows: usize,
+    /// Rows of the largest tile (the decode kernel's size is the smallest that holds it).
+    max_rows: usize,
     /// Key splits per tile (flash-decoding: a small grid splits each tile's keys).
     splits: usize,
     /// Pool rows of every visible position of every sequence, concatenated.
@@ -348,6 +388,7 @@ impl CudaShard {
         let mut tiles = Vec::new();
         let mut read = Vec::new();
         let mut row = 0;
+        let mut max_rows = 0;
         for s in batch {
             let end = s.start + s.tokens.len();
             let off = read.len();
@@ -356,6 +397,7 @@ impl CudaShard {
             let mut t = 0;
             while t < s.tokens.len() {
                 let nt = per_tile.min(s.tokens.len() - t);
+                max_rows = max_rows.max(nt * group);
                 tiles.extend([
                     (row + t) as i32,
                     nt as i32,
@@ -367,8 +409,6 @@ impl CudaShard {
             row += s.tokens.len();
         }
         let pos: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
-        // Enough blocks to fill the GPU four times over, each split at least one key tile
-        // (a decode step's few blocks are otherwise one per SM, waiting on their loads).
         let num_tiles = tiles.len() / 4;
         let blocks = num_tiles * self.local.num_key_value_heads;
         let longest = batch
@@ -376,14 +416,13 @@ impl CudaShard {
             .map(|s| s.start + s.tokens.len())
             .max()
             .unwrap_or(0);
-        let splits = if blocks == 0 || blocks >= 4 * self.gpu.sms() {
-            1
+        let hd = self.local.head_dim;
+        let (granule, most) = if decode_kernel(tile_rows, hd) {
+            (decode_key_granule(hd), DECODE_MAX_SPLITS)
         } else {
-            (4 * self.gpu.sms())
-                .div_ceil(blocks)
-                .min(longest.div_ceil(ATT_KEYS))
-                .max(1)
+            (ATT_KEYS, usize::MAX)
         };
+        let splits = key_splits(blocks, self.gpu.sms(), longest, granule).min(most);
         // One upload for all of them (and the step's tokens): a step starts with the GPU
         // idle, waiting for these.
         let tokens = batch.iter().flat_map(|s| s.tokens.iter().copied());
@@ -400,6 +439,7 @@ impl CudaShard {
         let buf = self.gpu.upload(&all)?;
         Ok(StepMeta {
             tile_rows,
+            max_rows,
             splits,
             n: positions.len(),
             tokens: buf.ptr(),
@@ -452,17 +492,14 @@ impl CudaShard {
             ],
         )?;
         let m = my_rows.len();
-        // Device routing: every layer's picks land here, read once after the step.
         let k = c.num_experts_per_tok;
-        let device_picks = if self.device_routing
+        let device_routed = self.device_routing
             && self.plan.world == 1
             && (1..=DEVICE_ROUTED_TOKENS).contains(&m)
-            && self.layers.iter().all(|l| l.routed.is_some())
-        {
-            Some(g.alloc::<i32>(self.layers.len() * m * k)?)
-        } else {
-            None
-        };
+            && self.layers.iter().all(|l| l.routed.is_some());
+        // Every layer's routing: its picks (i32), then their gates, m * k of each. Device
+        // routing reads the picks once after the step; host routing after each router.
+        let routing = g.alloc::<u32>(self.layers.len() * 2 * m * k)?;
         // The next layer's attention input, when this layer's last kernel can make it.
         let mut x_next = None;
         for l in 0..self.layers.len() {
@@ -483,22 +520,38 @@ impl CudaShard {
             };
             let lw = &self.layers[l];
             let x = g.alloc::<f32>(m * d)?;
+            let route = Route {
+                router: lw.router.ptr(),
+                picks: routing.at(2 * l * m * k),
+                gates: routing.at((2 * l + 1) * m * k),
+            };
             let then = Some((&lw.moe_norm, &x));
-            self.add_rmsnorm(&h_shard, &o_shard, &lw.post_attn_norm, then, m)?;
+            let update = Update::Rows(&o_shard);
+            self.residual(&h_shard, update, &lw.post_attn_norm, then, Some(route), m)?;
             let routed = &mut expert_tokens[l * experts..(l + 1) * experts];
-            let y = match &device_picks {
-                Some(p) => self.moe_device_routed(l, &x, m, p.at(l * m * k))?,
-                None => self.moe(&mut comm, l, &x, m, routed)?,
+            let y = if device_routed {
+                self.moe_device_routed(l, &x, m, route.picks)?
+            } else {
+                self.moe(&mut comm, l, &x, m, route.picks, routed)?
+            };
+            // Device routing leaves the per-slot outputs: the residual kernel combines them.
+            let update = if device_routed {
+                Update::Slots {
+                    ys: &y,
+                    gates: route.gates,
+                }
+            } else {
+                Update::Rows(&y)
             };
             match self.layers.get(l + 1) {
                 // Without TP the residual stays here: norm it for the next layer too.
                 Some(next) if tp == 1 => {
                     let x = g.alloc::<f32>(m * d)?;
                     let then = Some((&next.attn_norm, &x));
-                    self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, then, m)?;
+                    self.residual(&h_shard, update, &lw.post_moe_norm, then, None, m)?;
                     x_next = Some(x);
                 }
-                _ => self.add_rmsnorm(&h_shard, &y, &lw.post_moe_norm, None, m)?,
+                _ => self.residual(&h_shard, update, &lw.post_moe_norm, None, None, m)?,
             }
             h = if tp == 1 {
                 h_shard
@@ -518,11 +571,12 @@ impl CudaShard {
         } else {
             g.sync()?;
         }
-        if let Some(p) = device_picks {
-            let mut picks = vec![0i32; p.len()];
-            g.copy_out(p.ptr(), &mut picks)?;
-            for (l, layer) in picks.chunks_exact(m * k).enumerate() {
-                for &e in layer {
+        if device_routed {
+            let mut all = vec![0u32; routing.len()];
+            g.copy_out(routing.ptr(), &mut all)?;
+            for (l, layer) in all.chunks_exact(2 * m * k).enumerate() {
+                for &e in &layer[..m * k] {
+                    let e = e as i32;
                     let e = usize::try_from(e)
                         .ok()
                         .filter(|&e| e < experts)
@@ -560,38 +614,49 @@ impl CudaShard {
         )
     }
 
-    /// `h += rmsnorm(y) * w`; with `then = (w2, out)` also `out = rmsnorm(h) * w2` in the
-    /// same kernel (the norm that follows a residual update).
-    fn add_rmsnorm(
+    /// `h += rmsnorm(update) * w`; with `then = (w2, out)` also `out = rmsnorm(h) * w2` in
+    /// the same kernel (the norm that follows a residual update), and with `route` the
+    /// router's top-k of `out` too (`residual_norm` in kernels.cu).
+    fn residual(
         &self,
         h: &Buf<f32>,
-        y: &Buf<f32>,
+        update: Update<'_>,
         w: &Buf<f32>,
         then: Option<(&Buf<f32>, &Buf<f32>)>,
+        route: Option<Route>,
         rows: usize,
     ) -> Result<(), CudaError> {
         let c = &self.config;
-        let (d, eps) = (Arg::I(c.hidden_size as i32), Arg::F(c.rms_norm_eps));
-        let (h, y, w) = (Arg::P(h.ptr()), Arg::P(y.ptr()), Arg::P(w.ptr()));
-        match then {
-            Some((w2, out)) => self.gpu.rows_launch(
-                "add_rmsnorm_norm",
-                rows,
-                &[
-                    h,
-                    y,
-                    w,
-                    Arg::P(w2.ptr()),
-                    Arg::P(out.ptr()),
-                    d,
-                    eps,
-                    Arg::F(1.0),
-                ],
-            ),
-            None => self
-                .gpu
-                .rows_launch("add_rmsnorm", rows, &[h, y, w, d, eps]),
-        }
+        let (y, gates) = match update {
+            Update::Rows(y) => (y.ptr(), 0),
+            Update::Slots { ys, gates } => (ys.ptr(), gates),
+        };
+        let (w2, out) = then.map_or((0, 0), |(w2, out)| (w2.ptr(), out.ptr()));
+        let route = route.unwrap_or(Route {
+            router: 0,
+            picks: 0,
+            gates: 0,
+        });
+        self.gpu.rows_launch(
+            "residual_norm",
+            rows,
+            &[
+                Arg::P(h.ptr()),
+                Arg::P(y),
+                Arg::P(gates),
+                Arg::I(c.num_experts_per_tok as i32),
+                Arg::P(w.ptr()),
+                Arg::P(w2),
+                Arg::P(out),
+                Arg::I(c.hidden_size as i32),
+                Arg::F(c.rms_norm_eps),
+                Arg::F(1.0),
+                Arg::P(route.router),
+                Arg::I(c.num_local_experts as i32),
+                Arg::P(route.picks),
+                Arg::P(route.gates),
+            ],
+        )
     }
 
     fn mm(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
@@ -663,73 +728,89 @@ impl CudaShard {
         } else {
             (g.alloc::<f32>(0)?, g.alloc::<f32>(0)?)
         };
-        // Prefill tiles take the register-tiled kernel where it is built for the head size.
-        let (kernel, smem) = if rows == ATT_ROWS[1] && PREFILL_HEAD_DIMS.contains(&hd) {
-            (
-                format!("attention_prefill_{hd}"),
-                Gpu::prefill_smem_bytes(hd),
-            )
+        let grid = (meta.num_tiles as u32, (kvh * splits) as u32);
+        let mut args = vec![
+            Arg::P(q.ptr()),
+            Arg::P(self.keys[l].ptr()),
+            Arg::P(self.values[l].ptr()),
+            Arg::P(att.ptr()),
+            Arg::P(meta.tiles),
+            Arg::P(meta.read_slots),
+            Arg::I(c.num_attention_heads as i32),
+            Arg::I(kvh as i32),
+            Arg::I(hd as i32),
+            Arg::F(c.attn_output_multiplier),
+            Arg::F(c.max_attn_value),
+            Arg::I(splits as i32),
+            Arg::P(part_o.ptr()),
+            Arg::P(part_ml.ptr()),
+        ];
+        if decode_kernel(rows, hd) {
+            // It merges its own key splits (counters per tile and kv head).
+            let r = DECODE_ROWS
+                .into_iter()
+                .find(|&r| r >= meta.max_rows)
+                .ok_or_else(|| {
+                    CudaError::Unsupported(format!("a decode tile of {} rows", meta.max_rows))
+                })?;
+            let counters = if splits > 1 {
+                g.counters(meta.num_tiles * kvh)?
+            } else {
+                0
+            };
+            args.push(Arg::P(counters));
+            let kernel = format!("attention_decode_{hd}_{r}");
+            g.launch(&kernel, grid, (DECODE_THREADS as u32, 1), 0, &args)?;
         } else {
-            (
-                format!("attention_{rows}"),
-                Gpu::attention_smem_bytes(rows, hd),
-            )
-        };
-        g.launch(
-            &kernel,
-            (meta.num_tiles as u32, (kvh * splits) as u32),
-            (ATT_THREADS as u32, 1),
-            smem as u32,
-            &[
-                Arg::P(q.ptr()),
-                Arg::P(self.keys[l].ptr()),
-                Arg::P(self.values[l].ptr()),
-                Arg::P(att.ptr()),
-                Arg::P(meta.tiles),
-                Arg::P(meta.read_slots),
-                Arg::I(c.num_attention_heads as i32),
-                Arg::I(kvh as i32),
-                Arg::I(hd as i32),
-                Arg::F(c.attn_output_multiplier),
-                Arg::F(c.max_attn_value),
-                Arg::I(splits as i32),
-                Arg::P(part_o.ptr()),
-                Arg::P(part_ml.ptr()),
-            ],
-        )?;
-        if splits > 1 {
-            g.launch3(
-                "attention_combine",
-                (meta.num_tiles as u32, kvh as u32, rows as u32),
-                (ATT_THREADS as u32, 1),
-                0,
-                &[
-                    Arg::P(part_o.ptr()),
-                    Arg::P(part_ml.ptr()),
-                    Arg::P(att.ptr()),
-                    Arg::P(meta.tiles),
-                    Arg::I(c.num_attention_heads as i32),
-                    Arg::I(kvh as i32),
-                    Arg::I(hd as i32),
-                    Arg::I(splits as i32),
-                    Arg::I(rows as i32),
-                ],
-            )?;
+            // Prefill tiles take the register-tiled kernel where it is built for the head size.
+            let (kernel, smem) = if ATT_HEAD_DIMS.contains(&hd) {
+                (
+                    format!("attention_prefill_{hd}"),
+                    Gpu::prefill_smem_bytes(hd),
+                )
+            } else {
+                (
+                    format!("attention_{rows}"),
+                    Gpu::attention_smem_bytes(rows, hd),
+                )
+            };
+            g.launch(&kernel, grid, (ATT_THREADS as u32, 1), smem as u32, &args)?;
+            if splits > 1 {
+                g.launch3(
+                    "attention_combine",
+                    (meta.num_tiles as u32, kvh as u32, rows as u32),
+                    (ATT_THREADS as u32, 1),
+                    0,
+                    &[
+                        Arg::P(part_o.ptr()),
+                        Arg::P(part_ml.ptr()),
+                        Arg::P(att.ptr()),
+                        Arg::P(meta.tiles),
+                        Arg::I(c.num_attention_heads as i32),
+                        Arg::I(kvh as i32),
+                        Arg::I(hd as i32),
+                        Arg::I(splits as i32),
+                        Arg::I(rows as i32),
+                    ],
+                )?;
+            }
         }
         let o = g.alloc::<f32>(n * d)?;
         self.mm(att.ptr(), n, &lw.wo, o.ptr())?;
         Ok(o)
     }
 
-    /// The MoE on this rank's token shard `x` (`[m, d]`), as the CPU backend runs it: route,
-    /// dispatch to the ranks holding each expert, run the local experts, combine with the
-    /// gates in the CPU backend's order.
+    /// The MoE on this rank's token shard `x` (`[m, d]`), as the CPU backend runs it: the
+    /// router's picks (`m * k` i32 at `routing`, then their gates), the dispatch to the ranks
+    /// holding each expert, the local experts, the combine with the gates in the CPU
+    /// backend's order.
     fn moe(
         &self,
         comm: &mut Timed<'_>,
         l: usize,
         x: &Buf<f32>,
         m: usize,
+        routing: u64,
         routed: &mut [u64],
     ) -> Result<Buf<f32>, ModelError> {
         let (g, c) = (&self.gpu, &self.config);
@@ -741,10 +822,8 @@ impl CudaShard {
             return Ok(y);
         }
         // The picks, then the gates' bits: one copy (one wait) brings both back.
-        let routing = g.alloc::<u32>(2 * m * k)?;
-        self.route(l, x, m, routing.ptr(), routing.at(m * k))?;
         let mut back = vec![0u32; 2 * m * k];
-        g.copy_out(routing.ptr(), &mut back)?;
+        g.copy_out(routing, &mut back)?;
         let (picks, gate_bits) = back.split_at(m * k);
 
         // The router's picks, checked, then the dispatch the CPU backend makes of them.
@@ -873,38 +952,11 @@ impl CudaShard {
         Ok(y)
     }
 
-    /// The router on `m` rows of `x`: each row's top-k experts (i32) at `picks` and their
-    /// gates at `gates`, in the router's order.
-    fn route(
-        &self,
-        l: usize,
-        x: &Buf<f32>,
-        m: usize,
-        picks: u64,
-        gates: u64,
-    ) -> Result<(), CudaError> {
-        let c = &self.config;
-        self.gpu.launch(
-            "route",
-            (m as u32, 1),
-            (1024, 1),
-            0,
-            &[
-                Arg::P(x.ptr()),
-                Arg::P(self.layers[l].router.ptr()),
-                Arg::I(c.hidden_size as i32),
-                Arg::I(c.num_local_experts as i32),
-                Arg::I(c.num_experts_per_tok as i32),
-                Arg::P(picks),
-                Arg::P(gates),
-            ],
-        )
-    }
-
     /// The MoE of a world of one on `m` (at most [`DEVICE_ROUTED_TOKENS`]) tokens with the
-    /// router's picks left on the device (written at `picks`): each expert's matrices run on
-    /// the slots that picked it, then the gates combine the slots in choice order (for top-2
-    /// the CPU backend's sum, bit for bit).
+    /// router's picks left on the device (at `picks`): each expert's matrices run on the
+    /// slots that picked it. Returns the `[m * k, d]` per-slot outputs, which the next
+    /// residual kernel combines with the gates in choice order (for top-2 the CPU backend's
+    /// sum, bit for bit).
     fn moe_device_routed(
         &self,
         l: usize,
@@ -921,8 +973,6 @@ impl CudaShard {
         let (d, k) = (c.hidden_size, c.num_experts_per_tok);
         let slots = m * k;
         let f = sets.gate_up.n;
-        let gates = g.alloc::<f32>(slots)?;
-        self.route(l, x, m, picks, gates.ptr())?;
         // Gate and up rows of every slot: [2, slots, f].
         let ab = g.alloc::<f32>(2 * slots * f)?;
         g.qmatmul_experts(x.ptr(), picks, slots, k, m, &sets.gate_up, ab.ptr())?;
@@ -937,19 +987,7 @@ impl CudaShard {
         )?;
         let ys = g.alloc::<f32>(slots * d)?;
         g.qmatmul_experts(ab.ptr(), picks, slots, 1, m, &sets.down, ys.ptr())?;
-        let y = g.alloc::<f32>(m * d)?;
-        g.rows_launch(
-            "combine_slots",
-            m,
-            &[
-                Arg::P(ys.ptr()),
-                Arg::P(gates.ptr()),
-                Arg::P(y.ptr()),
-                Arg::I(k as i32),
-                Arg::I(d as i32),
-            ],
-        )?;
-        Ok(y)
+        Ok(ys)
     }
 
     /// `(gelu_tanh(x W) ⊙ (x V)) W1` for `rows` rows at `x`, into `out`.
@@ -1049,5 +1087,31 @@ impl RankBackend for CudaShard {
         batch: &[SeqStep<'_>],
     ) -> Result<ShardOutput, ModelError> {
         self.forward(comm, batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_splits_fill_the_gpu_in_whole_granules() {
+        // Grok-1 decode on 132 SMs, 1025 keys, the decode kernel's 32-key granule.
+        assert_eq!(
+            key_splits(8, 132, 1025, 32),
+            33,
+            "batch 1: one granule per split"
+        );
+        assert_eq!(key_splits(64, 132, 1025, 32), 9, "batch 8: 4 x 132 blocks");
+        assert_eq!(key_splits(512, 132, 1025, 32), 2);
+        assert_eq!(
+            key_splits(528, 132, 1025, 32),
+            1,
+            "a full GPU needs no split"
+        );
+        assert_eq!(key_splits(0, 132, 0, 32), 1);
+        assert_eq!(key_splits(8, 132, 1, 32), 1, "one key");
+        assert_eq!(decode_key_granule(128), 32);
+        assert_eq!(decode_key_granule(16), 256);
     }
 }
