@@ -1,0 +1,207 @@
+// Just enough of CUDA to run kernels.cu on the CPU: a fiber per CUDA thread, one block at a
+// time (so `static` stands in for __shared__), barriers for __syncthreads and for each warp
+// shuffle. It checks the kernels' indexing, masking, shuffles and merges, not the
+// hardware's timing or memory model. See cuda_emulated.rs.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <functional>
+#include <ucontext.h>
+#include <vector>
+
+struct dim3e {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline dim3e threadIdx, blockIdx;
+inline int emu_tid;
+inline dim3e blockDim, gridDim;
+inline char *emu_dyn_smem = nullptr;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct float4 {
+    float x, y, z, w;
+};
+struct uint4 {
+    unsigned x, y, z, w;
+};
+struct uint2 {
+    unsigned x, y;
+};
+struct char4 {
+    signed char x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+
+using std::max;
+using std::min;
+
+inline float __int_as_float(unsigned i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+// prmt.b32 in its default mode: selector nibble i picks result byte i from the 8 bytes of
+// (y:x); its top bit replicates the picked byte's sign.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    unsigned char b[8];
+    std::memcpy(b, &x, 4);
+    std::memcpy(b + 4, &y, 4);
+    unsigned r = 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned sel = (s >> (4 * i)) & 0xf;
+        unsigned char v = b[sel & 7];
+        if (sel & 8) v = (v & 0x80) ? 0xff : 0;
+        r |= (unsigned)v << (8 * i);
+    }
+    return r;
+}
+template <class T>
+inline T __ldg(const T *p) {
+    return *p;
+}
+template <class T>
+inline T __ldcg(const T *p) {
+    return *p;
+}
+
+// The block being run, its threads as fibers of one OS thread (a switch at each barrier is
+// far cheaper than waking OS threads): the block's barrier, and per warp a barrier and two
+// sets of exchange slots (shuffles alternate between them, so one barrier per shuffle is
+// enough: a lane can only overwrite a set once every lane has passed the shuffle after the
+// one that read it).
+struct EmuBar {
+    int live = 0, arrived = 0;
+    unsigned gen = 0;
+};
+struct EmuFiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    bool done = false;
+    unsigned phase = 0;  // this lane's next slot set
+};
+struct EmuBlock {
+    EmuBar bar;
+    std::vector<EmuBar> warp_bar;
+    std::vector<uint64_t> slots;  // [warps][2][32]
+    std::vector<EmuFiber> fibers;
+    ucontext_t sched;
+    int cur = 0;
+};
+inline EmuBlock *emu_block = nullptr;
+
+inline void emu_yield() {
+    EmuBlock *b = emu_block;
+    swapcontext(&b->fibers[b->cur].ctx, &b->sched);
+}
+inline void emu_wait(EmuBar &bar) {
+    unsigned g = bar.gen;
+    if (++bar.arrived == bar.live) {
+        bar.arrived = 0;
+        bar.gen++;
+        return;
+    }
+    while (bar.gen == g) emu_yield();
+}
+inline void emu_leave(EmuBar &bar) {
+    bar.live--;
+    if (bar.arrived > 0 && bar.arrived == bar.live) {
+        bar.arrived = 0;
+        bar.gen++;
+    }
+}
+
+inline void __syncthreads() { emu_wait(emu_block->bar); }
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned *p, unsigned v) {
+    unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int o) {
+    EmuBlock *b = emu_block;
+    int w = emu_tid / 32, lane = emu_tid % 32;
+    unsigned &phase = b->fibers[emu_tid].phase;
+    uint64_t *s = b->slots.data() + (w * 2 + phase) * 32;
+    phase ^= 1;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    s[lane] = bits;
+    emu_wait(b->warp_bar[w]);
+    uint64_t got = s[lane ^ o];
+    T r;
+    std::memcpy(&r, &got, sizeof(T));
+    return r;
+}
+
+inline std::function<void()> emu_body;
+inline void emu_fiber_main() {
+    EmuBlock *b = emu_block;
+    int t = b->cur;
+    emu_body();
+    b->fibers[t].done = true;
+    emu_leave(b->warp_bar[t / 32]);
+    emu_leave(b->bar);
+    // Returning goes back to the scheduler (uc_link).
+}
+
+// Runs kernel k on the grid, a block at a time; a thread that returns leaves the block's
+// barriers (as an exited CUDA thread no longer holds a barrier up).
+template <class F, class... A>
+void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
+    gridDim = grid;
+    blockDim = block;
+    std::vector<float4> dyn(dyn_smem / sizeof(float4) + 1);
+    emu_dyn_smem = (char *)dyn.data();
+    int n = block.x * block.y * block.z, warps = (n + 31) / 32;
+    EmuBlock b;
+    b.fibers.resize(n);
+    for (auto &f : b.fibers) f.stack.resize(64 * 1024);
+    emu_block = &b;
+    emu_body = [&] { k(args...); };
+    for (unsigned bz = 0; bz < grid.z; bz++)
+        for (unsigned by = 0; by < grid.y; by++)
+            for (unsigned bx = 0; bx < grid.x; bx++) {
+                b.bar = EmuBar{n, 0, 0};
+                b.warp_bar.assign(warps, EmuBar{});
+                for (int w = 0; w < warps; w++) b.warp_bar[w].live = std::min(32, n - 32 * w);
+                b.slots.assign(warps * 64, 0);
+                for (auto &f : b.fibers) {
+                    f.done = false;
+                    f.phase = 0;
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = f.stack.data();
+                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_link = &b.sched;
+                    makecontext(&f.ctx, emu_fiber_main, 0);
+                }
+                blockIdx = {bx, by, bz};
+                for (bool running = true; running;) {
+                    running = false;
+                    for (int t = 0; t < n; t++) {
+                        if (b.fibers[t].done) continue;
+                        running = true;
+                        b.cur = emu_tid = t;
+                        threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                        swapcontext(&b.sched, &b.fibers[t].ctx);
+                    }
+                }
+            }
+}

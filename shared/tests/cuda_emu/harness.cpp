@@ -1,0 +1,216 @@
+// Runs kernels of kernels.cu on the CPU through emu.h and checks them against plain
+// double-precision references: the decode attention (every head size and tile size, key
+// splits including empty ones, paged slots in random order) and the residual kernel (with
+// the experts' slot combine and the fused router). Built and run by cuda_emulated.rs; exits
+// non-zero on the first mismatch.
+#include "emu.h"
+#include "kernels_emu.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <numeric>
+
+struct Rng {
+    uint64_t s;
+    float uni() {  // in [-1, 1)
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        return (float)((s >> 40) / 16777216.0 * 2.0 - 1.0);
+    }
+    uint64_t next() {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        return s >> 33;
+    }
+};
+
+static int failures = 0;
+static void expect(bool ok, const char *what, double got, double limit) {
+    std::printf("%-72s %s (%.2e, limit %.0e)\n", what, ok ? "ok" : "FAILED", got, limit);
+    if (!ok) failures++;
+}
+
+using AttKernel = void (*)(const float *, const float *, const float *, float *, const int *,
+                           const unsigned *, int, int, int, float, float, int, float *, float *,
+                           unsigned *);
+
+// Sequences with `lens` cached positions each take `ntok` new ones (already in the cache), one
+// tile per sequence; the kernel's output against the reference, largest |difference|.
+static double decode_case(AttKernel k, int hd, int R, int q_heads, int kv_heads,
+                          const std::vector<int> &lens, int ntok, int splits, uint64_t seed) {
+    Rng rng{seed};
+    int group = q_heads / kv_heads, qd = q_heads * hd, kvd = kv_heads * hd;
+    int seqs = (int)lens.size(), n = seqs * ntok;
+    if (ntok * group > R) std::abort();
+    int pool = 0;
+    for (int l : lens) pool += l + ntok;
+    std::vector<unsigned> perm(pool);
+    std::iota(perm.begin(), perm.end(), 0u);
+    for (int i = pool - 1; i > 0; i--) std::swap(perm[i], perm[rng.next() % (i + 1)]);
+    std::vector<float> kc((size_t)pool * kvd), vc((size_t)pool * kvd), q((size_t)n * qd);
+    for (auto &v : kc) v = rng.uni();
+    for (auto &v : vc) v = rng.uni();
+    for (auto &v : q) v = rng.uni();
+    std::vector<int> tiles;
+    std::vector<unsigned> slots;
+    for (int s = 0, used = 0; s < seqs; s++) {
+        tiles.insert(tiles.end(), {s * ntok, ntok, lens[s], (int)slots.size()});
+        for (int j = 0; j < lens[s] + ntok; j++) slots.push_back(perm[used++]);
+    }
+    int num_tiles = seqs;
+    std::vector<float> out((size_t)n * qd, NAN);
+    size_t parts = (size_t)num_tiles * kv_heads * splits * R;
+    std::vector<float> part_o(parts * hd), part_ml(parts * 2);
+    std::vector<unsigned> counters(num_tiles * kv_heads, 0);
+    float mult = 0.3f, cap = 2.0f;
+    emu_launch(k, dim3e{(unsigned)num_tiles, (unsigned)(kv_heads * splits), 1}, dim3e{128, 1, 1},
+               0, q.data(), kc.data(), vc.data(), out.data(), tiles.data(), slots.data(), q_heads,
+               kv_heads, hd, mult, cap, splits, part_o.data(), part_ml.data(), counters.data());
+    for (unsigned c : counters)
+        if (c != 0) return 1e9;  // the last block must leave its counter at zero
+    double worst = 0;
+    for (int s = 0; s < seqs; s++) {
+        for (int i = 0; i < ntok; i++) {
+            int p = lens[s] + i, row = s * ntok + i;
+            for (int h = 0; h < q_heads; h++) {
+                int kvh = h / group;
+                std::vector<double> sc(p + 1);
+                double mx = -1e300;
+                for (int j = 0; j <= p; j++) {
+                    const float *kr = kc.data() + (size_t)slots[tiles[4 * s + 3] + j] * kvd + kvh * hd;
+                    double a = 0;
+                    for (int c = 0; c < hd; c++) a += (double)q[(size_t)row * qd + h * hd + c] * kr[c];
+                    sc[j] = cap * std::tanh(a * mult / cap);
+                    mx = std::max(mx, sc[j]);
+                }
+                double sum = 0;
+                for (auto &v : sc) sum += (v = std::exp(v - mx));
+                for (int c = 0; c < hd; c++) {
+                    double o = 0;
+                    for (int j = 0; j <= p; j++)
+                        o += sc[j] * vc[(size_t)slots[tiles[4 * s + 3] + j] * kvd + kvh * hd + c];
+                    double got = out[(size_t)row * qd + h * hd + c];
+                    worst = std::max(worst, std::isfinite(got) ? std::abs(got - o / sum) : 1e9);
+                }
+            }
+        }
+    }
+    return worst;
+}
+
+static void decode_tests() {
+    struct K {
+        AttKernel k;
+        int hd, R;
+        const char *name;
+    } ks[] = {
+        {attention_decode_16_8, 16, 8, "attention_decode_16_8"},
+        {attention_decode_32_8, 32, 8, "attention_decode_32_8"},
+        {attention_decode_64_8, 64, 8, "attention_decode_64_8"},
+        {attention_decode_128_8, 128, 8, "attention_decode_128_8"},
+        {attention_decode_16_16, 16, 16, "attention_decode_16_16"},
+        {attention_decode_32_16, 32, 16, "attention_decode_32_16"},
+        {attention_decode_64_16, 64, 16, "attention_decode_64_16"},
+        {attention_decode_128_16, 128, 16, "attention_decode_128_16"},
+    };
+    uint64_t seed = 1;
+    for (auto &k : ks) {
+        // (q heads, kv heads, new tokens per sequence): group 6 as Grok-1, and a full tile.
+        int cases[][3] = {{12, 2, 1}, {4, 4, 1}, {k.R == 16 ? 16 : 8, 2, 2}};
+        for (auto &c : cases) {
+            if (c[2] * (c[0] / c[1]) > k.R) continue;
+            for (int splits : {1, 5}) {
+                std::vector<int> lens = {0, 4, 45, 200};
+                double err = decode_case(k.k, k.hd, k.R, c[0], c[1], lens, c[2], splits, seed++);
+                char what[160];
+                std::snprintf(what, sizeof what, "%s: group %d, %d new token(s), %d split(s)",
+                              k.name, c[0] / c[1], c[2], splits);
+                expect(err < 2e-5, what, err, 2e-5);
+            }
+        }
+    }
+}
+
+// residual_norm on `rows` rows of width d against the reference: h, out, the picks and gates.
+static void residual_case(int rows, int d, int experts, int k, bool slots, bool norm, bool route,
+                          uint64_t seed) {
+    Rng rng{seed};
+    std::vector<float> h((size_t)rows * d), y((size_t)rows * (slots ? k : 1) * d), w(d), w2(d),
+        gates(rows * k), router((size_t)d * experts), out((size_t)rows * d, NAN);
+    for (auto &v : h) v = rng.uni();
+    for (auto &v : y) v = rng.uni();
+    for (auto &v : w) v = 1.f + 0.5f * rng.uni();
+    for (auto &v : w2) v = 1.f + 0.5f * rng.uni();
+    for (auto &v : gates) v = 0.5f + 0.5f * rng.uni();
+    for (auto &v : router) v = 0.2f * rng.uni();
+    std::vector<int> picks(rows * k, -1);
+    std::vector<float> pg(rows * k, NAN);
+    std::vector<float> h0 = h;
+    float eps = 1e-5f, post = 1.0f;
+    emu_launch(residual_norm, dim3e{(unsigned)rows, 1, 1}, dim3e{1024, 1, 1}, 0, h.data(),
+               y.data(), slots ? gates.data() : nullptr, k, w.data(), norm ? w2.data() : nullptr,
+               norm ? out.data() : nullptr, d, eps, post, route ? router.data() : nullptr, experts,
+               route ? picks.data() : nullptr, route ? pg.data() : nullptr);
+    double eh = 0, eo = 0, eg = 0;
+    bool picks_ok = true;
+    for (int t = 0; t < rows; t++) {
+        std::vector<double> u(d), hh(d), o(d);
+        double ss = 0;
+        for (int i = 0; i < d; i++) {
+            double a = 0;
+            if (slots)
+                for (int j = 0; j < k; j++) a += (double)gates[t * k + j] * y[(size_t)(t * k + j) * d + i];
+            else
+                a = y[(size_t)t * d + i];
+            u[i] = a;
+            ss += a * a;
+        }
+        double inv = 1 / std::sqrt(ss / d + eps), ss2 = 0;
+        for (int i = 0; i < d; i++) {
+            hh[i] = h0[(size_t)t * d + i] + w[i] * u[i] * inv;
+            ss2 += hh[i] * hh[i];
+            eh = std::max(eh, std::abs(hh[i] - h[(size_t)t * d + i]));
+        }
+        if (!norm) continue;
+        double inv2 = 1 / std::sqrt(ss2 / d + eps);
+        for (int i = 0; i < d; i++) {
+            o[i] = w2[i] * hh[i] * inv2 * post;
+            eo = std::max(eo, std::abs(o[i] - out[(size_t)t * d + i]));
+        }
+        if (!route) continue;
+        std::vector<double> lg(experts);
+        double mx = -1e300, sum = 0;
+        for (int e = 0; e < experts; e++) {
+            for (int i = 0; i < d; i++) lg[e] += o[i] * router[(size_t)i * experts + e];
+            mx = std::max(mx, lg[e]);
+        }
+        for (auto &v : lg) sum += (v = std::exp(v - mx));
+        std::vector<int> order(experts);
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return lg[a] > lg[b]; });
+        for (int j = 0; j < k; j++) {
+            picks_ok &= picks[t * k + j] == order[j];
+            eg = std::max(eg, std::abs(lg[order[j]] / sum - pg[t * k + j]));
+        }
+    }
+    char what[160];
+    std::snprintf(what, sizeof what, "residual_norm d=%d, %d experts%s%s%s: h", d, experts,
+                  slots ? ", slots" : "", norm ? ", norm" : "", route ? ", router" : "");
+    expect(eh < 1e-5, what, eh, 1e-5);
+    if (norm) {
+        std::snprintf(what, sizeof what, "residual_norm d=%d, %d experts: out", d, experts);
+        expect(eo < 1e-5, what, eo, 1e-5);
+    }
+    if (route) {
+        std::snprintf(what, sizeof what, "residual_norm d=%d, %d experts: picks, gates", d, experts);
+        expect(picks_ok && eg < 1e-5, what, picks_ok ? eg : 1e9, 1e-5);
+    }
+}
+
+int main() {
+    decode_tests();
+    residual_case(3, 640, 8, 2, false, true, true, 11);
+    residual_case(3, 640, 8, 2, true, true, false, 12);
+    residual_case(2, 2048 + 96, 5, 2, true, true, true, 13);
+    residual_case(4, 256, 8, 2, false, false, false, 14);
+    std::printf("%d failure(s)\n", failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,62 @@
+//! kernels.cu's decode attention and residual kernels run on the CPU, without a GPU: the
+//! source is compiled as C++ against `cuda_emu/emu.h` (a fiber per CUDA thread, barriers for
+//! `__syncthreads` and the warp shuffles) and checked by `cuda_emu/harness.cpp` against
+//! double-precision references. It catches indexing, masking, shuffle and merge mistakes
+//! before a GPU is at hand (the GPU tests in cuda_kernels.rs check the rest on the device).
+//! Needs a C++20 compiler: `c++`, or the one `CXX` names.
+
+use std::path::Path;
+use std::process::Command;
+
+/// kernels.cu with each `extern __shared__` array (dynamic shared memory) pointed at the
+/// emulator's buffer, which `static` (what `__shared__` becomes) cannot express.
+fn emulable_source() -> String {
+    let src = grok_shared::cuda::device::KERNELS;
+    let mut out = String::with_capacity(src.len());
+    for line in src.lines() {
+        match line
+            .trim_start()
+            .strip_prefix("extern __shared__ float ")
+            .and_then(|rest| rest.strip_suffix("[];"))
+        {
+            Some(name) => out.push_str(&format!("    float *{name} = (float *)emu_dyn_smem;")),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn decode_attention_and_residual_kernels_match_references_on_the_cpu() {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("kernels_emu.cu"), emulable_source()).expect("write");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let exe = dir.path().join("harness");
+    let built = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-w", "-I"])
+        .arg(dir.path())
+        .arg("-I")
+        .arg(&here)
+        .arg(here.join("harness.cpp"))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running the C++ compiler `{cxx}` (set CXX to a C++20 one): {e}")
+        });
+    assert!(
+        built.status.success(),
+        "compiling kernels.cu for the CPU emulator with `{cxx}`:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let run = Command::new(&exe).output().expect("running the harness");
+    let report = String::from_utf8_lossy(&run.stdout);
+    println!("{report}");
+    assert!(
+        run.status.success(),
+        "kernels differ from the references:\n{report}"
+    );
+    assert!(report.contains("0 failure(s)"), "{report}");
+}
