@@ -1,7 +1,8 @@
-//! kernels.cu's decode attention and residual kernels run on the CPU, without a GPU: the
-//! source is compiled as C++ against `cuda_emu/emu.h` (a fiber per CUDA thread, barriers for
-//! `__syncthreads` and the warp shuffles) and checked by `cuda_emu/harness.cpp` against
-//! double-precision references. It catches indexing, masking, shuffle and merge mistakes
+//! kernels.cu's decode attention, tensor-core prefill attention and residual kernels run on
+//! the CPU, without a GPU: the source is compiled as C++ against `cuda_emu/emu.h` (a fiber per
+//! CUDA thread, barriers for `__syncthreads`, the warp shuffles and the tensor-core `mma`,
+//! whose fragment layout it follows from the PTX ISA) and checked by `cuda_emu/harness.cpp`
+//! against double-precision references. It catches indexing, masking, shuffle and merge mistakes
 //! before a GPU is at hand (the GPU tests in cuda_kernels.rs check the rest on the device).
 //! Needs a C++20 compiler: `c++`, or the one `CXX` names.
 
@@ -28,7 +29,7 @@ fn emulable_source() -> String {
 }
 
 #[test]
-fn decode_attention_and_residual_kernels_match_references_on_the_cpu() {
+fn attention_and_residual_kernels_match_references_on_the_cpu() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("kernels_emu.cu"), emulable_source()).expect("write");

@@ -9,7 +9,7 @@ use grok_shared::checkpoint::open_model;
 use grok_shared::comm::local::LocalComm;
 use grok_shared::config::ModelConfig;
 use grok_shared::cpu::CpuModel;
-use grok_shared::cuda::device::{DevQ, Gpu};
+use grok_shared::cuda::device::{Arg, DevQ, Gpu};
 use grok_shared::cuda::CudaShard;
 use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqKv, SeqStep};
 use grok_shared::parallel::Plan;
@@ -358,4 +358,106 @@ fn decode_steps_at_small_head_sizes_match_the_cpu_engine() {
     decode_steps_match_the_cpu(16, 16, 2); // group 8: 8 keys per warp-wide load
     decode_steps_match_the_cpu(32, 4, 1); // group 4
     decode_steps_match_the_cpu(64, 8, 8); // group 1
+}
+
+/// The tensor-core prefill attention (the bf16 path) against the f32 one on the same inputs:
+/// a 700-token prompt in 64-row tiles, paged slots in random order, with and without key
+/// splits, at Grok-1's heads (group 6) and at head size 64 (group 1).
+#[test]
+#[ignore = "needs a GPU"]
+fn tensor_core_prefill_attention_is_within_bf16_of_the_f32_kernel() {
+    let g = Gpu::open(0).unwrap();
+    if !g.bf16_tensor_cores() {
+        println!(
+            "{}: no bf16 tensor cores; attention_tc does not run here",
+            g.name
+        );
+        return;
+    }
+    let mut seed = 9u64;
+    let uni = |n: usize, seed: &mut u64| -> Vec<f32> {
+        (0..n)
+            .map(|_| (lcg(seed) % 20001) as f32 / 10000.0 - 1.0)
+            .collect()
+    };
+    for (hd, heads, kvh) in [(128usize, 48usize, 8usize), (64, 8, 8)] {
+        let (group, n) = (heads / kvh, 700usize);
+        let (qd, kvd) = (heads * hd, kvh * hd);
+        let per_tile = (64 / group).max(1);
+        let q = g.upload(&uni(n * qd, &mut seed)).unwrap();
+        let kc = g.upload(&uni(n * kvd, &mut seed)).unwrap();
+        let vc = g.upload(&uni(n * kvd, &mut seed)).unwrap();
+        let mut perm: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            perm.swap(i, (lcg(&mut seed) % (i as u64 + 1)) as usize);
+        }
+        let slots = g.upload(&perm).unwrap();
+        let tiles: Vec<i32> = (0..n)
+            .step_by(per_tile)
+            .flat_map(|t| [t as i32, per_tile.min(n - t) as i32, t as i32, 0])
+            .collect();
+        let num_tiles = tiles.len() / 4;
+        let tiles = g.upload(&tiles).unwrap();
+        for splits in [1usize, 3] {
+            let run = |kernel: &str, smem: usize| -> Vec<f32> {
+                let out = g.alloc::<f32>(n * qd).unwrap();
+                let parts = splits * num_tiles * kvh * 64;
+                let part_o = g.alloc::<f32>(parts * hd).unwrap();
+                let part_ml = g.alloc::<f32>(parts * 2).unwrap();
+                let args = [
+                    Arg::P(q.ptr()),
+                    Arg::P(kc.ptr()),
+                    Arg::P(vc.ptr()),
+                    Arg::P(out.ptr()),
+                    Arg::P(tiles.ptr()),
+                    Arg::P(slots.ptr()),
+                    Arg::I(heads as i32),
+                    Arg::I(kvh as i32),
+                    Arg::I(hd as i32),
+                    Arg::F(0.3),
+                    Arg::F(2.0),
+                    Arg::I(splits as i32),
+                    Arg::P(part_o.ptr()),
+                    Arg::P(part_ml.ptr()),
+                ];
+                let grid = (num_tiles as u32, (kvh * splits) as u32);
+                g.launch(kernel, grid, (128, 1), smem as u32, &args)
+                    .unwrap();
+                if splits > 1 {
+                    let combine = [
+                        Arg::P(part_o.ptr()),
+                        Arg::P(part_ml.ptr()),
+                        Arg::P(out.ptr()),
+                        Arg::P(tiles.ptr()),
+                        Arg::I(heads as i32),
+                        Arg::I(kvh as i32),
+                        Arg::I(hd as i32),
+                        Arg::I(splits as i32),
+                        Arg::I(64),
+                    ];
+                    let grid = (num_tiles as u32, kvh as u32, 64);
+                    g.launch3("attention_combine", grid, (128, 1), 0, &combine)
+                        .unwrap();
+                }
+                g.download_f32(out.ptr(), n * qd).unwrap()
+            };
+            let exact = run(
+                &format!("attention_prefill_{hd}"),
+                Gpu::prefill_smem_bytes(hd),
+            );
+            let tc = run(&format!("attention_tc_{hd}"), 0);
+            let worst = exact
+                .iter()
+                .zip(&tc)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            println!(
+                "attention_tc_{hd}: group {group}, {splits} split(s): within {worst:.2e} of the \
+                 f32 kernel"
+            );
+            assert!(
+                worst < 1.5e-2,
+                "attention_tc_{hd}, {splits} splits: {worst}"
+            );
+        }
+    }
 }

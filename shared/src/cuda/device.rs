@@ -42,8 +42,8 @@ const TILED_ROWS: [usize; 3] = [1, 2, 4];
 /// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
 const MAX_TILES: usize = 4096;
 /// Head dimensions with attention kernels of their own: the register-tiled prefill
-/// (`attention_prefill_*`) and the decode kernel (`attention_decode_*`). Others take
-/// `attention_64` and `attention_16`.
+/// (`attention_prefill_*`), its tensor-core twin for the bf16 path (`attention_tc_*`) and the
+/// decode kernel (`attention_decode_*`). Others take `attention_64` and `attention_16`.
 pub const ATT_HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 /// Rows per tile the decode kernel comes in (`attention_decode_{HD}_{R}`): the smallest that
 /// holds a step's largest tile runs.
@@ -193,6 +193,8 @@ pub struct Gpu {
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
     sms: usize,
+    /// Compute capability (major, minor).
+    compute: (i32, i32),
     /// Blocks of the tiled decode kernel the whole GPU holds at once (its K split fills them).
     tiled_slots: usize,
     /// One counter per column tile for the tiled kernel's last-block sum (each launch leaves
@@ -329,6 +331,7 @@ impl Gpu {
             blas,
             funcs,
             sms,
+            compute: (major, minor),
             tiled_slots,
             tile_counters,
             name,
@@ -338,6 +341,12 @@ impl Gpu {
 
     pub fn sms(&self) -> usize {
         self.sms
+    }
+
+    /// Whether the tensor cores take bf16 (`mma.sync` m16n8k16 bf16: Ampere, compute
+    /// capability 8.0, and later), which `attention_tc_*` needs.
+    pub fn bf16_tensor_cores(&self) -> bool {
+        self.compute.0 >= 8
     }
 
     /// `n` zeroed u32 counters for a kernel's last-block merge (the tiled matmuls' and the
@@ -1076,6 +1085,7 @@ fn kernel_names() -> Vec<String> {
     }
     for hd in ATT_HEAD_DIMS {
         v.push(format!("attention_prefill_{hd}"));
+        v.push(format!("attention_tc_{hd}"));
         for rows in DECODE_ROWS {
             v.push(format!("attention_decode_{hd}_{rows}"));
         }
@@ -1154,6 +1164,7 @@ mod tests {
         let macros = [
             ("attention_prefill_", "ATTENTION_PREFILL("),
             ("attention_decode_", "ATTENTION_DECODE("),
+            ("attention_tc_", "ATTENTION_TC("),
             ("attention_", "ATTENTION("),
             ("qgemv_tiled_", "QGEMV_TILED("),
             ("qgemv_experts_", "QGEMV_TILED("),

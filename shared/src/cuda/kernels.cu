@@ -767,6 +767,216 @@ ATTENTION_DECODE(32, 16)
 ATTENTION_DECODE(64, 16)
 ATTENTION_DECODE(128, 16)
 
+// D += A B on the tensor cores, one m16n8k16 step of a warp (bf16 in, f32 out). Fragments as
+// the PTX ISA lays them out, with g = lane / 4 and t = lane % 4: a[0] holds A[g][2t, 2t+1],
+// a[1] A[g+8][2t, 2t+1], a[2] A[g][2t+8, 2t+9], a[3] A[g+8][2t+8, 2t+9]; b[0] holds
+// B[2t, 2t+1][g], b[1] B[2t+8, 2t+9][g]; d[0], d[1] are D[g][2t, 2t+1], d[2], d[3]
+// D[g+8][2t, 2t+1] (the lower half of each register is the first element).
+__device__ __forceinline__ void mma_bf16(float *d, const u32 *a, const u32 *b) {
+#if defined(GROK_CUDA_EMU)
+    emu_mma_bf16(d, a, b);
+#elif __CUDA_ARCH__ < 800
+    __trap();  // the host runs attention_tc only from compute capability 8.0 (Ampere) on
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+}
+
+// The prefill attention of the bf16 path (steps whose matmuls run in bf16 on cuBLAS) on the
+// tensor cores, with the contract of attention_prefill (tiles of 64 rows, key splits, the
+// same partial outputs). As the release computes attention: q, k, v and the softmax weights
+// in bf16, the scores, soft cap, softmax and sums in f32. Each of the 4 warps takes 16 rows;
+// keys come 64 at a time into shared memory as bf16 (k row-major, v transposed so that both
+// matmuls read their B fragments as pairs). The score fragments become the weights' A
+// fragments in registers (flash-attention 2's layout trick).
+#define TC_KEYS 64
+template <int HD>
+__device__ void attention_tc(const float *q, const float *kc, const float *vc, float *out,
+                             const int *tiles, const u32 *slots, int q_heads, int kv_heads,
+                             float mult, float cap, int splits, float *part_o, float *part_ml) {
+    constexpr int KS = HD + 8, VS = TC_KEYS + 8;  // padded rows: fragment reads spread over banks
+    __shared__ __align__(16) bf16 sk[TC_KEYS * KS];
+    __shared__ __align__(16) bf16 svt[HD * VS];
+    int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
+    int g = lane / 4, t = lane % 4;
+    int group = q_heads / kv_heads;
+    int kvh = blockIdx.y / splits, split = blockIdx.y % splits;
+    const int *tl = tiles + 4 * blockIdx.x;
+    int row0 = tl[0], ntok = tl[1], pos0 = tl[2], off = tl[3];
+    int rows = ntok * group;
+    int qd = q_heads * HD, kvd = kv_heads * HD;
+    // This lane's two rows (g and g + 8 of the warp's 16), the last key each sees (-1: a
+    // padding row sees none), and their q as A fragments.
+    int r2[2] = {warp * 16 + g, warp * 16 + g + 8};
+    int lastkey[2];
+    const float *qrow[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int r = r2[i];
+        lastkey[i] = r < rows ? pos0 + r / group : -1;
+        int tok = r / group, h = kvh * group + r % group;
+        qrow[i] = r < rows ? q + (u64)(row0 + tok) * qd + h * HD : nullptr;
+    }
+    u32 qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float *src = qrow[j & 1];
+            int c = kk * 16 + 2 * t + (j >= 2 ? 8 : 0);
+            float2 v = src ? *(const float2 *)(src + c) : make_float2(0.f, 0.f);
+            qa[kk][j] = pack_bf16(v.x, v.y);
+        }
+    }
+    float m_run[2] = {NEG_INF, NEG_INF}, l_run[2] = {0.f, 0.f};
+    float oacc[HD / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < HD / 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) oacc[nt][e] = 0.f;
+    int visible = pos0 + ntok;
+    int chunk = ((visible + splits - 1) / splits + TC_KEYS - 1) / TC_KEYS * TC_KEYS;
+    int kbeg = split * chunk, kend = min(visible, kbeg + chunk);
+    for (int j0 = kbeg; j0 < kend; j0 += TC_KEYS) {
+        int nk = min(TC_KEYS, kend - j0);
+        __syncthreads();  // the previous chunk's keys and values are no longer read
+        // Keys with a row's columns across lanes; values with keys across lanes, so that
+        // the transposed stores of a warp fall in different banks.
+        for (int i = tid; i < TC_KEYS * (HD / 4); i += blockDim.x) {
+            int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
+            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (j < nk) kv = *(const float4 *)(kc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
+            *(uint2 *)(sk + j * KS + c) = make_uint2(pack_bf16(kv.x, kv.y), pack_bf16(kv.z, kv.w));
+        }
+        for (int i = tid; i < TC_KEYS * (HD / 4); i += blockDim.x) {
+            int j = i % TC_KEYS, c = (i / TC_KEYS) * 4;
+            float4 vv = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (j < nk) vv = *(const float4 *)(vc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
+            svt[(c + 0) * VS + j] = f2bf(vv.x);
+            svt[(c + 1) * VS + j] = f2bf(vv.y);
+            svt[(c + 2) * VS + j] = f2bf(vv.z);
+            svt[(c + 3) * VS + j] = f2bf(vv.w);
+        }
+        __syncthreads();
+        // Scores of my 16 rows against the 64 keys: 8 tiles of 8 keys.
+        float sacc[TC_KEYS / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < TC_KEYS / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) sacc[nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+            for (int nt = 0; nt < TC_KEYS / 8; nt++) {
+                const bf16 *kr = sk + (nt * 8 + g) * KS + kk * 16 + 2 * t;
+                u32 b[2] = {*(const u32 *)kr, *(const u32 *)(kr + 8)};
+                mma_bf16(sacc[nt], qa[kk], b);
+            }
+        }
+        // Soft cap, causal mask, online softmax (a row's 4 lanes agree on its max).
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int nt = 0; nt < TC_KEYS / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int i = e / 2, key = j0 + nt * 8 + 2 * t + (e & 1);
+                float sc = NEG_INF;
+                if (key < kend && key <= lastkey[i]) sc = cap * tanhf(sacc[nt][e] * mult / cap);
+                sacc[nt][e] = sc;
+                mx[i] = fmaxf(mx[i], sc);
+            }
+        }
+        float corr[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+            float mn = fmaxf(m_run[i], mx[i]);
+            corr[i] = m_run[i] == NEG_INF ? 0.f : expf(m_run[i] - mn);
+            m_run[i] = mn;
+            l_run[i] *= corr[i];
+        }
+#pragma unroll
+        for (int nt = 0; nt < TC_KEYS / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int i = e / 2;
+                float p = sacc[nt][e] == NEG_INF ? 0.f : expf(sacc[nt][e] - m_run[i]);
+                sacc[nt][e] = p;
+                l_run[i] += p;  // this lane's part of the row sum; the 4 lanes add at the end
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++) {
+            oacc[nt][0] *= corr[0];
+            oacc[nt][1] *= corr[0];
+            oacc[nt][2] *= corr[1];
+            oacc[nt][3] *= corr[1];
+        }
+        // o += p v: the weights of keys 16j.. are the score tiles 2j and 2j + 1.
+#pragma unroll
+        for (int j = 0; j < TC_KEYS / 16; j++) {
+            u32 pa[4] = {pack_bf16(sacc[2 * j][0], sacc[2 * j][1]),
+                         pack_bf16(sacc[2 * j][2], sacc[2 * j][3]),
+                         pack_bf16(sacc[2 * j + 1][0], sacc[2 * j + 1][1]),
+                         pack_bf16(sacc[2 * j + 1][2], sacc[2 * j + 1][3])};
+#pragma unroll
+            for (int nt = 0; nt < HD / 8; nt++) {
+                const bf16 *vr = svt + (nt * 8 + g) * VS + j * 16 + 2 * t;
+                u32 b[2] = {*(const u32 *)vr, *(const u32 *)(vr + 8)};
+                mma_bf16(oacc[nt], pa, b);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 1);
+        l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 2);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int r = r2[i];
+        if (r >= rows) continue;
+        int tok = r / group, h = kvh * group + r % group;
+        u64 part = ((u64)blockIdx.x * gridDim.y + blockIdx.y) * 64 + r;
+#pragma unroll
+        for (int nt = 0; nt < HD / 8; nt++) {
+            int c = nt * 8 + 2 * t;
+            float o0 = oacc[nt][2 * i], o1 = oacc[nt][2 * i + 1];
+            if (splits == 1)
+                *(float2 *)(out + (u64)(row0 + tok) * qd + h * HD + c) =
+                    make_float2(o0 / l_run[i], o1 / l_run[i]);
+            else
+                *(float2 *)(part_o + part * HD + c) = make_float2(o0, o1);
+        }
+        if (splits > 1 && t == 0) {
+            part_ml[2 * part] = m_run[i];
+            part_ml[2 * part + 1] = l_run[i];
+        }
+    }
+}
+
+#define ATTENTION_TC(HD)                                                                      \
+    extern "C" __global__ void __launch_bounds__(128) attention_tc_##HD(                      \
+        const float *q, const float *kc, const float *vc, float *out, const int *tiles,       \
+        const u32 *slots, int q_heads, int kv_heads, int head_dim, float mult, float cap,     \
+        int splits, float *part_o, float *part_ml) {                                          \
+        attention_tc<HD>(q, kc, vc, out, tiles, slots, q_heads, kv_heads, mult, cap, splits,  \
+                         part_o, part_ml);                                                    \
+    }
+ATTENTION_TC(16)
+ATTENTION_TC(32)
+ATTENTION_TC(64)
+ATTENTION_TC(128)
+
 // Merges the key splits of attention_R: out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M),
 // splits in order. grid (tiles, kv heads, R): one row of a tile per block (rows past the
 // tile's return); blockDim.x >= head_dim.
@@ -1137,10 +1347,11 @@ __device__ void qgemv_experts(const float *x, const int *picks, int slots, int i
         qgemv_experts<MR>(x, picks, slots, in_div, wtab, stab, experts, k, n, gr, out, parts, \
                           counters, per_warp);                                               \
     }
-// Blocks per SM the register budget is held to: 4 (64 registers) for one row.
+// Blocks per SM the register budget is held to: 4 (64 registers) for one row, 2 (128) for
+// four (ptxas 12.9: no spills; at 1 block per SM the 4-row kernel streamed 1.8 TB/s).
 QGEMV_TILED(1, 4)
 QGEMV_TILED(2, 2)
-QGEMV_TILED(4, 1)
+QGEMV_TILED(4, 2)
 
 // bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales. grid
 // (ceil(n / 4096), k), 256 threads of 16 columns each (one 16-byte load, two 16-byte stores).

@@ -20,6 +20,7 @@ inline int emu_tid;
 inline dim3e blockDim, gridDim;
 inline char *emu_dyn_smem = nullptr;
 
+#define GROK_CUDA_EMU 1
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -30,6 +31,10 @@ inline char *emu_dyn_smem = nullptr;
 struct float4 {
     float x, y, z, w;
 };
+struct float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
 struct uint4 {
     unsigned x, y, z, w;
 };
@@ -99,6 +104,7 @@ struct EmuBlock {
     EmuBar bar;
     std::vector<EmuBar> warp_bar;
     std::vector<uint64_t> slots;  // [warps][2][32]
+    std::vector<unsigned> frags;  // [warps][2][32][6]: mma_bf16's a and b fragments
     std::vector<EmuFiber> fibers;
     ucontext_t sched;
     int cur = 0;
@@ -151,6 +157,31 @@ inline T __shfl_xor_sync(unsigned, T v, int o) {
     return r;
 }
 
+// mma.sync.m16n8k16 (bf16 in, f32 accumulate) for one lane: every lane posts its fragments,
+// then computes its four outputs from the whole A and B (layouts as in mma_bf16's comment).
+inline void emu_mma_bf16(float *d, const unsigned *a, const unsigned *b) {
+    EmuBlock *blk = emu_block;
+    int w = emu_tid / 32, lane = emu_tid % 32;
+    unsigned &phase = blk->fibers[emu_tid].phase;
+    unsigned *f = blk->frags.data() + (size_t)(w * 2 + phase) * 32 * 6;
+    phase ^= 1;
+    for (int i = 0; i < 4; i++) f[lane * 6 + i] = a[i];
+    for (int i = 0; i < 2; i++) f[lane * 6 + 4 + i] = b[i];
+    emu_wait(blk->warp_bar[w]);
+    auto half = [](unsigned reg, int hi) { return __int_as_float((hi ? reg >> 16 : reg & 0xffff) << 16); };
+    auto A = [&](int r, int k) {
+        return half(f[((r % 8) * 4 + (k % 8) / 2) * 6 + (r >= 8) + 2 * (k >= 8)], k % 2);
+    };
+    auto B = [&](int k, int n) { return half(f[(n * 4 + (k % 8) / 2) * 6 + 4 + (k >= 8)], k % 2); };
+    int g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 4; e++) {
+        int row = g + 8 * (e >= 2), col = 2 * t + (e & 1);
+        float acc = d[e];
+        for (int k = 0; k < 16; k++) acc += A(row, k) * B(k, col);
+        d[e] = acc;
+    }
+}
+
 inline std::function<void()> emu_body;
 inline void emu_fiber_main() {
     EmuBlock *b = emu_block;
@@ -183,6 +214,7 @@ void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
                 b.warp_bar.assign(warps, EmuBar{});
                 for (int w = 0; w < warps; w++) b.warp_bar[w].live = std::min(32, n - 32 * w);
                 b.slots.assign(warps * 64, 0);
+                b.frags.assign((size_t)warps * 2 * 32 * 6, 0);
                 for (auto &f : b.fibers) {
                     f.done = false;
                     f.phase = 0;

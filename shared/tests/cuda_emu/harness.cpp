@@ -1,7 +1,8 @@
 // Runs kernels of kernels.cu on the CPU through emu.h and checks them against plain
 // double-precision references: the decode attention (every head size and tile size, key
-// splits including empty ones, paged slots in random order) and the residual kernel (with
-// the experts' slot combine and the fused router). Built and run by cuda_emulated.rs; exits
+// splits including empty ones, paged slots in random order), the tensor-core prefill
+// attention (to bf16 precision) and the residual kernel (with the experts' slot combine and
+// the fused router). Built and run by cuda_emulated.rs; exits
 // non-zero on the first mismatch.
 #include "emu.h"
 #include "kernels_emu.cu"
@@ -129,6 +130,102 @@ static void decode_tests() {
     }
 }
 
+// Prefill tiles (as CudaShard::step_meta makes them: 64 rows, tokens × group) of a fresh
+// prompt and of a continued one through attention_tc_HD (and attention_combine with key
+// splits), against the reference in double on the unrounded inputs: the largest |difference|.
+static double prefill_tc_case(AttKernel k, int hd, int q_heads, int kv_heads, int splits,
+                              uint64_t seed) {
+    Rng rng{seed};
+    int group = q_heads / kv_heads, qd = q_heads * hd, kvd = kv_heads * hd;
+    int per_tile = std::max(1, 64 / group);
+    // (cached, new) positions per sequence.
+    int seqs[2][2] = {{0, 150}, {70, 40}};
+    int pool = 0, n = 0;
+    for (auto &s : seqs) pool += s[0] + s[1], n += s[1];
+    std::vector<unsigned> perm(pool);
+    std::iota(perm.begin(), perm.end(), 0u);
+    for (int i = pool - 1; i > 0; i--) std::swap(perm[i], perm[rng.next() % (i + 1)]);
+    std::vector<float> kc((size_t)pool * kvd), vc((size_t)pool * kvd), q((size_t)n * qd);
+    for (auto &v : kc) v = rng.uni();
+    for (auto &v : vc) v = rng.uni();
+    for (auto &v : q) v = rng.uni();
+    std::vector<int> tiles, seq_of_row, pos_of_row, off_of_seq;
+    std::vector<unsigned> slots;
+    for (int s = 0, used = 0, row = 0; s < 2; s++) {
+        int off = (int)slots.size();
+        off_of_seq.push_back(off);
+        for (int j = 0; j < seqs[s][0] + seqs[s][1]; j++) slots.push_back(perm[used++]);
+        for (int t = 0; t < seqs[s][1]; t += per_tile)
+            tiles.insert(tiles.end(), {row + t, std::min(per_tile, seqs[s][1] - t), seqs[s][0] + t, off});
+        for (int t = 0; t < seqs[s][1]; t++) {
+            seq_of_row.push_back(s);
+            pos_of_row.push_back(seqs[s][0] + t);
+        }
+        row += seqs[s][1];
+    }
+    int num_tiles = (int)tiles.size() / 4;
+    std::vector<float> out((size_t)n * qd, NAN);
+    size_t parts = (size_t)num_tiles * kv_heads * splits * 64;
+    std::vector<float> part_o(parts * hd), part_ml(parts * 2);
+    float mult = 0.3f, cap = 2.0f;
+    emu_launch(k, dim3e{(unsigned)num_tiles, (unsigned)(kv_heads * splits), 1}, dim3e{128, 1, 1},
+               0, q.data(), kc.data(), vc.data(), out.data(), tiles.data(), slots.data(), q_heads,
+               kv_heads, hd, mult, cap, splits, part_o.data(), part_ml.data(), (unsigned *)nullptr);
+    if (splits > 1)
+        emu_launch(attention_combine, dim3e{(unsigned)num_tiles, (unsigned)kv_heads, 64},
+                   dim3e{128, 1, 1}, 0, part_o.data(), part_ml.data(), out.data(), tiles.data(),
+                   q_heads, kv_heads, hd, splits, 64);
+    double worst = 0;
+    for (int row = 0; row < n; row++) {
+        int s = seq_of_row[row], p = pos_of_row[row];
+        for (int h = 0; h < q_heads; h++) {
+            int kvh = h / group;
+            std::vector<double> sc(p + 1);
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j <= p; j++) {
+                const float *kr = kc.data() + (size_t)slots[off_of_seq[s] + j] * kvd + kvh * hd;
+                double a = 0;
+                for (int c = 0; c < hd; c++) a += (double)q[(size_t)row * qd + h * hd + c] * kr[c];
+                sc[j] = cap * std::tanh(a * mult / cap);
+                mx = std::max(mx, sc[j]);
+            }
+            for (auto &v : sc) sum += (v = std::exp(v - mx));
+            for (int c = 0; c < hd; c++) {
+                double o = 0;
+                for (int j = 0; j <= p; j++)
+                    o += sc[j] * vc[(size_t)slots[off_of_seq[s] + j] * kvd + kvh * hd + c];
+                double got = out[(size_t)row * qd + h * hd + c];
+                worst = std::max(worst, std::isfinite(got) ? std::abs(got - o / sum) : 1e9);
+            }
+        }
+    }
+    return worst;
+}
+
+static void prefill_tc_tests() {
+    struct K {
+        AttKernel k;
+        int hd;
+        const char *name;
+    } ks[] = {
+        {(AttKernel)attention_tc_16, 16, "attention_tc_16"},
+        {(AttKernel)attention_tc_32, 32, "attention_tc_32"},
+        {(AttKernel)attention_tc_64, 64, "attention_tc_64"},
+        {(AttKernel)attention_tc_128, 128, "attention_tc_128"},
+    };
+    uint64_t seed = 100;
+    for (auto &k : ks) {
+        int cases[][3] = {{12, 2, 1}, {4, 4, 3}};  // (q heads, kv heads, splits)
+        for (auto &c : cases) {
+            double err = prefill_tc_case(k.k, k.hd, c[0], c[1], c[2], seed++);
+            char what[160];
+            std::snprintf(what, sizeof what, "%s (bf16): group %d, %d split(s)", k.name,
+                          c[0] / c[1], c[2]);
+            expect(err < 1.5e-2, what, err, 1.5e-2);
+        }
+    }
+}
+
 // residual_norm on `rows` rows of width d against the reference: h, out, the picks and gates.
 static void residual_case(int rows, int d, int experts, int k, bool slots, bool norm, bool route,
                           uint64_t seed) {
@@ -207,6 +304,7 @@ static void residual_case(int rows, int d, int experts, int k, bool slots, bool 
 
 int main() {
     decode_tests();
+    prefill_tc_tests();
     residual_case(3, 640, 8, 2, false, true, true, 11);
     residual_case(3, 640, 8, 2, true, true, false, 12);
     residual_case(2, 2048 + 96, 5, 2, true, true, true, 13);
