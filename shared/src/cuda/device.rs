@@ -25,10 +25,10 @@ pub const ATT_KEYS: usize = 32;
 /// Threads of an attention block: one per column of a head.
 pub const ATT_THREADS: usize = 128;
 
-/// Matmuls of at least this many rows dequantise the weight to bf16 for cuBLAS, whose tensor
-/// cores win from here despite the extra weight traffic; smaller ones (decode) stream the int8
-/// weights through the f32 kernel. `GROK_CUDA_GEMM_MIN_ROWS` overrides it (a huge value keeps
-/// every matmul on the exact, batch-invariant int8 path).
+/// Matmuls of at least this many rows take the bf16 path (tensor cores: up to 64 rows the
+/// int8 `qmma_*` kernel, beyond that a bf16 copy of the weight for cuBLAS); smaller ones
+/// (decode) stream the int8 weights through the f32 kernel. `GROK_CUDA_GEMM_MIN_ROWS`
+/// overrides it (a huge value keeps every matmul on the exact, batch-invariant int8 path).
 pub const DEFAULT_GEMM_MIN_ROWS: usize = 9;
 
 /// Threads of the one-block-per-row kernels.
@@ -39,6 +39,9 @@ const ROW_THREADS: u32 = 1024;
 const TILED_WARPS: usize = 8;
 /// Rows of x the tiled kernels come in (`QGEMV_TILED(MR, ..)` in kernels.cu).
 const TILED_ROWS: [usize; 3] = [1, 2, 4];
+/// Rows of x the tensor-core int8 matmul comes in (`qmma_{rows / 16}` in kernels.cu): bf16-path
+/// batches up to the largest take it instead of dequantisation + cuBLAS.
+const MMA_ROWS: [usize; 3] = [16, 32, 64];
 /// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
 const MAX_TILES: usize = 4096;
 /// Head dimensions with attention kernels of their own: the register-tiled prefill
@@ -197,6 +200,8 @@ pub struct Gpu {
     compute: (i32, i32),
     /// Blocks of the tiled decode kernel the whole GPU holds at once (its K split fills them).
     tiled_slots: usize,
+    /// The same for each `qmma_*` (in `MMA_ROWS` order).
+    mma_slots: [usize; 3],
     /// One counter per column tile for the tiled kernel's last-block sum (each launch leaves
     /// them at zero).
     tile_counters: Buf<u32>,
@@ -313,6 +318,16 @@ impl Gpu {
             )
             .map_err(drv_err("reading the decode kernel's occupancy"))?;
         let tiled_slots = sms * (per_sm as usize).max(1);
+        let mut mma_slots = [0; 3];
+        for (slots, rows) in mma_slots.iter_mut().zip(MMA_ROWS) {
+            let name = format!("qmma_{}", rows / 16);
+            let per_sm = funcs
+                .get(&name)
+                .ok_or_else(|| CudaError::Unsupported(format!("no kernel named {name}")))?
+                .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+                .map_err(drv_err("reading the tensor-core matmul's occupancy"))?;
+            *slots = sms * (per_sm as usize).max(1);
+        }
         let profile = std::env::var("GROK_CUDA_PROFILE")
             .is_ok_and(|v| v == "1")
             .then(|| std::sync::Mutex::new(Profile::default()));
@@ -333,6 +348,7 @@ impl Gpu {
             sms,
             compute: (major, minor),
             tiled_slots,
+            mma_slots,
             tile_counters,
             name,
             profile,
@@ -769,7 +785,9 @@ impl Gpu {
     }
 
     /// `out[m, n] = x[m, k] · q` (row-major f32 at device addresses). Batches below
-    /// `gemm_min_rows` stream the int8 weights once per 16 rows; larger ones go to cuBLAS.
+    /// `gemm_min_rows` stream the int8 weights through the f32 kernels (up to 4 rows per read
+    /// on the tiled layout, 16 on the row-major one);
+    /// larger ones take the bf16 path (see [`DEFAULT_GEMM_MIN_ROWS`]).
     pub fn qmatmul(
         &self,
         x: u64,
@@ -782,6 +800,9 @@ impl Gpu {
             return Ok(());
         }
         if m >= gemm_min_rows {
+            if m <= MMA_ROWS[MMA_ROWS.len() - 1] && self.mma_takes(q) {
+                return self.qmatmul_mma(x, m, q, out);
+            }
             return self.qmatmul_cublas(x, m, q, out);
         }
         if q.tiled {
@@ -860,7 +881,59 @@ impl Gpu {
 
     /// bf16 copies of `x` and the dequantised weight, one cuBLAS GEMM with f32 accumulation
     /// and f32 output.
-    fn qmatmul_cublas(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
+    /// Whether `qmma_*` takes `q`: tiled, K and the scale groups whole mma steps (16 rows),
+    /// on tensor cores that take bf16.
+    fn mma_takes(&self, q: &DevQ) -> bool {
+        self.bf16_tensor_cores()
+            && q.tiled
+            && q.k.is_multiple_of(16)
+            && q.gr.is_multiple_of(16)
+            && 2 * q.n.div_ceil(Q_TILE) <= MAX_TILES
+    }
+
+    /// `x[m, k] · q` for up to 64 rows on the tensor cores (`qmma_*`): the numbers of
+    /// dequantisation + cuBLAS (bf16 operands, f32 sums) from one read of the int8 weights.
+    /// The K split fills the GPU with one wave of blocks, as the decode kernel's does.
+    fn qmatmul_mma(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
+        let i = MMA_ROWS
+            .iter()
+            .position(|&r| r >= m)
+            .ok_or_else(|| CudaError::Unsupported(format!("the tensor-core matmul on {m} rows")))?;
+        let (k, n) = (q.k, q.n);
+        let halves = 2 * n.div_ceil(Q_TILE);
+        let ky = (self.mma_slots[i] / halves).clamp(1, (k / 16).max(1));
+        let per_block = k.div_ceil(ky).next_multiple_of(16);
+        let ky = k.div_ceil(per_block).max(1);
+        let xb = self.alloc::<u16>(m * k)?;
+        self.elems_launch(
+            "to_bf16",
+            m * k,
+            &[Arg::P(x), Arg::P(xb.ptr()), Arg::N((m * k) as u64)],
+        )?;
+        let parts = self.alloc::<f32>(if ky > 1 { ky * m * n } else { 0 })?;
+        self.launch(
+            &format!("qmma_{}", MMA_ROWS[i] / 16),
+            (halves as u32, ky as u32),
+            (32, 8),
+            0,
+            &[
+                Arg::P(xb.ptr()),
+                Arg::I(m as i32),
+                Arg::P(q.w.ptr()),
+                Arg::P(q.s.ptr()),
+                Arg::I(k as i32),
+                Arg::I(n as i32),
+                Arg::I(q.gr as i32),
+                Arg::P(out),
+                Arg::P(parts.ptr()),
+                Arg::P(self.tile_counters.ptr()),
+                Arg::I(per_block as i32),
+            ],
+        )
+    }
+
+    /// `x[m, k] · q` through a bf16 copy of the weight and cuBLAS (what large batches take).
+    pub fn qmatmul_cublas(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
         let (wb, xb) = self.bf16_operands(x, m, q)?;
         self.gemm_bf16(xb.ptr(), wb.ptr(), out, m, q.n, q.k)
     }
@@ -1079,6 +1152,9 @@ fn kernel_names() -> Vec<String> {
             v.push(format!("qgemv_{mr}_{vec}"));
         }
     }
+    for rows in MMA_ROWS {
+        v.push(format!("qmma_{}", rows / 16));
+    }
     for mr in TILED_ROWS {
         v.push(format!("qgemv_tiled_{mr}"));
         v.push(format!("qgemv_experts_{mr}"));
@@ -1169,6 +1245,7 @@ mod tests {
             ("qgemv_tiled_", "QGEMV_TILED("),
             ("qgemv_experts_", "QGEMV_TILED("),
             ("qgemv_", "QGEMV("),
+            ("qmma_", "QMMA("),
         ];
         for name in kernel_names() {
             let direct = KERNELS.contains(&format!("void {name}("));

@@ -1353,6 +1353,162 @@ QGEMV_TILED(1, 4)
 QGEMV_TILED(2, 2)
 QGEMV_TILED(4, 2)
 
+// Two f32 rounded to a bf16 pair (lo in the lower half), as f2bf does, in one instruction.
+__device__ __forceinline__ u32 cvt_bf16x2(float lo, float hi) {
+#if defined(GROK_CUDA_EMU) || __CUDA_ARCH__ < 800
+    return pack_bf16(lo, hi);
+#else
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
+}
+
+// The matmul of mid-sized batches (the bf16 path's 9 to 64 rows: decode at batch 9+) on the
+// tensor cores, reading the int8 tiled weights once instead of dequantising them to bf16
+// first (which cost more than the GEMM). The same numbers as dequantisation + cuBLAS: x in
+// bf16, each weight bf16(q * scale), f32 sums. A warp takes 32 columns of a tile (a block of
+// 8 warps takes 256: grid.x = 2 per tile) and the block's K rows (per_block of them: blocks
+// along y split K), 16 rows of K per mma step: per step each lane loads 16 bytes (one row of
+// K, half the warp's columns) into the warp's shared staging, from which every lane gathers
+// its B fragments (4 tiles of 8 columns); MT tiles of 16 rows of x reuse them (U steps are
+// loaded at once, to keep loads in flight). Partial sums of
+// the K split are added in y order by the last block of a column half, as in qgemv_core.
+//   xb: [m, k] bf16; k and the scale group rows multiples of 16. block (32, 8).
+template <int MT, int U>
+__device__ void qmma(const bf16 *xb, int m, const signed char *wt, const float *scales, int k,
+                     int n, int gr, float *out, float *parts, u32 *counters, int per_block) {
+    __shared__ __align__(16) unsigned char stage[8][U][16 * 32];
+    __shared__ int last;
+    int lane = threadIdx.x, warp = threadIdx.y, tid = warp * WARP + lane;
+    int g = lane / 4, t = lane % 4;
+    int tile = blockIdx.x / 2, by = blockIdx.y, ky = gridDim.y;
+    int width = min(QT, n - tile * QT);
+    int cw = (blockIdx.x % 2) * 256 + warp * 32;  // the warp's first column in the tile
+    bool live = cw < width;
+    int k0 = min(k, by * per_block), k1 = min(k, k0 + per_block);
+    const signed char *wp = wt + (u64)tile * QT * k;
+    // My load: row lane / 2 of a step, 16 columns at cw + 16 * (lane % 2).
+    int lc = cw + 16 * (lane % 2);
+    bool lload = lc < width;
+    float acc[MT][4][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[mt][j][e] = 0.f;
+    // x rows of my A fragments (rows past m read as zero).
+    const bf16 *xr[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            int r = mt * 16 + g + 8 * h;
+            xr[mt][h] = r < m ? xb + (u64)r * k : nullptr;
+        }
+    float sc[4];
+    int group = -1;
+    if (live) {
+        for (int kk = k0; kk < k1; kk += 16 * U) {
+            int steps = min(U, (k1 - kk) / 16);
+            uint4 q[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                q[u] = make_uint4(0u, 0u, 0u, 0u);
+                if (u < steps && lload)
+                    q[u] = __ldg((const uint4 *)(wp + (u64)(kk + 16 * u + lane / 2) * width + lc));
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                *(uint4 *)(&stage[warp][u][(lane / 2) * 32 + 16 * (lane % 2)]) = q[u];
+            __syncwarp();
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (u >= steps) break;
+                int ks = kk + 16 * u;
+                if (ks / gr != group) {
+                    group = ks / gr;
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        int c = cw + 8 * j + g;
+                        sc[j] = c < width ? scales[(u64)group * n + tile * QT + c] : 0.f;
+                    }
+                }
+                const unsigned char *st = stage[warp][u];
+                u32 b[4][2];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    int c = 8 * j + g;
+                    float w[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int row = 2 * t + (e & 1) + 8 * (e >> 1);
+                        u32 byte = st[row * 32 + c] ^ 0x80u;
+                        w[e] = (__int_as_float(0x4B000000u | byte) - 8388736.f) * sc[j];
+                    }
+                    b[j][0] = cvt_bf16x2(w[0], w[1]);
+                    b[j][1] = cvt_bf16x2(w[2], w[3]);
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    u32 a[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const bf16 *src = xr[mt][e & 1];
+                        a[e] = src ? *(const u32 *)(src + ks + 2 * t + 8 * (e >> 1)) : 0u;
+                    }
+#pragma unroll
+                    for (int j = 0; j < 4; j++) mma_bf16(acc[mt][j], a, b[j]);
+                }
+            }
+            __syncwarp();
+        }
+    }
+    // My outputs: row mt * 16 + g (+ 8), columns cw + 8j + 2t (+ 1).
+    float *dst = ky == 1 ? out : parts + (u64)by * m * n;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = mt * 16 + g + 8 * (e >> 1), c = cw + 8 * j + 2 * t + (e & 1);
+                if (r < m && c < width) dst[(u64)r * n + tile * QT + c] = acc[mt][j][e];
+            }
+    if (ky == 1) return;
+    __threadfence();
+    __syncthreads();
+    u32 *counter = counters + blockIdx.x;
+    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ky - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int c0 = (blockIdx.x % 2) * 256;
+    for (int i = tid; i < m * 256; i += 256) {
+        int r = i / 256, c = c0 + i % 256;
+        if (c >= width) continue;
+        u64 o = (u64)r * n + tile * QT + c;
+        float sum = 0.f;
+#pragma unroll 8
+        for (int y = 0; y < ky; y++) sum += __ldcg(parts + (u64)y * m * n + o);
+        out[o] = sum;
+    }
+    if (tid == 0) *counter = 0;
+}
+
+#define QMMA(MT, MINB, U)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, MINB) qmma_##MT(                        \
+        const bf16 *xb, int m, const signed char *wt, const float *s, int k, int n, int gr,   \
+        float *out, float *parts, u32 *counters, int per_block) {                             \
+        qmma<MT, U>(xb, m, wt, s, k, n, gr, out, parts, counters, per_block);                 \
+    }
+// (row tiles, blocks per SM, steps of 16 K rows loaded at once): about 32 KB of weights in
+// flight per SM either way.
+QMMA(1, 2, 4)
+QMMA(2, 2, 4)
+QMMA(4, 1, 8)
+
 // bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales. grid
 // (ceil(n / 4096), k), 256 threads of 16 columns each (one 16-byte load, two 16-byte stores).
 extern "C" __global__ void dequant_bf16_tiled(const signed char *wt, const float *scales,

@@ -133,6 +133,7 @@ inline void emu_leave(EmuBar &bar) {
 }
 
 inline void __syncthreads() { emu_wait(emu_block->bar); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_wait(emu_block->warp_bar[emu_tid / 32]); }
 inline void __threadfence() {}
 inline unsigned atomicAdd(unsigned *p, unsigned v) {
     unsigned old = *p;

@@ -1,9 +1,9 @@
 // Runs kernels of kernels.cu on the CPU through emu.h and checks them against plain
 // double-precision references: the decode attention (every head size and tile size, key
 // splits including empty ones, paged slots in random order), the tensor-core prefill
-// attention (to bf16 precision) and the residual kernel (with the experts' slot combine and
-// the fused router). Built and run by cuda_emulated.rs; exits
-// non-zero on the first mismatch.
+// attention (to bf16 precision), the tensor-core int8 matmul (the same bf16 operands) and the
+// residual kernel (with the experts' slot combine and the fused router). Built and run by
+// cuda_emulated.rs; exits non-zero if any check fails.
 #include "emu.h"
 #include "kernels_emu.cu"
 
@@ -226,6 +226,55 @@ static void prefill_tc_tests() {
     }
 }
 
+// qmma_MT (the tensor-core int8 matmul) on an int8 [k, n] matrix in the tiled layout (a
+// narrow last tile), with scale groups and a K split of ky blocks, against the double sum of
+// the same bf16 operands; also that the counters are back at zero.
+using MmaKernel = void (*)(const bf16 *, int, const signed char *, const float *, int, int, int,
+                           float *, float *, u32 *, int);
+static void qmma_case(MmaKernel kern, const char *name, int m, int k, int n, int groups, int ky,
+                      uint64_t seed) {
+    Rng rng{seed};
+    int gr = k / groups, tiles = (n + 511) / 512;
+    std::vector<signed char> w((size_t)k * n), wt((size_t)k * n);
+    for (auto &v : w) v = (signed char)(rng.next() % 256 - 128);
+    for (int t = 0, at = 0; t < tiles; t++) {
+        int c0 = t * 512, width = std::min(512, n - c0);
+        for (int r = 0; r < k; r++)
+            for (int c = 0; c < width; c++) wt[at++] = w[(size_t)r * n + c0 + c];
+    }
+    std::vector<float> scales((size_t)groups * n), out((size_t)m * n, NAN);
+    for (auto &v : scales) v = 0.001f + 0.01f * (rng.uni() + 1.f);
+    std::vector<bf16> xb((size_t)m * k);
+    for (auto &v : xb) v = f2bf(rng.uni());
+    int per_block = ((k + ky - 1) / ky + 15) / 16 * 16;
+    int blocks_y = (k + per_block - 1) / per_block;
+    std::vector<float> parts((size_t)blocks_y * m * n);
+    std::vector<u32> counters(2 * tiles, 0);
+    emu_launch(kern, dim3e{(unsigned)(2 * tiles), (unsigned)blocks_y, 1}, dim3e{32, 8, 1}, 0,
+               xb.data(), m, wt.data(), scales.data(), k, n, gr, out.data(), parts.data(),
+               counters.data(), per_block);
+    double worst = 0;
+    auto bf = [](bf16 b) { return (double)__int_as_float((unsigned)b << 16); };
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < n; c++) {
+            double want = 0, scale = 0;
+            for (int i = 0; i < k; i++) {
+                double p = bf(xb[(size_t)r * k + i]) *
+                           bf(f2bf((float)w[(size_t)i * n + c] * scales[(size_t)(i / gr) * n + c]));
+                want += p;
+                scale += std::abs(p);
+            }
+            double got = out[(size_t)r * n + c];
+            worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+        }
+    for (u32 c : counters)
+        if (c != 0) worst = 1e9;
+    char what[160];
+    std::snprintf(what, sizeof what, "%s: %d rows, [%d x %d], %d scale group(s), %d K blocks",
+                  name, m, k, n, groups, blocks_y);
+    expect(worst < 1e-6, what, worst, 1e-6);
+}
+
 // residual_norm on `rows` rows of width d against the reference: h, out, the picks and gates.
 static void residual_case(int rows, int d, int experts, int k, bool slots, bool norm, bool route,
                           uint64_t seed) {
@@ -305,6 +354,10 @@ static void residual_case(int rows, int d, int experts, int k, bool slots, bool 
 int main() {
     decode_tests();
     prefill_tc_tests();
+    qmma_case(qmma_1, "qmma_1", 9, 96, 560, 2, 1, 21);
+    qmma_case(qmma_2, "qmma_2", 20, 160, 560, 5, 3, 22);
+    qmma_case(qmma_4, "qmma_4", 64, 256, 1040, 1, 2, 23);
+    qmma_case(qmma_4, "qmma_4", 37, 128, 16, 2, 1, 24);
     residual_case(3, 640, 8, 2, false, true, true, 11);
     residual_case(3, 640, 8, 2, true, true, false, 12);
     residual_case(2, 2048 + 96, 5, 2, true, true, true, 13);
