@@ -267,7 +267,8 @@ fn long_prompts_at_the_tiny_head_size_match_the_cpu_engine() {
 /// Decode steps (the `attention_decode_*` kernels) against the CPU engine: five sequences of
 /// 1 to 1100 tokens prefilled, then steps of one token each (key splits, some of them past a
 /// short sequence's end), of two tokens each (tiles of 2 × group rows, the 16-row kernel when
-/// that is over 8), and of the longest sequence alone (the most splits).
+/// that is over 8), and of the longest sequence alone (the most splits). Then the same steps
+/// with the router's picks brought to the host: the same bits.
 fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
     let mut cfg = ModelConfig::tiny();
     cfg.head_dim = head_dim;
@@ -284,8 +285,13 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
     let (block, per_seq) = (16usize, 80u32); // 80 blocks of 16: 1280 positions each
-    let mut shard = CudaShard::new(load(), plan, 0, 0, 5 * per_seq as usize, block).unwrap();
-    shard.gemm_min_rows = usize::MAX;
+    let shard_with = |device_routing: bool| {
+        let mut shard = CudaShard::new(load(), plan, 0, 0, 5 * per_seq as usize, block).unwrap();
+        shard.gemm_min_rows = usize::MAX;
+        shard.device_routing = device_routing;
+        shard
+    };
+    let mut shard = shard_with(true);
     let lens = [1usize, 7, 40, 300, 1100];
     let blocks: Vec<Vec<u32>> = (0..5u32)
         .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
@@ -303,6 +309,7 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
         (&[4], 1),
         (&[2, 4], 1),
     ];
+    let mut ran = Vec::new(); // (step, its tokens, their starts, the logits)
     for (i, &(seqs, n)) in steps.iter().enumerate() {
         let tokens: Vec<Vec<u32>> = seqs
             .iter()
@@ -311,12 +318,14 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
                 (0..len).map(|_| (lcg(&mut seed) % 512) as u32).collect()
             })
             .collect();
+        let starts: Vec<usize> = seqs.iter().map(|&s| pos[s]).collect();
         let batch: Vec<SeqStep> = seqs
             .iter()
             .zip(&tokens)
-            .map(|(&s, t)| SeqStep {
+            .zip(&starts)
+            .map(|((&s, t), &start)| SeqStep {
                 tokens: t,
-                start: pos[s],
+                start,
                 blocks: &blocks[s],
                 logits: LogitsMode::All,
             })
@@ -339,6 +348,31 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
             );
             pos[s] += t.len();
         }
+        ran.push((i, tokens, starts, got));
+    }
+    // The router's picks on the device (steps of up to 8 tokens, 5 here: an expert may get
+    // more than the decode kernel's 4 rows) give the bits of the host's grouping.
+    let mut host = shard_with(false);
+    for (i, tokens, starts, got) in &ran {
+        let (seqs, _) = steps[*i];
+        let batch: Vec<SeqStep> = seqs
+            .iter()
+            .zip(tokens)
+            .zip(starts)
+            .map(|((&s, t), &start)| SeqStep {
+                tokens: t,
+                start,
+                blocks: &blocks[s],
+                logits: LogitsMode::All,
+            })
+            .collect();
+        let want = host.step(&comm, &batch).unwrap().logits.unwrap();
+        let same = got
+            .iter()
+            .flatten()
+            .zip(want.iter().flatten())
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "step {i}: device routing changed the logits");
     }
     println!(
         "decode head_dim {head_dim}, group {}: within {worst:.2e} (relative) of the CPU engine",

@@ -692,8 +692,8 @@ impl Gpu {
     /// device (`qgemv_experts_*` in kernels.cu): each picked expert's matrix of each kind in
     /// `set` serves the slots (token × choice, `slots` of them) that picked it; slot `s` reads
     /// row `s / in_div` of `x` and writes row `kind * slots + s` of `out`. `tokens` bounds
-    /// how many slots one expert can get. Each expert's rows get the bits the per-expert
-    /// [`Gpu::qmatmul`] gives them.
+    /// how many slots one expert can get (taken 4 at a time). Each expert's rows get the bits
+    /// the per-expert [`Gpu::qmatmul`] gives them on the int8 path.
     #[allow(clippy::too_many_arguments)]
     pub fn qmatmul_experts(
         &self,
@@ -708,10 +708,12 @@ impl Gpu {
         let (k, n) = (set.k, set.n);
         let tiles = n.div_ceil(Q_TILE);
         let mats = set.len;
-        let mr = tiled_rows(tokens)?;
-        if tiles * mats > MAX_TILES {
+        // An expert gets at most one slot per token: its rows go in chunks of the kernel's.
+        let mr = tiled_rows(tokens.min(TILED_ROWS[TILED_ROWS.len() - 1]))?;
+        let chunks = tokens.div_ceil(mr).max(1);
+        if tiles * mats * chunks > MAX_TILES {
             return Err(CudaError::Unsupported(format!(
-                "{mats} expert matrices {n} columns wide"
+                "{mats} expert matrices {n} columns wide for {tokens} tokens"
             )));
         }
         let (per_warp, ky) = self.tiled_split(k, n);

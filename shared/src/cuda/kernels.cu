@@ -1291,9 +1291,11 @@ __device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const 
 // gridDim.z / kinds slices: slice i serves the i-th smallest expert the slots picked (none
 // left: the blocks return at once), on every slot (token, choice) that picked it: slot s
 // reads x row s / in_div (in_div = k to read the tokens, 1 to read per-slot rows) and writes
-// output row kind * slots + s. Every row of an expert is one batch of the kernel above, so a
-// slot's result is the same as through the host's grouping.
-//   grid (tiles, ky, kinds * min(E, slots)); MR >= the most slots one expert can get.
+// output row kind * slots + s. An expert's rows go MR at a time, in slot order, each chunk one
+// batch of the kernel above (its own counters: chunk c of slice z, tile t at
+// (c * gridDim.z + z) * gridDim.x + t), so a slot's result is the same as through the host's
+// grouping.
+//   grid (tiles, ky, kinds * min(E, slots)).
 template <int MR>
 __device__ void qgemv_experts(const float *x, const int *picks, int slots, int in_div,
                               const u64 *wtab, const u64 *stab, int experts, int k, int n,
@@ -1310,27 +1312,32 @@ __device__ void qgemv_experts(const float *x, const int *picks, int slots, int i
         }
     }
     if (e < 0) return;
-    int xrow[MR], orow[MR], m = 0;
+    int z = kind * experts + e;
+    int nrows = (gridDim.z / per_kind) * slots;
+    for (int s0 = 0, chunk = 0; s0 < slots; chunk++) {
+        // The next MR slots that picked e (from slot s0 on).
+        int xrow[MR], orow[MR], m = 0;
 #pragma unroll
-    for (int r = 0; r < MR; r++) xrow[r] = orow[r] = 0;
-    for (int s = 0; s < slots; s++) {
-        if (picks[s] == e && m < MR) {
+        for (int r = 0; r < MR; r++) xrow[r] = orow[r] = 0;
+        for (; s0 < slots && m < MR; s0++) {
+            if (picks[s0] != e) continue;
 #pragma unroll
             for (int r = 0; r < MR; r++) {
                 if (r == m) {
-                    xrow[r] = s / in_div;
-                    orow[r] = kind * slots + s;
+                    xrow[r] = s0 / in_div;
+                    orow[r] = kind * slots + s0;
                 }
             }
             m++;
         }
+        if (m == 0) break;
+        if (chunk > 0) __syncthreads();  // the previous chunk's shared totals are read
+        qgemv_core<MR, 8>(x, xrow, m, (const signed char *)wtab[z], (const float *)stab[z], k,
+                          n, gr, out, n, blockIdx.x * QT, orow, nrows, parts,
+                          counters + ((u64)chunk * gridDim.z + blockIdx.z) * gridDim.x +
+                              blockIdx.x,
+                          per_warp, blockIdx.x, blockIdx.y, gridDim.y);
     }
-    int z = kind * experts + e;
-    int nrows = (gridDim.z / per_kind) * slots;
-    qgemv_core<MR, 8>(x, xrow, m, (const signed char *)wtab[z], (const float *)stab[z], k, n,
-                      gr, out, n, blockIdx.x * QT, orow, nrows, parts,
-                      counters + (u64)blockIdx.z * gridDim.x + blockIdx.x, per_warp, blockIdx.x,
-                      blockIdx.y, gridDim.y);
 }
 #define QGEMV_TILED(MR, MINB)                                                                \
     extern "C" __global__ void __launch_bounds__(256, MINB) qgemv_tiled_##MR(                \

@@ -169,9 +169,10 @@ pub struct CudaShard {
     pub device_routing: bool,
 }
 
-/// The most tokens a step may have for the device-routed experts (each expert's rows are one
-/// batch of the decode kernel, which takes up to 4).
-pub const DEVICE_ROUTED_TOKENS: usize = 4;
+/// The most tokens a step may have for the device-routed experts (an expert's rows go through
+/// the decode kernel 4 at a time; with more than 8 an expert could reach the bf16 path's 9
+/// rows on the host-routed path, and the two would no longer give the same bits).
+pub const DEVICE_ROUTED_TOKENS: usize = 8;
 
 /// Per-step tables every layer shares (device addresses inside one buffer).
 struct StepMeta {
@@ -496,6 +497,7 @@ impl CudaShard {
         let device_routed = self.device_routing
             && self.plan.world == 1
             && (1..=DEVICE_ROUTED_TOKENS).contains(&m)
+            && m < self.gemm_min_rows
             && self.layers.iter().all(|l| l.routed.is_some());
         // Every layer's routing: its picks (i32), then their gates, m * k of each. Device
         // routing reads the picks once after the step; host routing after each router.

@@ -275,6 +275,53 @@ static void qmma_case(MmaKernel kern, const char *name, int m, int k, int n, int
     expect(worst < 1e-6, what, worst, 1e-6);
 }
 
+// qgemv_experts_4 (device-routed experts, f32 int8 path) with an expert picked by more
+// tokens than the kernel's 4 rows (its rows in two chunks) and a K split over blocks, against
+// the double product of each slot's token and its expert's matrix of each kind.
+static void experts_case(uint64_t seed) {
+    Rng rng{seed};
+    const int E = 3, kinds = 2, k = 96, n = 48, gr = 32, tokens = 7, top = 2, slots = tokens * top;
+    const int per_warp = 8, ky = (k + per_warp * 8 - 1) / (per_warp * 8);
+    // Expert 1 takes 6 slots, expert 0 five, expert 2 three (each token two distinct ones).
+    int picks[slots] = {1, 0, 1, 0, 1, 2, 0, 1, 1, 2, 0, 1, 2, 0};
+    std::vector<std::vector<signed char>> w(kinds * E, std::vector<signed char>(k * n));
+    std::vector<std::vector<float>> sc(kinds * E, std::vector<float>((k / gr) * n));
+    std::vector<u64> wtab, stab;
+    for (int z = 0; z < kinds * E; z++) {
+        for (auto &v : w[z]) v = (signed char)(rng.next() % 256 - 128);
+        for (auto &v : sc[z]) v = 0.001f + 0.01f * (rng.uni() + 1.f);
+        wtab.push_back((u64)(uintptr_t)w[z].data());  // one tile: the layout is row-major
+        stab.push_back((u64)(uintptr_t)sc[z].data());
+    }
+    std::vector<float> x((size_t)tokens * k), out((size_t)kinds * slots * n, NAN);
+    for (auto &v : x) v = rng.uni();
+    std::vector<float> parts((size_t)ky * kinds * slots * n);
+    std::vector<u32> counters(2 * kinds * E, 0);
+    emu_launch(qgemv_experts_4, dim3e{1, (unsigned)ky, (unsigned)(kinds * E)}, dim3e{32, 8, 1},
+               8 * 4 * 512 * 4, x.data(), picks, slots, top, wtab.data(), stab.data(), E, k, n,
+               gr, out.data(), parts.data(), counters.data(), per_warp);
+    double worst = 0;
+    for (int kind = 0; kind < kinds; kind++)
+        for (int s = 0; s < slots; s++) {
+            int z = kind * E + picks[s];
+            for (int c = 0; c < n; c++) {
+                double want = 0, scale = 0;
+                for (int i = 0; i < k; i++) {
+                    double p = (double)x[(size_t)(s / top) * k + i] * w[z][(size_t)i * n + c] *
+                               sc[z][(size_t)(i / gr) * n + c];
+                    want += p;
+                    scale += std::abs(p);
+                }
+                double got = out[(size_t)(kind * slots + s) * n + c];
+                worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+            }
+        }
+    for (u32 c : counters)
+        if (c != 0) worst = 1e9;
+    expect(worst < 1e-6, "qgemv_experts_4: 6 slots on one expert (two chunks), K split", worst,
+           1e-6);
+}
+
 // residual_norm on `rows` rows of width d against the reference: h, out, the picks and gates.
 static void residual_case(int rows, int d, int experts, int k, bool slots, bool norm, bool route,
                           uint64_t seed) {
@@ -354,6 +401,7 @@ static void residual_case(int rows, int d, int experts, int k, bool slots, bool 
 int main() {
     decode_tests();
     prefill_tc_tests();
+    experts_case(31);
     qmma_case(qmma_1, "qmma_1", 9, 96, 560, 2, 1, 21);
     qmma_case(qmma_2, "qmma_2", 20, 160, 560, 5, 3, 22);
     qmma_case(qmma_4, "qmma_4", 64, 256, 1040, 1, 2, 23);
