@@ -1252,7 +1252,9 @@ __device__ void qgemv_core(const float *x, const int *xrow, int m, const signed 
         if (c >= width) continue;
         u64 o = (u64)orow[r] * n + c0 + c;
         float s = 0.f;
-#pragma unroll 8
+        // All of a column's partials in flight at once (ky is about 32 for the attention
+        // matrices), added in y order.
+#pragma unroll 32
         for (int y = 0; y < ky; y++) s += __ldcg(parts + (u64)y * nrows * n + o);
         out[(u64)orow[r] * ostride + oc0 + c] = s;
     }
