@@ -977,8 +977,8 @@ ATTENTION_TC(32)
 ATTENTION_TC(64)
 ATTENTION_TC(128)
 
-// Merges the key splits of attention_R: out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M),
-// splits in order. grid (tiles, kv heads, R): one row of a tile per block (rows past the
+// Merges the key splits of attention_R, attention_prefill_HD and attention_tc_HD:
+// out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), splits in order. grid (tiles, kv heads, R): one row of a tile per block (rows past the
 // tile's return); blockDim.x >= head_dim.
 extern "C" __global__ void attention_combine(const float *part_o, const float *part_ml,
                                              float *out, const int *tiles, int q_heads,

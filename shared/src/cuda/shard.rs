@@ -185,7 +185,7 @@ struct StepMeta {
     /// `[tiles, 4]`: see the attention kernel.
     tiles: u64,
     num_tiles: usize,
-    /// Rows per attention tile: which `attention_R` runs.
+    /// Rows per attention tile: 16 for decode steps, 64 for prefill (which kernels run).
     tile_rows: usize,
     /// Rows of the largest tile (the decode kernel's size is the smallest that holds it).
     max_rows: usize,
