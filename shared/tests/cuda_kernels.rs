@@ -5,7 +5,7 @@
 //! `cargo test -p grok-shared --test cuda_kernels -- --ignored`.
 
 use grok_shared::checkpoint::init::init_random;
-use grok_shared::checkpoint::open_model;
+use grok_shared::checkpoint::{open_model, ModelDir};
 use grok_shared::comm::local::LocalComm;
 use grok_shared::config::ModelConfig;
 use grok_shared::cpu::CpuModel;
@@ -136,22 +136,35 @@ fn a_split_product_gives_each_part_its_columns() {
     assert!(err.is_err(), "widths that do not add up are refused");
 }
 
-/// A random Grok-shaped model with `head_dim` (and FFN width `ffn`) and its GPU shard's
-/// logits for every position of long prompts (one of them continued by a second chunk),
-/// then for a decode step of both, against the CPU engine's. The decode step runs with the
-/// router's picks on the device and through the host, and must give the same bits.
-fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ffn: usize) {
+/// The tiny preset with two layers, these attention heads and this vocabulary.
+fn two_layers(head_dim: usize, heads: usize, kv_heads: usize, vocab: usize) -> ModelConfig {
     let mut cfg = ModelConfig::tiny();
     cfg.head_dim = head_dim;
     cfg.num_attention_heads = heads;
     cfg.num_key_value_heads = kv_heads;
     cfg.num_hidden_layers = 2;
-    cfg.intermediate_size = ffn;
-    cfg.vocab_size = 4096;
+    cfg.vocab_size = vocab;
+    cfg
+}
+
+/// Random weights for `cfg` (the `grok init` generator) in a temporary directory, opened; the
+/// directory lives as long as the returned guard.
+fn random_model(cfg: &ModelConfig, seed: u64) -> (tempfile::TempDir, ModelDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model");
-    init_random(&cfg, 7, &path, &mut |_| {}).unwrap();
+    init_random(cfg, seed, &path, &mut |_| {}).unwrap();
     let model = open_model(&path).unwrap();
+    (dir, model)
+}
+
+/// A random Grok-shaped model with `head_dim` (and FFN width `ffn`) and its GPU shard's
+/// logits for every position of long prompts (one of them continued by a second chunk),
+/// then for a decode step of both, against the CPU engine's. The decode step runs with the
+/// router's picks on the device and through the host, and must give the same bits.
+fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ffn: usize) {
+    let mut cfg = two_layers(head_dim, heads, kv_heads, 4096);
+    cfg.intermediate_size = ffn;
+    let (_dir, model) = random_model(&cfg, 7);
     let load = || ModelWeights::load(model.source.as_ref(), &model.config).unwrap();
     let cpu = CpuModel::new(load()).unwrap();
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
@@ -270,16 +283,7 @@ fn long_prompts_at_the_tiny_head_size_match_the_cpu_engine() {
 /// that is over 8), and of the longest sequence alone (the most splits). Then the same steps
 /// with the router's picks brought to the host: the same bits.
 fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
-    let mut cfg = ModelConfig::tiny();
-    cfg.head_dim = head_dim;
-    cfg.num_attention_heads = heads;
-    cfg.num_key_value_heads = kv_heads;
-    cfg.num_hidden_layers = 2;
-    cfg.vocab_size = 512;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model");
-    init_random(&cfg, 11, &path, &mut |_| {}).unwrap();
-    let model = open_model(&path).unwrap();
+    let (_dir, model) = random_model(&two_layers(head_dim, heads, kv_heads, 512), 11);
     let load = || ModelWeights::load(model.source.as_ref(), &model.config).unwrap();
     let cpu = CpuModel::new(load()).unwrap();
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();

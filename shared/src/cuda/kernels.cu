@@ -193,6 +193,15 @@ extern "C" __global__ void rope_kv(float *q, const float *k, const float *v, flo
     for (int i = threadIdx.x; i < kvd; i += blockDim.x) vc[dst + i] = vr[i];
 }
 
+// The keys [kbeg, kend) of key split `split` of `splits`: the first `visible` keys in chunks
+// of whole multiples of `granule` (a split past the end is empty).
+__device__ __forceinline__ void key_range(int visible, int splits, int split, int granule,
+                                          int *kbeg, int *kend) {
+    int chunk = ((visible + splits - 1) / splits + granule - 1) / granule * granule;
+    *kbeg = split * chunk;
+    *kend = min(visible, *kbeg + chunk);
+}
+
 // Causal grouped-query attention with the soft cap, over the paged cache, flash style: one
 // block per (tile of a sequence's new tokens, kv head, key split); the tile's rows are its
 // tokens times the q heads sharing the kv head, so decode reads each cached key once per kv
@@ -236,8 +245,8 @@ __device__ void attention(const float *q, const float *kc, const float *vc, floa
     for (int r = 0; r < R; r++) acc[r] = 0.f;
     int visible = pos0 + ntok;  // keys the last token of the tile sees
     // This split's keys: chunks of whole key tiles.
-    int chunk = ((visible + splits - 1) / splits + ATT_KEYS - 1) / ATT_KEYS * ATT_KEYS;
-    int kbeg = split * chunk, kend = min(visible, kbeg + chunk);
+    int kbeg, kend;
+    key_range(visible, splits, split, ATT_KEYS, &kbeg, &kend);
     for (int j0 = kbeg; j0 < kend; j0 += ATT_KEYS) {
         int nk = min(ATT_KEYS, kend - j0);
         __syncthreads();
@@ -403,8 +412,8 @@ __device__ void attention_prefill(const float *q, const float *kc, const float *
         for (int e = 0; e < CPT; e++) acc[i][e] = 0.f;
     }
     int visible = pos0 + ntok;
-    int chunk = ((visible + splits - 1) / splits + PF_KEYS - 1) / PF_KEYS * PF_KEYS;
-    int kbeg = split * chunk, kend = min(visible, kbeg + chunk);
+    int kbeg, kend;
+    key_range(visible, splits, split, PF_KEYS, &kbeg, &kend);
     for (int j0 = kbeg; j0 < kend; j0 += PF_KEYS) {
         int nk = min(PF_KEYS, kend - j0);
         __syncthreads();  // the previous tile's values and p are no longer read
@@ -589,8 +598,8 @@ __device__ void attention_decode(const float *q, const float *kc, const float *v
     }
     int visible = pos0 + ntok;
     const int granule = DEC_WARPS * ROUND;
-    int chunk = ((visible + splits - 1) / splits + granule - 1) / granule * granule;
-    int kbeg = split * chunk, kend = min(visible, kbeg + chunk);
+    int kbeg, kend;
+    key_range(visible, splits, split, granule, &kbeg, &kend);
     const float *kb = kc + kvh * HD + cl, *vb = vc + kvh * HD + cl;
     for (int j0 = kbeg + warp * ROUND; j0 < kend; j0 += DEC_WARPS * ROUND) {
         float4 kr[DEC_U], vr[DEC_U];
@@ -843,8 +852,8 @@ __device__ void attention_tc(const float *q, const float *kc, const float *vc, f
 #pragma unroll
         for (int e = 0; e < 4; e++) oacc[nt][e] = 0.f;
     int visible = pos0 + ntok;
-    int chunk = ((visible + splits - 1) / splits + TC_KEYS - 1) / TC_KEYS * TC_KEYS;
-    int kbeg = split * chunk, kend = min(visible, kbeg + chunk);
+    int kbeg, kend;
+    key_range(visible, splits, split, TC_KEYS, &kbeg, &kend);
     for (int j0 = kbeg; j0 < kend; j0 += TC_KEYS) {
         int nk = min(TC_KEYS, kend - j0);
         __syncthreads();  // the previous chunk's keys and values are no longer read

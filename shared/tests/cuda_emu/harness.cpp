@@ -29,6 +29,30 @@ static void expect(bool ok, const char *what, double got, double limit) {
     if (!ok) failures++;
 }
 
+// Attention of one query row (q, head_dim values) over the keys at pool rows slots[0..=p] of
+// kv head kvh, in double: the largest |got - reference| over its head_dim outputs (1e9 for a
+// value that is not finite).
+static double attention_row_error(const float *q, const float *got, const std::vector<float> &kc,
+                                  const std::vector<float> &vc, const unsigned *slots, int p,
+                                  int kvd, int kvh, int hd, float mult, float cap) {
+    std::vector<double> sc(p + 1);
+    double mx = -1e300, sum = 0, worst = 0;
+    for (int j = 0; j <= p; j++) {
+        const float *kr = kc.data() + (size_t)slots[j] * kvd + kvh * hd;
+        double a = 0;
+        for (int c = 0; c < hd; c++) a += (double)q[c] * kr[c];
+        sc[j] = cap * std::tanh(a * mult / cap);
+        mx = std::max(mx, sc[j]);
+    }
+    for (auto &v : sc) sum += (v = std::exp(v - mx));
+    for (int c = 0; c < hd; c++) {
+        double o = 0;
+        for (int j = 0; j <= p; j++) o += sc[j] * vc[(size_t)slots[j] * kvd + kvh * hd + c];
+        worst = std::max(worst, std::isfinite(got[c]) ? std::abs(got[c] - o / sum) : 1e9);
+    }
+    return worst;
+}
+
 using AttKernel = void (*)(const float *, const float *, const float *, float *, const int *,
                            const unsigned *, int, int, int, float, float, int, float *, float *,
                            unsigned *);
@@ -72,25 +96,10 @@ static double decode_case(AttKernel k, int hd, int R, int q_heads, int kv_heads,
         for (int i = 0; i < ntok; i++) {
             int p = lens[s] + i, row = s * ntok + i;
             for (int h = 0; h < q_heads; h++) {
-                int kvh = h / group;
-                std::vector<double> sc(p + 1);
-                double mx = -1e300;
-                for (int j = 0; j <= p; j++) {
-                    const float *kr = kc.data() + (size_t)slots[tiles[4 * s + 3] + j] * kvd + kvh * hd;
-                    double a = 0;
-                    for (int c = 0; c < hd; c++) a += (double)q[(size_t)row * qd + h * hd + c] * kr[c];
-                    sc[j] = cap * std::tanh(a * mult / cap);
-                    mx = std::max(mx, sc[j]);
-                }
-                double sum = 0;
-                for (auto &v : sc) sum += (v = std::exp(v - mx));
-                for (int c = 0; c < hd; c++) {
-                    double o = 0;
-                    for (int j = 0; j <= p; j++)
-                        o += sc[j] * vc[(size_t)slots[tiles[4 * s + 3] + j] * kvd + kvh * hd + c];
-                    double got = out[(size_t)row * qd + h * hd + c];
-                    worst = std::max(worst, std::isfinite(got) ? std::abs(got - o / sum) : 1e9);
-                }
+                size_t at = (size_t)row * qd + h * hd;
+                worst = std::max(worst, attention_row_error(q.data() + at, out.data() + at, kc, vc,
+                                                            slots.data() + tiles[4 * s + 3], p,
+                                                            kvd, h / group, hd, mult, cap));
             }
         }
     }
@@ -179,24 +188,10 @@ static double prefill_tc_case(AttKernel k, int hd, int q_heads, int kv_heads, in
     for (int row = 0; row < n; row++) {
         int s = seq_of_row[row], p = pos_of_row[row];
         for (int h = 0; h < q_heads; h++) {
-            int kvh = h / group;
-            std::vector<double> sc(p + 1);
-            double mx = -1e300, sum = 0;
-            for (int j = 0; j <= p; j++) {
-                const float *kr = kc.data() + (size_t)slots[off_of_seq[s] + j] * kvd + kvh * hd;
-                double a = 0;
-                for (int c = 0; c < hd; c++) a += (double)q[(size_t)row * qd + h * hd + c] * kr[c];
-                sc[j] = cap * std::tanh(a * mult / cap);
-                mx = std::max(mx, sc[j]);
-            }
-            for (auto &v : sc) sum += (v = std::exp(v - mx));
-            for (int c = 0; c < hd; c++) {
-                double o = 0;
-                for (int j = 0; j <= p; j++)
-                    o += sc[j] * vc[(size_t)slots[off_of_seq[s] + j] * kvd + kvh * hd + c];
-                double got = out[(size_t)row * qd + h * hd + c];
-                worst = std::max(worst, std::isfinite(got) ? std::abs(got - o / sum) : 1e9);
-            }
+            size_t at = (size_t)row * qd + h * hd;
+            worst = std::max(worst, attention_row_error(q.data() + at, out.data() + at, kc, vc,
+                                                        slots.data() + off_of_seq[s], p, kvd,
+                                                        h / group, hd, mult, cap));
         }
     }
     return worst;
