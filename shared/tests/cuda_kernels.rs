@@ -136,6 +136,16 @@ fn a_split_product_gives_each_part_its_columns() {
     assert!(err.is_err(), "widths that do not add up are refused");
 }
 
+/// Largest |got - want| over the largest |want| (logits against the CPU engine's).
+fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
+    let worst = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |a, (&g, &w)| a.max((g - w).abs() as f64));
+    worst / scale
+}
+
 /// The tiny preset with two layers, these attention heads and this vocabulary.
 fn two_layers(head_dim: usize, heads: usize, kv_heads: usize, vocab: usize) -> ModelConfig {
     let mut cfg = ModelConfig::tiny();
@@ -235,12 +245,7 @@ fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ff
     let mut worst = 0f64;
     for (got, want, what) in want {
         assert_eq!(got.len(), want.len(), "{what}");
-        let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
-        let err = got
-            .iter()
-            .zip(&want)
-            .fold(0f64, |a, (&g, &w)| a.max((g - w).abs() as f64))
-            / scale;
+        let err = rel_diff(got, &want);
         worst = worst.max(err);
         assert!(
             err < 1e-4,
@@ -338,12 +343,7 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
         for ((&s, t), got) in seqs.iter().zip(&tokens).zip(&got) {
             let want = kvs[s].step(&cpu, t, LogitsMode::All).unwrap();
             assert_eq!(got.len(), want.len());
-            let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
-            let err = got
-                .iter()
-                .zip(&want)
-                .fold(0f64, |a, (&g, &w)| a.max((g - w).abs() as f64))
-                / scale;
+            let err = rel_diff(got, &want);
             worst = worst.max(err);
             assert!(
                 err < 1e-4,

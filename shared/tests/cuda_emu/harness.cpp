@@ -53,6 +53,20 @@ static double attention_row_error(const float *q, const float *got, const std::v
     return worst;
 }
 
+// A KV pool of `pool` rows (uniform in [-1, 1)) handed out in random order (`perm`), and `n`
+// query rows.
+static void random_attention_inputs(Rng &rng, int pool, int kvd, int n, int qd,
+                                    std::vector<unsigned> &perm, std::vector<float> &kc,
+                                    std::vector<float> &vc, std::vector<float> &q) {
+    perm.resize(pool);
+    std::iota(perm.begin(), perm.end(), 0u);
+    for (int i = pool - 1; i > 0; i--) std::swap(perm[i], perm[rng.next() % (i + 1)]);
+    for (auto *v : {&kc, &vc}) v->resize((size_t)pool * kvd);
+    q.resize((size_t)n * qd);
+    for (auto *v : {&kc, &vc, &q})
+        for (auto &x : *v) x = rng.uni();
+}
+
 using AttKernel = void (*)(const float *, const float *, const float *, float *, const int *,
                            const unsigned *, int, int, int, float, float, int, float *, float *,
                            unsigned *);
@@ -67,13 +81,9 @@ static double decode_case(AttKernel k, int hd, int R, int q_heads, int kv_heads,
     if (ntok * group > R) std::abort();
     int pool = 0;
     for (int l : lens) pool += l + ntok;
-    std::vector<unsigned> perm(pool);
-    std::iota(perm.begin(), perm.end(), 0u);
-    for (int i = pool - 1; i > 0; i--) std::swap(perm[i], perm[rng.next() % (i + 1)]);
-    std::vector<float> kc((size_t)pool * kvd), vc((size_t)pool * kvd), q((size_t)n * qd);
-    for (auto &v : kc) v = rng.uni();
-    for (auto &v : vc) v = rng.uni();
-    for (auto &v : q) v = rng.uni();
+    std::vector<unsigned> perm;
+    std::vector<float> kc, vc, q;
+    random_attention_inputs(rng, pool, kvd, n, qd, perm, kc, vc, q);
     std::vector<int> tiles;
     std::vector<unsigned> slots;
     for (int s = 0, used = 0; s < seqs; s++) {
@@ -151,13 +161,9 @@ static double prefill_tc_case(AttKernel k, int hd, int q_heads, int kv_heads, in
     int seqs[2][2] = {{0, 150}, {70, 40}};
     int pool = 0, n = 0;
     for (auto &s : seqs) pool += s[0] + s[1], n += s[1];
-    std::vector<unsigned> perm(pool);
-    std::iota(perm.begin(), perm.end(), 0u);
-    for (int i = pool - 1; i > 0; i--) std::swap(perm[i], perm[rng.next() % (i + 1)]);
-    std::vector<float> kc((size_t)pool * kvd), vc((size_t)pool * kvd), q((size_t)n * qd);
-    for (auto &v : kc) v = rng.uni();
-    for (auto &v : vc) v = rng.uni();
-    for (auto &v : q) v = rng.uni();
+    std::vector<unsigned> perm;
+    std::vector<float> kc, vc, q;
+    random_attention_inputs(rng, pool, kvd, n, qd, perm, kc, vc, q);
     std::vector<int> tiles, seq_of_row, pos_of_row, off_of_seq;
     std::vector<unsigned> slots;
     for (int s = 0, used = 0, row = 0; s < 2; s++) {
