@@ -202,8 +202,9 @@ pub struct Gpu {
     tiled_slots: usize,
     /// The same for each `qmma_*` (in `MMA_ROWS` order).
     mma_slots: [usize; 3],
-    /// One counter per column tile for the tiled kernel's last-block sum (each launch leaves
-    /// them at zero).
+    /// Counters for the last-block merges (the tiled and tensor-core matmuls: one per column
+    /// tile or half tile; the decode attention: one per tile and kv head). Each launch leaves
+    /// them at zero, and launches run in stream order, so they share one buffer.
     tile_counters: Buf<u32>,
     pub name: String,
     /// With `GROK_CUDA_PROFILE=1`: every launch timed on the GPU by a pair of events (no
@@ -788,8 +789,8 @@ impl Gpu {
 
     /// `out[m, n] = x[m, k] · q` (row-major f32 at device addresses). Batches below
     /// `gemm_min_rows` stream the int8 weights through the f32 kernels (up to 4 rows per read
-    /// on the tiled layout, 16 on the row-major one);
-    /// larger ones take the bf16 path (see [`DEFAULT_GEMM_MIN_ROWS`]).
+    /// on the tiled layout, 16 on the row-major one); larger ones take the bf16 path (see
+    /// [`DEFAULT_GEMM_MIN_ROWS`]).
     pub fn qmatmul(
         &self,
         x: u64,
@@ -881,8 +882,6 @@ impl Gpu {
         Ok(())
     }
 
-    /// bf16 copies of `x` and the dequantised weight, one cuBLAS GEMM with f32 accumulation
-    /// and f32 output.
     /// Whether `qmma_*` takes `q`: tiled, K and the scale groups whole mma steps (16 rows),
     /// on tensor cores that take bf16.
     fn mma_takes(&self, q: &DevQ) -> bool {
@@ -934,7 +933,8 @@ impl Gpu {
         )
     }
 
-    /// `x[m, k] · q` through a bf16 copy of the weight and cuBLAS (what large batches take).
+    /// `x[m, k] · q` through bf16 copies of `x` and the dequantised weight and one cuBLAS GEMM
+    /// (f32 accumulation and output): what batches past `qmma_*`'s take.
     pub fn qmatmul_cublas(&self, x: u64, m: usize, q: &DevQ, out: u64) -> Result<(), CudaError> {
         let (wb, xb) = self.bf16_operands(x, m, q)?;
         self.gemm_bf16(xb.ptr(), wb.ptr(), out, m, q.n, q.k)
