@@ -1,11 +1,11 @@
-//! kernels.cu's decode attention, tensor-core prefill attention, tensor-core int8 matmul and
-//! residual kernels run on the CPU, without a GPU: the source is compiled as C++ against
-//! `cuda_emu/emu.h` (a fiber per CUDA thread, barriers for `__syncthreads`, the warp shuffles
-//! and the tensor-core `mma`, whose fragment layout it follows from the PTX ISA) and checked
-//! by `cuda_emu/harness.cpp` against double-precision references. It catches indexing,
-//! masking, shuffle and merge mistakes before a GPU is at hand (the GPU tests in
-//! cuda_kernels.rs check the rest on the device). Needs a C++20 compiler: `c++`, or the one
-//! `CXX` names.
+//! kernels.cu's kernels run on the CPU, without a GPU: the attention kernels (decode, prefill
+//! f32 and tensor-core), the decode matmul and the device-routed experts, the tensor-core int8
+//! matmul and the residual kernel. The source is compiled as C++ against `cuda_emu/emu.h` (a
+//! fiber per CUDA thread, barriers for `__syncthreads`, the warp shuffles and the tensor-core
+//! `mma`, whose fragment layout it follows from the PTX ISA) and checked by
+//! `cuda_emu/harness.cpp` against double-precision references. It catches indexing, masking,
+//! shuffle and merge mistakes before a GPU is at hand (the GPU tests in cuda_kernels.rs check
+//! the rest on the device). Needs a C++20 compiler: `c++`, or the one `CXX` names.
 
 use std::path::Path;
 use std::process::Command;

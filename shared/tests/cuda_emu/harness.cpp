@@ -1,9 +1,10 @@
 // Runs kernels of kernels.cu on the CPU through emu.h and checks them against plain
 // double-precision references: the decode attention (every head size and tile size, key
-// splits including empty ones, paged slots in random order), the tensor-core prefill
-// attention (to bf16 precision), the tensor-core int8 matmul (the same bf16 operands) and the
-// residual kernel (with the experts' slot combine and the fused router). Built and run by
-// cuda_emulated.rs; exits non-zero if any check fails.
+// splits including empty ones, paged slots in random order), the prefill attention (f32, and
+// on the tensor cores to bf16 precision), the decode matmul and the device-routed experts,
+// the tensor-core int8 matmul (the same bf16 operands) and the residual kernel (with the
+// experts' slot combine and the fused router). Built and run by cuda_emulated.rs; exits
+// non-zero if any check fails.
 #include "emu.h"
 #include "kernels_emu.cu"
 
@@ -150,10 +151,11 @@ static void decode_tests() {
 }
 
 // Prefill tiles (as CudaShard::step_meta makes them: 64 rows, tokens × group) of a fresh
-// prompt and of a continued one through attention_tc_HD (and attention_combine with key
+// prompt and of a continued one through a prefill kernel (attention_tc_HD or
+// attention_prefill_HD, with `smem` bytes of dynamic shared memory; attention_combine with key
 // splits), against the reference in double on the unrounded inputs: the largest |difference|.
-static double prefill_tc_case(AttKernel k, int hd, int q_heads, int kv_heads, int splits,
-                              uint64_t seed) {
+static double prefill_case(AttKernel k, size_t smem, int hd, int q_heads, int kv_heads,
+                           int splits, uint64_t seed) {
     Rng rng{seed};
     int group = q_heads / kv_heads, qd = q_heads * hd, kvd = kv_heads * hd;
     int per_tile = std::max(1, 64 / group);
@@ -184,8 +186,9 @@ static double prefill_tc_case(AttKernel k, int hd, int q_heads, int kv_heads, in
     std::vector<float> part_o(parts * hd), part_ml(parts * 2);
     float mult = 0.3f, cap = 2.0f;
     emu_launch(k, dim3e{(unsigned)num_tiles, (unsigned)(kv_heads * splits), 1}, dim3e{128, 1, 1},
-               0, q.data(), kc.data(), vc.data(), out.data(), tiles.data(), slots.data(), q_heads,
-               kv_heads, hd, mult, cap, splits, part_o.data(), part_ml.data(), (unsigned *)nullptr);
+               smem, q.data(), kc.data(), vc.data(), out.data(), tiles.data(), slots.data(),
+               q_heads, kv_heads, hd, mult, cap, splits, part_o.data(), part_ml.data(),
+               (unsigned *)nullptr);
     if (splits > 1)
         emu_launch(attention_combine, dim3e{(unsigned)num_tiles, (unsigned)kv_heads, 64},
                    dim3e{128, 1, 1}, 0, part_o.data(), part_ml.data(), out.data(), tiles.data(),
@@ -203,26 +206,32 @@ static double prefill_tc_case(AttKernel k, int hd, int q_heads, int kv_heads, in
     return worst;
 }
 
-static void prefill_tc_tests() {
+static void prefill_tests() {
     struct K {
         AttKernel k;
         int hd;
+        bool tc;
         const char *name;
     } ks[] = {
-        {(AttKernel)attention_tc_16, 16, "attention_tc_16"},
-        {(AttKernel)attention_tc_32, 32, "attention_tc_32"},
-        {(AttKernel)attention_tc_64, 64, "attention_tc_64"},
-        {(AttKernel)attention_tc_128, 128, "attention_tc_128"},
+        {(AttKernel)attention_tc_16, 16, true, "attention_tc_16"},
+        {(AttKernel)attention_tc_32, 32, true, "attention_tc_32"},
+        {(AttKernel)attention_tc_64, 64, true, "attention_tc_64"},
+        {(AttKernel)attention_tc_128, 128, true, "attention_tc_128"},
+        {(AttKernel)attention_prefill_32, 32, false, "attention_prefill_32"},
+        {(AttKernel)attention_prefill_128, 128, false, "attention_prefill_128"},
     };
     uint64_t seed = 100;
     for (auto &k : ks) {
+        // The f32 kernel's dynamic shared memory (Gpu::prefill_smem_bytes).
+        size_t smem = k.tc ? 0 : (2 * 64 * (k.hd + 4) + 64 * 68) * 4;
+        double limit = k.tc ? 1.5e-2 : 2e-5;  // bf16 operands, or f32 throughout
         int cases[][3] = {{12, 2, 1}, {4, 4, 3}};  // (q heads, kv heads, splits)
         for (auto &c : cases) {
-            double err = prefill_tc_case(k.k, k.hd, c[0], c[1], c[2], seed++);
+            double err = prefill_case(k.k, smem, k.hd, c[0], c[1], c[2], seed++);
             char what[160];
-            std::snprintf(what, sizeof what, "%s (bf16): group %d, %d split(s)", k.name,
-                          c[0] / c[1], c[2]);
-            expect(err < 1.5e-2, what, err, 1.5e-2);
+            std::snprintf(what, sizeof what, "%s: group %d, %d split(s)", k.name, c[0] / c[1],
+                          c[2]);
+            expect(err < limit, what, err, limit);
         }
     }
 }
@@ -274,6 +283,51 @@ static void qmma_case(MmaKernel kern, const char *name, int m, int k, int n, int
     std::snprintf(what, sizeof what, "%s: %d rows, [%d x %d], %d scale group(s), %d K blocks",
                   name, m, k, n, groups, blocks_y);
     expect(worst < 1e-6, what, worst, 1e-6);
+}
+
+// qgemv_tiled_4 (the decode matmul) on 3 rows of a [200 x 1040] int8 matrix (K no multiple
+// of 8, two scale groups, tiles of 512, 512 and 16 columns), its K split over two blocks, the
+// tiles going to three outputs as a fused q, k, v projection's do; against the double product.
+static void tiled_case(uint64_t seed) {
+    Rng rng{seed};
+    const int m = 3, k = 200, n = 1040, gr = 100, per_warp = 16, t1 = 1, t2 = 2;
+    const int tiles = (n + 511) / 512, ky = (k + per_warp * 8 - 1) / (per_warp * 8);
+    std::vector<signed char> w((size_t)k * n), wt((size_t)k * n);
+    for (auto &v : w) v = (signed char)(rng.next() % 256 - 128);
+    for (int t = 0, at = 0; t < tiles; t++) {
+        int c0 = t * 512, width = std::min(512, n - c0);
+        for (int r = 0; r < k; r++)
+            for (int c = 0; c < width; c++) wt[at++] = w[(size_t)r * n + c0 + c];
+    }
+    std::vector<float> sc((size_t)(k / gr) * n), x((size_t)m * k);
+    for (auto &v : sc) v = 0.001f + 0.01f * (rng.uni() + 1.f);
+    for (auto &v : x) v = rng.uni();
+    int widths[3] = {t1 * 512, (t2 - t1) * 512, n - t2 * 512};
+    std::vector<float> outs[3];
+    for (int i = 0; i < 3; i++) outs[i].assign((size_t)m * widths[i], NAN);
+    std::vector<float> parts((size_t)ky * m * n);
+    std::vector<u32> counters(tiles, 0);
+    emu_launch(qgemv_tiled_4, dim3e{(unsigned)tiles, (unsigned)ky, 1}, dim3e{32, 8, 1},
+               8 * 4 * 512 * 4, x.data(), m, wt.data(), sc.data(), k, n, gr, outs[0].data(),
+               outs[1].data(), outs[2].data(), t1, t2, parts.data(), counters.data(), per_warp);
+    double worst = 0;
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < n; c++) {
+            double want = 0, scale = 0;
+            for (int i = 0; i < k; i++) {
+                double p = (double)x[(size_t)r * k + i] * w[(size_t)i * n + c] * sc[(size_t)(i / gr) * n + c];
+                want += p;
+                scale += std::abs(p);
+            }
+            int o = c < widths[0] ? 0 : c < widths[0] + widths[1] ? 1 : 2;
+            int oc = c - (o > 0 ? widths[0] : 0) - (o > 1 ? widths[1] : 0);
+            double got = outs[o][(size_t)r * widths[o] + oc];
+            worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+        }
+    for (u32 c : counters)
+        if (c != 0) worst = 1e9;
+    expect(worst < 1e-6, "qgemv_tiled_4: 3 rows, K split, three outputs (fused q, k, v)", worst,
+           1e-6);
 }
 
 // qgemv_experts_4 (device-routed experts, f32 int8 path) with an expert picked by more
@@ -401,7 +455,8 @@ static void residual_case(int rows, int d, int experts, int k, bool slots, bool 
 
 int main() {
     decode_tests();
-    prefill_tc_tests();
+    prefill_tests();
+    tiled_case(32);
     experts_case(31);
     qmma_case(qmma_1, "qmma_1", 9, 96, 560, 2, 1, 21);
     qmma_case(qmma_2, "qmma_2", 20, 160, 560, 5, 3, 22);
