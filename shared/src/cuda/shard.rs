@@ -765,7 +765,7 @@ impl CudaShard {
             g.launch(&kernel, grid, (DECODE_THREADS as u32, 1), 0, &args)?;
         } else {
             // Prefill tiles take the register-tiled kernel where it is built for the head size;
-            // on the bf16 path (this step's projections ran in bf16 on cuBLAS) its tensor-core
+            // on the bf16 path (this step's projections ran with bf16 operands) its tensor-core
             // twin, which rounds q, k, v and the weights to bf16 as the release does.
             let bf16_path = n >= self.gemm_min_rows && g.bf16_tensor_cores();
             let (kernel, smem) = if ATT_HEAD_DIMS.contains(&hd) && bf16_path {
