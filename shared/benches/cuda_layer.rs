@@ -40,8 +40,13 @@ fn main() {
     let mut cfg = ModelConfig::preset("grok-1").expect("grok-1 preset");
     cfg.num_hidden_layers = layers;
     let tmp;
+    // A model left by an earlier run is reused only if it has the layers asked for (the
+    // figures are divided by that count).
+    let reusable = |d: &std::ffi::OsStr| {
+        open_model(std::path::Path::new(d)).is_ok_and(|m| m.config.num_hidden_layers == layers)
+    };
     let dir = match std::env::var_os("GROK_BENCH_MODEL") {
-        Some(d) if std::path::Path::new(&d).join("config.json").exists() => d.into(),
+        Some(d) if reusable(&d) => d.into(),
         other => {
             let path = match other {
                 Some(d) => std::path::PathBuf::from(d),
