@@ -288,7 +288,9 @@ fn long_prompts_at_the_tiny_head_size_match_the_cpu_engine() {
 /// that is over 8), and of the longest sequence alone (the most splits). Then the same steps
 /// with the router's picks brought to the host: the same bits.
 fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
-    let (_dir, model) = random_model(&two_layers(head_dim, heads, kv_heads, 512), 11);
+    let mut cfg = two_layers(head_dim, heads, kv_heads, 512);
+    cfg.intermediate_size = 512; // tiled experts: device routing applies
+    let (_dir, model) = random_model(&cfg, 11);
     let load = || ModelWeights::load(model.source.as_ref(), &model.config).unwrap();
     let cpu = CpuModel::new(load()).unwrap();
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
@@ -301,6 +303,10 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
         shard
     };
     let mut shard = shard_with(true);
+    assert!(
+        shard.device_routes(5),
+        "the 5-token steps keep the picks on the device"
+    );
     let lens = [1usize, 7, 40, 300, 1100];
     let blocks: Vec<Vec<u32>> = (0..5u32)
         .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
@@ -531,4 +537,56 @@ fn tensor_core_int8_matmul_matches_dequantised_cublas() {
             assert!(err < 1e-4, "{m} rows, {k}x{n}: relative error {err}");
         }
     }
+}
+
+/// A decode step of 24 sequences takes the bf16 path (24 rows: the tensor-core matmul and,
+/// with the picks on the device, `qmma_experts_4`). Device and host routing then give the
+/// same operands with sums in another order, and the host runs experts of fewer than 9 rows
+/// on the int8 path: the logits agree to bf16 precision.
+#[test]
+#[ignore = "needs a GPU"]
+fn bf16_path_device_routing_matches_host_routing() {
+    let mut cfg = two_layers(128, 12, 2, 512);
+    cfg.intermediate_size = 512;
+    let (_dir, model) = random_model(&cfg, 13);
+    let load = || ModelWeights::load(model.source.as_ref(), &model.config).unwrap();
+    let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
+    let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
+    let (seqs, per_seq) = (24usize, 4u32);
+    let blocks: Vec<Vec<u32>> = (0..seqs as u32)
+        .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..seqs)
+        .map(|s| (0..30).map(|i| ((s * 31 + i * 7) % 512) as u32).collect())
+        .collect();
+    let next: Vec<Vec<u32>> = (0..seqs).map(|s| vec![(s * 13 % 512) as u32]).collect();
+    let run = |device_routing: bool| {
+        let mut shard = CudaShard::new(load(), plan, 0, 0, seqs * per_seq as usize, 16).unwrap();
+        shard.device_routing = device_routing;
+        let tensor_cores = shard.gpu().bf16_tensor_cores();
+        assert_eq!(shard.device_routes(seqs), device_routing && tensor_cores);
+        let step = |shard: &mut CudaShard, tokens: &[Vec<u32>], start: usize| {
+            let batch: Vec<SeqStep> = tokens
+                .iter()
+                .zip(&blocks)
+                .map(|(t, b)| SeqStep {
+                    tokens: t,
+                    start,
+                    blocks: b,
+                    logits: LogitsMode::Last,
+                })
+                .collect();
+            shard.step(&comm, &batch).unwrap().logits.unwrap()
+        };
+        step(&mut shard, &prompts, 0);
+        step(&mut shard, &next, 30)
+    };
+    let (device, host) = (run(true), run(false));
+    let worst = device
+        .iter()
+        .zip(&host)
+        .map(|(d, h)| rel_diff(d, h))
+        .fold(0f64, f64::max);
+    println!("bf16 path, 24-token decode step: device routing within {worst:.2e} of host routing");
+    assert!(worst < 5e-2, "relative difference {worst}");
 }

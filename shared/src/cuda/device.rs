@@ -42,6 +42,9 @@ const TILED_ROWS: [usize; 3] = [1, 2, 4];
 /// Rows of x the tensor-core int8 matmul comes in (`qmma_{rows / 16}` in kernels.cu): bf16-path
 /// batches up to the largest take it instead of dequantisation + cuBLAS.
 const MMA_ROWS: [usize; 3] = [16, 32, 64];
+/// The most tokens of a device-routed step on the bf16 path (an expert gets one slot per token
+/// at most, and its slots are one batch of `qmma_experts_4`, up to 64 rows).
+pub const MMA_ROUTED_TOKENS: usize = 64;
 /// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
 const MAX_TILES: usize = 4096;
 /// Head dimensions with attention kernels of their own: the register-tiled prefill
@@ -882,14 +885,95 @@ impl Gpu {
         Ok(())
     }
 
-    /// Whether `qmma_*` takes `q`: tiled, K and the scale groups whole mma steps (16 rows),
-    /// on tensor cores that take bf16.
+    /// Whether `qmma_*` takes `q`: tiled, and see [`Gpu::mma_takes_shape`].
     fn mma_takes(&self, q: &DevQ) -> bool {
+        q.tiled && self.mma_takes_shape(q.k, q.n, q.gr)
+    }
+
+    /// Whether the tensor-core int8 kernels take a tiled `[k, n]` matrix with scale groups
+    /// of `gr` rows: K and the groups whole mma steps (16 rows), on tensor cores that take
+    /// bf16.
+    pub fn mma_takes_shape(&self, k: usize, n: usize, gr: usize) -> bool {
         self.bf16_tensor_cores()
-            && q.tiled
-            && q.k.is_multiple_of(16)
-            && q.gr.is_multiple_of(16)
-            && 2 * q.n.div_ceil(Q_TILE) <= MAX_TILES
+            && k.is_multiple_of(16)
+            && gr.is_multiple_of(16)
+            && 2 * n.div_ceil(Q_TILE) <= MAX_TILES
+    }
+
+    /// The K split of `qmma_*` (instance `i` of `MMA_ROWS`) for K = `k` over `halves` column
+    /// halves: rows per block (whole mma steps) and blocks along y, one wave of blocks.
+    fn mma_split(&self, k: usize, halves: usize, i: usize) -> (usize, usize) {
+        let ky = (self.mma_slots[i] / halves.max(1)).clamp(1, (k / 16).max(1));
+        let per_block = k.div_ceil(ky).next_multiple_of(16);
+        (per_block, k.div_ceil(per_block).max(1))
+    }
+
+    /// A bf16 copy of `len` f32 values at `x` (rounded to nearest even).
+    pub fn to_bf16(&self, x: u64, len: usize) -> Result<Buf<u16>, CudaError> {
+        let xb = self.alloc::<u16>(len)?;
+        self.elems_launch(
+            "to_bf16",
+            len,
+            &[Arg::P(x), Arg::P(xb.ptr()), Arg::N(len as u64)],
+        )?;
+        Ok(xb)
+    }
+
+    /// [`Gpu::qmatmul_experts`] on the bf16 path (`qmma_experts_4`): `xb` holds bf16 rows,
+    /// and each picked expert's slots (at most 64: `tokens` bounds them) are one batch of the
+    /// tensor-core kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qmatmul_experts_mma(
+        &self,
+        xb: u64,
+        picks: u64,
+        slots: usize,
+        in_div: usize,
+        tokens: usize,
+        set: &ExpertSet,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        let (k, n) = (set.k, set.n);
+        if tokens > MMA_ROUTED_TOKENS || !self.mma_takes_shape(k, n, set.gr) {
+            return Err(CudaError::Unsupported(format!(
+                "the tensor-core experts on {tokens} tokens of [{k} x {n}] (gr {})",
+                set.gr
+            )));
+        }
+        let halves = 2 * n.div_ceil(Q_TILE);
+        let kinds = set.len / set.experts.max(1);
+        let z = kinds * set.experts.min(slots);
+        if halves * z > MAX_TILES {
+            return Err(CudaError::Unsupported(format!(
+                "{} expert matrices {n} columns wide",
+                set.len
+            )));
+        }
+        let (per_block, ky) = self.mma_split(k, halves, MMA_ROWS.len() - 1);
+        let rows = kinds * slots;
+        let parts = self.alloc::<f32>(if ky > 1 { ky * rows * n } else { 0 })?;
+        self.launch3(
+            "qmma_experts_4",
+            (halves as u32, ky as u32, z as u32),
+            (32, 8),
+            0,
+            &[
+                Arg::P(xb),
+                Arg::P(picks),
+                Arg::I(slots as i32),
+                Arg::I(in_div as i32),
+                Arg::P(set.w_table.ptr()),
+                Arg::P(set.s_table.ptr()),
+                Arg::I(set.experts as i32),
+                Arg::I(k as i32),
+                Arg::I(n as i32),
+                Arg::I(set.gr as i32),
+                Arg::P(out),
+                Arg::P(parts.ptr()),
+                Arg::P(self.tile_counters.ptr()),
+                Arg::I(per_block as i32),
+            ],
+        )
     }
 
     /// `x[m, k] · q` for up to 64 rows on the tensor cores (`qmma_*`): the numbers of
@@ -902,15 +986,8 @@ impl Gpu {
             .ok_or_else(|| CudaError::Unsupported(format!("the tensor-core matmul on {m} rows")))?;
         let (k, n) = (q.k, q.n);
         let halves = 2 * n.div_ceil(Q_TILE);
-        let ky = (self.mma_slots[i] / halves).clamp(1, (k / 16).max(1));
-        let per_block = k.div_ceil(ky).next_multiple_of(16);
-        let ky = k.div_ceil(per_block).max(1);
-        let xb = self.alloc::<u16>(m * k)?;
-        self.elems_launch(
-            "to_bf16",
-            m * k,
-            &[Arg::P(x), Arg::P(xb.ptr()), Arg::N((m * k) as u64)],
-        )?;
+        let (per_block, ky) = self.mma_split(k, halves, i);
+        let xb = self.to_bf16(x, m * k)?;
         let parts = self.alloc::<f32>(if ky > 1 { ky * m * n } else { 0 })?;
         self.launch(
             &format!("qmma_{}", MMA_ROWS[i] / 16),
@@ -971,13 +1048,7 @@ impl Gpu {
                 &args,
             )?;
         }
-        let xb = self.alloc::<u16>(m * k)?;
-        self.elems_launch(
-            "to_bf16",
-            m * k,
-            &[Arg::P(x), Arg::P(xb.ptr()), Arg::N((m * k) as u64)],
-        )?;
-        Ok((wb, xb))
+        Ok((wb, self.to_bf16(x, m * k)?))
     }
 
     /// Row-major `c[m, n] = a[m, k] · b[k, n]`, bf16 inputs, f32 accumulation and output.
@@ -1157,6 +1228,7 @@ fn kernel_names() -> Vec<String> {
     for rows in MMA_ROWS {
         v.push(format!("qmma_{}", rows / 16));
     }
+    v.push("qmma_experts_4".into());
     for mr in TILED_ROWS {
         v.push(format!("qgemv_tiled_{mr}"));
         v.push(format!("qgemv_experts_{mr}"));
@@ -1250,7 +1322,10 @@ mod tests {
             ("qmma_", "QMMA("),
         ];
         for name in kernel_names() {
-            let direct = KERNELS.contains(&format!("void {name}("));
+            // `void name(` or `void __launch_bounds__(..) name(` on one line.
+            let direct = KERNELS
+                .lines()
+                .any(|l| l.contains("void ") && l.contains(&format!(" {name}(")));
             let by_macro = macros.iter().any(|(prefix, mac)| {
                 name.strip_prefix(prefix).is_some_and(|rest| {
                     let args = rest.replace('_', ", ");

@@ -1393,9 +1393,12 @@ __device__ __forceinline__ u32 cvt_bf16x2(float lo, float hi) {
 // loaded at once, to keep loads in flight). Partial sums of
 // the K split are added in y order by the last block of a column half, as in qgemv_core.
 //   xb: [m, k] bf16; k and the scale group rows multiples of 16. block (32, 8).
+//   Row r < m of the batch reads x row xrow[r] and writes row orow[r] of `out` and of the
+//   nrows-row partial sums (null lists: row r itself); `counter` is this column half's.
 template <int MT, int U>
-__device__ void qmma(const bf16 *xb, int m, const signed char *wt, const float *scales, int k,
-                     int n, int gr, float *out, float *parts, u32 *counters, int per_block) {
+__device__ void qmma_core(const bf16 *xb, const int *xrow, const int *orow, int m, int nrows,
+                          const signed char *wt, const float *scales, int k, int n, int gr,
+                          float *out, float *parts, u32 *counter, int per_block) {
     __shared__ __align__(16) unsigned char stage[8][U][16 * 32];
     __shared__ int last;
     int lane = threadIdx.x, warp = threadIdx.y, tid = warp * WARP + lane;
@@ -1423,7 +1426,7 @@ __device__ void qmma(const bf16 *xb, int m, const signed char *wt, const float *
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             int r = mt * 16 + g + 8 * h;
-            xr[mt][h] = r < m ? xb + (u64)r * k : nullptr;
+            xr[mt][h] = r < m ? xb + (u64)(xrow ? xrow[r] : r) * k : nullptr;
         }
     float sc[4];
     int group = -1;
@@ -1484,7 +1487,7 @@ __device__ void qmma(const bf16 *xb, int m, const signed char *wt, const float *
         }
     }
     // My outputs: row mt * 16 + g (+ 8), columns cw + 8j + 2t (+ 1).
-    float *dst = ky == 1 ? out : parts + (u64)by * m * n;
+    float *dst = ky == 1 ? out : parts + (u64)by * nrows * n;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -1492,12 +1495,12 @@ __device__ void qmma(const bf16 *xb, int m, const signed char *wt, const float *
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int r = mt * 16 + g + 8 * (e >> 1), c = cw + 8 * j + 2 * t + (e & 1);
-                if (r < m && c < width) dst[(u64)r * n + tile * QT + c] = acc[mt][j][e];
+                if (r < m && c < width)
+                    dst[(u64)(orow ? orow[r] : r) * n + tile * QT + c] = acc[mt][j][e];
             }
     if (ky == 1) return;
     __threadfence();
     __syncthreads();
-    u32 *counter = counters + blockIdx.x;
     if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ky - 1);
     __syncthreads();
     if (!last) return;
@@ -1506,26 +1509,73 @@ __device__ void qmma(const bf16 *xb, int m, const signed char *wt, const float *
     for (int i = tid; i < m * 256; i += 256) {
         int r = i / 256, c = c0 + i % 256;
         if (c >= width) continue;
-        u64 o = (u64)r * n + tile * QT + c;
+        u64 o = (u64)(orow ? orow[r] : r) * n + tile * QT + c;
         float sum = 0.f;
 #pragma unroll 8
-        for (int y = 0; y < ky; y++) sum += __ldcg(parts + (u64)y * m * n + o);
+        for (int y = 0; y < ky; y++) sum += __ldcg(parts + (u64)y * nrows * n + o);
         out[o] = sum;
     }
     if (tid == 0) *counter = 0;
+}
+
+// The experts of a MoE layer on the bf16 path with the routing left on the device, as
+// qgemv_experts does it on the int8 path: z slice i of a kind serves the i-th smallest
+// expert the slots picked, on all its slots (at most 64: one per token) as one batch.
+//   grid (2 * tiles, ky, kinds * min(E, slots)); xb bf16 rows (slot s reads s / in_div).
+template <int U>
+__device__ void qmma_experts(const bf16 *xb, const int *picks, int slots, int in_div,
+                             const u64 *wtab, const u64 *stab, int experts, int k, int n,
+                             int gr, float *out, float *parts, u32 *counters, int per_block) {
+    __shared__ int xrow[64], orow[64], count, expert;
+    int per_kind = min(experts, slots), kind = blockIdx.z / per_kind, want = blockIdx.z % per_kind;
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        // The want-th smallest picked expert, and its slots in order.
+        int e = -1;
+        for (int c = 0, seen = 0; c < experts && e < 0; c++) {
+            bool picked = false;
+            for (int s = 0; s < slots; s++) picked |= picks[s] == c;
+            if (picked) {
+                if (seen == want) e = c;
+                seen++;
+            }
+        }
+        int m = 0;
+        for (int s = 0; s < slots && e >= 0; s++) {
+            if (picks[s] == e && m < 64) {
+                xrow[m] = s / in_div;
+                orow[m] = kind * slots + s;
+                m++;
+            }
+        }
+        expert = e;
+        count = m;
+    }
+    __syncthreads();
+    if (expert < 0) return;
+    int z = kind * experts + expert;
+    qmma_core<4, U>(xb, xrow, orow, count, (gridDim.z / per_kind) * slots,
+                    (const signed char *)wtab[z], (const float *)stab[z], k, n, gr, out, parts,
+                    counters + (u64)blockIdx.z * gridDim.x + blockIdx.x, per_block);
 }
 
 #define QMMA(MT, MINB, U)                                                                     \
     extern "C" __global__ void __launch_bounds__(256, MINB) qmma_##MT(                        \
         const bf16 *xb, int m, const signed char *wt, const float *s, int k, int n, int gr,   \
         float *out, float *parts, u32 *counters, int per_block) {                             \
-        qmma<MT, U>(xb, m, wt, s, k, n, gr, out, parts, counters, per_block);                 \
+        qmma_core<MT, U>(xb, nullptr, nullptr, m, m, wt, s, k, n, gr, out, parts,             \
+                         counters + blockIdx.x, per_block);                                   \
     }
 // (row tiles, blocks per SM, steps of 16 K rows loaded at once): about 32 KB of weights in
 // flight per SM either way.
 QMMA(1, 2, 4)
 QMMA(2, 2, 4)
 QMMA(4, 1, 8)
+extern "C" __global__ void __launch_bounds__(256, 1) qmma_experts_4(
+    const bf16 *xb, const int *picks, int slots, int in_div, const u64 *wtab, const u64 *stab,
+    int experts, int k, int n, int gr, float *out, float *parts, u32 *counters, int per_block) {
+    qmma_experts<8>(xb, picks, slots, in_div, wtab, stab, experts, k, n, gr, out, parts,
+                    counters, per_block);
+}
 
 // bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales. grid
 // (ceil(n / 4096), k), 256 threads of 16 columns each (one 16-byte load, two 16-byte stores).

@@ -9,7 +9,8 @@
 
 use super::device::{
     decode_key_granule, Arg, Buf, DevQ, ExpertSet, Gpu, ATT_HEAD_DIMS, ATT_KEYS, ATT_ROWS,
-    ATT_THREADS, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, DEFAULT_GEMM_MIN_ROWS, Q_TILE,
+    ATT_THREADS, DECODE_MAX_SPLITS, DECODE_ROWS, DECODE_THREADS, DEFAULT_GEMM_MIN_ROWS,
+    MMA_ROUTED_TOKENS, Q_TILE,
 };
 use super::CudaError;
 use crate::bytes::ByteView;
@@ -163,9 +164,11 @@ pub struct CudaShard {
     weight_bytes: usize,
     /// Batches of at least this many rows use cuBLAS (bf16) instead of the int8 kernel.
     pub gemm_min_rows: usize,
-    /// Decode steps of up to [`DEVICE_ROUTED_TOKENS`] tokens in a world of one keep the
-    /// router's picks on the GPU (no wait for the host inside a layer) where the experts'
-    /// matrices allow it. The same bits either way; off only to compare the two.
+    /// Decode steps in a world of one keep the router's picks on the GPU (no wait for the
+    /// host inside a layer) where the experts' matrices allow it (see `device_routes`): up
+    /// to [`DEVICE_ROUTED_TOKENS`] tokens on the int8 path, the same bits either way; up to
+    /// [`MMA_ROUTED_TOKENS`] on the bf16 path, the same operands with the sums in another
+    /// order. Off only to compare the two.
     pub device_routing: bool,
 }
 
@@ -494,11 +497,7 @@ impl CudaShard {
         )?;
         let m = my_rows.len();
         let k = c.num_experts_per_tok;
-        let device_routed = self.device_routing
-            && self.plan.world == 1
-            && (1..=DEVICE_ROUTED_TOKENS).contains(&m)
-            && m < self.gemm_min_rows
-            && self.layers.iter().all(|l| l.routed.is_some());
+        let device_routed = self.device_routes(m);
         // Every layer's routing: its picks (i32), then their gates, m * k of each. Device
         // routing reads the picks once after the step; host routing after each router.
         let routing = g.alloc::<u32>(self.layers.len() * 2 * m * k)?;
@@ -959,9 +958,9 @@ impl CudaShard {
         Ok(y)
     }
 
-    /// The MoE of a world of one on `m` (at most [`DEVICE_ROUTED_TOKENS`]) tokens with the
-    /// router's picks left on the device (at `picks`): each expert's matrices run on the
-    /// slots that picked it. Returns the `[m * k, d]` per-slot outputs, which the next
+    /// The MoE of a world of one on `m` tokens (see `device_routes`) with the router's picks
+    /// left on the device (at `picks`): each expert's matrices run on the slots that picked
+    /// it. Returns the `[m * k, d]` per-slot outputs, which the next
     /// residual kernel combines with the gates in choice order (for top-2 the CPU backend's
     /// sum, bit for bit).
     fn moe_device_routed(
@@ -980,9 +979,17 @@ impl CudaShard {
         let (d, k) = (c.hidden_size, c.num_experts_per_tok);
         let slots = m * k;
         let f = sets.gate_up.n;
+        // The bf16 path (as the host-routed experts would take): bf16 rows into the
+        // tensor-core kernel.
+        let bf16 = m >= self.gemm_min_rows;
         // Gate and up rows of every slot: [2, slots, f].
         let ab = g.alloc::<f32>(2 * slots * f)?;
-        g.qmatmul_experts(x.ptr(), picks, slots, k, m, &sets.gate_up, ab.ptr())?;
+        if bf16 {
+            let xb = g.to_bf16(x.ptr(), m * d)?;
+            g.qmatmul_experts_mma(xb.ptr(), picks, slots, k, m, &sets.gate_up, ab.ptr())?;
+        } else {
+            g.qmatmul_experts(x.ptr(), picks, slots, k, m, &sets.gate_up, ab.ptr())?;
+        }
         g.elems_launch(
             "gelu_mul",
             slots * f,
@@ -993,8 +1000,36 @@ impl CudaShard {
             ],
         )?;
         let ys = g.alloc::<f32>(slots * d)?;
-        g.qmatmul_experts(ab.ptr(), picks, slots, 1, m, &sets.down, ys.ptr())?;
+        if bf16 {
+            let hb = g.to_bf16(ab.ptr(), slots * f)?;
+            g.qmatmul_experts_mma(hb.ptr(), picks, slots, 1, m, &sets.down, ys.ptr())?;
+        } else {
+            g.qmatmul_experts(ab.ptr(), picks, slots, 1, m, &sets.down, ys.ptr())?;
+        }
         Ok(ys)
+    }
+
+    /// Whether a step with `m` rows on this rank keeps the router's picks on the device: a
+    /// world of one with every layer's expert tables, and either the int8 path (under
+    /// `gemm_min_rows`, at most [`DEVICE_ROUTED_TOKENS`]: the same bits as host routing) or
+    /// the bf16 path on the tensor cores (at most [`MMA_ROUTED_TOKENS`]: the same operands
+    /// as host routing, sums in another order).
+    pub fn device_routes(&self, m: usize) -> bool {
+        let g = &self.gpu;
+        let tables = self.layers.iter().all(|l| l.routed.is_some());
+        let on_mma = self.layers.iter().all(|l| {
+            l.routed.as_ref().is_some_and(|r| {
+                [&r.gate_up, &r.down]
+                    .iter()
+                    .all(|s| g.mma_takes_shape(s.k, s.n, s.gr))
+            })
+        });
+        let fits = if m < self.gemm_min_rows {
+            m <= DEVICE_ROUTED_TOKENS
+        } else {
+            m <= MMA_ROUTED_TOKENS && on_mma
+        };
+        self.device_routing && self.plan.world == 1 && m >= 1 && tables && fits
     }
 
     /// `(gelu_tanh(x W) ⊙ (x V)) W1` for `rows` rows at `x`, into `out`.

@@ -2,7 +2,7 @@
 // double-precision references: the decode attention (every head size and tile size, key
 // splits including empty ones, paged slots in random order), the prefill attention (f32, and
 // on the tensor cores to bf16 precision), the decode matmul and the device-routed experts,
-// the tensor-core int8 matmul (the same bf16 operands) and the residual kernel (with the
+// the tensor-core int8 matmul and experts (the same bf16 operands) and the residual kernel (with the
 // experts' slot combine and the fused router). Built and run by cuda_emulated.rs; exits
 // non-zero if any check fails.
 #include "emu.h"
@@ -377,6 +377,52 @@ static void experts_case(uint64_t seed) {
            1e-6);
 }
 
+// qmma_experts_4 (device-routed experts on the bf16 path): the picks of experts_case, bf16
+// token rows, a K split of three blocks and a tile narrower than a column half; against the
+// double sum of the same bf16 operands.
+static void mma_experts_case(uint64_t seed) {
+    Rng rng{seed};
+    const int E = 3, kinds = 2, k = 96, n = 48, gr = 32, tokens = 7, top = 2, slots = tokens * top;
+    const int per_block = 32, ky = k / per_block, halves = 2;
+    int picks[slots] = {1, 0, 1, 0, 1, 2, 0, 1, 1, 2, 0, 1, 2, 0};
+    std::vector<std::vector<signed char>> w(kinds * E, std::vector<signed char>(k * n));
+    std::vector<std::vector<float>> sc(kinds * E, std::vector<float>((k / gr) * n));
+    std::vector<u64> wtab, stab;
+    for (int z = 0; z < kinds * E; z++) {
+        for (auto &v : w[z]) v = (signed char)(rng.next() % 256 - 128);
+        for (auto &v : sc[z]) v = 0.001f + 0.01f * (rng.uni() + 1.f);
+        wtab.push_back((u64)(uintptr_t)w[z].data());  // one tile: the layout is row-major
+        stab.push_back((u64)(uintptr_t)sc[z].data());
+    }
+    std::vector<bf16> xb((size_t)tokens * k);
+    for (auto &v : xb) v = f2bf(rng.uni());
+    std::vector<float> out((size_t)kinds * slots * n, NAN), parts((size_t)ky * kinds * slots * n);
+    std::vector<u32> counters(halves * kinds * E, 0);
+    emu_launch(qmma_experts_4, dim3e{halves, (unsigned)ky, (unsigned)(kinds * E)},
+               dim3e{32, 8, 1}, 0, xb.data(), picks, slots, top, wtab.data(), stab.data(), E, k,
+               n, gr, out.data(), parts.data(), counters.data(), per_block);
+    auto bf = [](bf16 b) { return (double)__int_as_float((unsigned)b << 16); };
+    double worst = 0;
+    for (int kind = 0; kind < kinds; kind++)
+        for (int s = 0; s < slots; s++) {
+            int z = kind * E + picks[s];
+            for (int c = 0; c < n; c++) {
+                double want = 0, scale = 0;
+                for (int i = 0; i < k; i++) {
+                    double p = bf(xb[(size_t)(s / top) * k + i]) *
+                               bf(f2bf((float)w[z][(size_t)i * n + c] * sc[z][(size_t)(i / gr) * n + c]));
+                    want += p;
+                    scale += std::abs(p);
+                }
+                double got = out[(size_t)(kind * slots + s) * n + c];
+                worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+            }
+        }
+    for (u32 c : counters)
+        if (c != 0) worst = 1e9;
+    expect(worst < 1e-6, "qmma_experts_4: 7 tokens, top-2, K split over 3 blocks", worst, 1e-6);
+}
+
 // residual_norm on `rows` rows of width d against the reference: h, out, the picks and gates.
 static void residual_case(int rows, int d, int experts, int k, bool slots, bool norm, bool route,
                           uint64_t seed) {
@@ -458,6 +504,7 @@ int main() {
     prefill_tests();
     tiled_case(32);
     experts_case(31);
+    mma_experts_case(33);
     qmma_case(qmma_1, "qmma_1", 9, 96, 560, 2, 1, 21);
     qmma_case(qmma_2, "qmma_2", 20, 160, 560, 5, 3, 22);
     qmma_case(qmma_4, "qmma_4", 64, 256, 1040, 1, 2, 23);
