@@ -282,6 +282,26 @@ fn long_prompts_at_the_tiny_head_size_match_the_cpu_engine() {
     long_prompts_match_the_cpu(32, 8, 4, ModelConfig::tiny().intermediate_size);
 }
 
+/// One step of sequences `seqs` (indexes into `blocks`), each with its new tokens from its
+/// start, every position's logits.
+fn seq_steps<'a>(
+    seqs: &[usize],
+    tokens: &'a [Vec<u32>],
+    starts: &[usize],
+    blocks: &'a [Vec<u32>],
+) -> Vec<SeqStep<'a>> {
+    seqs.iter()
+        .zip(tokens)
+        .zip(starts)
+        .map(|((&s, t), &start)| SeqStep {
+            tokens: t,
+            start,
+            blocks: &blocks[s],
+            logits: LogitsMode::All,
+        })
+        .collect()
+}
+
 /// Decode steps (the `attention_decode_*` kernels) against the CPU engine: five sequences of
 /// 1 to 1100 tokens prefilled, then steps of one token each (key splits, some of them past a
 /// short sequence's end), of two tokens each (tiles of 2 × group rows, the 16-row kernel when
@@ -334,17 +354,7 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
             })
             .collect();
         let starts: Vec<usize> = seqs.iter().map(|&s| pos[s]).collect();
-        let batch: Vec<SeqStep> = seqs
-            .iter()
-            .zip(&tokens)
-            .zip(&starts)
-            .map(|((&s, t), &start)| SeqStep {
-                tokens: t,
-                start,
-                blocks: &blocks[s],
-                logits: LogitsMode::All,
-            })
-            .collect();
+        let batch = seq_steps(seqs, &tokens, &starts, &blocks);
         let got = shard.step(&comm, &batch).unwrap().logits.unwrap();
         for ((&s, t), got) in seqs.iter().zip(&tokens).zip(&got) {
             let want = kvs[s].step(&cpu, t, LogitsMode::All).unwrap();
@@ -365,17 +375,7 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
     let mut host = shard_with(false);
     for (i, tokens, starts, got) in &ran {
         let (seqs, _) = steps[*i];
-        let batch: Vec<SeqStep> = seqs
-            .iter()
-            .zip(tokens)
-            .zip(starts)
-            .map(|((&s, t), &start)| SeqStep {
-                tokens: t,
-                start,
-                blocks: &blocks[s],
-                logits: LogitsMode::All,
-            })
-            .collect();
+        let batch = seq_steps(seqs, tokens, starts, &blocks);
         let want = host.step(&comm, &batch).unwrap().logits.unwrap();
         let same = got
             .iter()

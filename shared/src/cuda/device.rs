@@ -731,22 +731,7 @@ impl Gpu {
             (tiles as u32, ky as u32, (kinds * per_kind) as u32),
             (32, TILED_WARPS as u32),
             Self::tiled_smem_bytes(mr) as u32,
-            &[
-                Arg::P(x),
-                Arg::P(picks),
-                Arg::I(slots as i32),
-                Arg::I(in_div as i32),
-                Arg::P(set.w_table.ptr()),
-                Arg::P(set.s_table.ptr()),
-                Arg::I(set.experts as i32),
-                Arg::I(k as i32),
-                Arg::I(n as i32),
-                Arg::I(set.gr as i32),
-                Arg::P(out),
-                Arg::P(parts.ptr()),
-                Arg::P(self.tile_counters.ptr()),
-                Arg::I(per_warp as i32),
-            ],
+            &self.experts_args(x, picks, slots, in_div, set, out, parts.ptr(), per_warp),
         )
     }
 
@@ -957,23 +942,40 @@ impl Gpu {
             (halves as u32, ky as u32, z as u32),
             (32, 8),
             0,
-            &[
-                Arg::P(xb),
-                Arg::P(picks),
-                Arg::I(slots as i32),
-                Arg::I(in_div as i32),
-                Arg::P(set.w_table.ptr()),
-                Arg::P(set.s_table.ptr()),
-                Arg::I(set.experts as i32),
-                Arg::I(k as i32),
-                Arg::I(n as i32),
-                Arg::I(set.gr as i32),
-                Arg::P(out),
-                Arg::P(parts.ptr()),
-                Arg::P(self.tile_counters.ptr()),
-                Arg::I(per_block as i32),
-            ],
+            &self.experts_args(xb, picks, slots, in_div, set, out, parts.ptr(), per_block),
         )
+    }
+
+    /// The arguments both expert kernels take (`qgemv_experts_*`, `qmma_experts_4`), `split`
+    /// being the K split's rows per warp or per block.
+    #[allow(clippy::too_many_arguments)]
+    fn experts_args(
+        &self,
+        x: u64,
+        picks: u64,
+        slots: usize,
+        in_div: usize,
+        set: &ExpertSet,
+        out: u64,
+        parts: u64,
+        split: usize,
+    ) -> [Arg; 14] {
+        [
+            Arg::P(x),
+            Arg::P(picks),
+            Arg::I(slots as i32),
+            Arg::I(in_div as i32),
+            Arg::P(set.w_table.ptr()),
+            Arg::P(set.s_table.ptr()),
+            Arg::I(set.experts as i32),
+            Arg::I(set.k as i32),
+            Arg::I(set.n as i32),
+            Arg::I(set.gr as i32),
+            Arg::P(out),
+            Arg::P(parts),
+            Arg::P(self.tile_counters.ptr()),
+            Arg::I(split as i32),
+        ]
     }
 
     /// `x[m, k] · q` for up to 64 rows on the tensor cores (`qmma_*`): the numbers of

@@ -330,6 +330,32 @@ static void tiled_case(uint64_t seed) {
            1e-6);
 }
 
+// Random int8 expert matrices [k, n] (one tile each, so the tiled layout is row-major) with
+// scale groups of gr rows, and the tables of their addresses the expert kernels take.
+struct Experts {
+    std::vector<std::vector<signed char>> w;
+    std::vector<std::vector<float>> sc;
+    std::vector<u64> wtab, stab;
+};
+static Experts random_experts(Rng &rng, int mats, int k, int n, int gr) {
+    Experts ex;
+    for (int z = 0; z < mats; z++) {
+        ex.w.emplace_back((size_t)k * n);
+        ex.sc.emplace_back((size_t)(k / gr) * n);
+        for (auto &v : ex.w[z]) v = (signed char)(rng.next() % 256 - 128);
+        for (auto &v : ex.sc[z]) v = 0.001f + 0.01f * (rng.uni() + 1.f);
+    }
+    for (int z = 0; z < mats; z++) {
+        ex.wtab.push_back((u64)(uintptr_t)ex.w[z].data());
+        ex.stab.push_back((u64)(uintptr_t)ex.sc[z].data());
+    }
+    return ex;
+}
+
+// 7 tokens' top-2 picks of 3 experts: expert 1 takes 6 slots (more than the int8 kernel's 4
+// rows), expert 0 five, expert 2 three; each token two distinct ones.
+static const int EXPERT_PICKS[14] = {1, 0, 1, 0, 1, 2, 0, 1, 1, 2, 0, 1, 2, 0};
+
 // qgemv_experts_4 (device-routed experts, f32 int8 path) with an expert picked by more
 // tokens than the kernel's 4 rows (its rows in two chunks) and a K split over blocks, against
 // the double product of each slot's token and its expert's matrix of each kind.
@@ -337,23 +363,16 @@ static void experts_case(uint64_t seed) {
     Rng rng{seed};
     const int E = 3, kinds = 2, k = 96, n = 48, gr = 32, tokens = 7, top = 2, slots = tokens * top;
     const int per_warp = 8, ky = (k + per_warp * 8 - 1) / (per_warp * 8);
-    // Expert 1 takes 6 slots, expert 0 five, expert 2 three (each token two distinct ones).
-    int picks[slots] = {1, 0, 1, 0, 1, 2, 0, 1, 1, 2, 0, 1, 2, 0};
-    std::vector<std::vector<signed char>> w(kinds * E, std::vector<signed char>(k * n));
-    std::vector<std::vector<float>> sc(kinds * E, std::vector<float>((k / gr) * n));
-    std::vector<u64> wtab, stab;
-    for (int z = 0; z < kinds * E; z++) {
-        for (auto &v : w[z]) v = (signed char)(rng.next() % 256 - 128);
-        for (auto &v : sc[z]) v = 0.001f + 0.01f * (rng.uni() + 1.f);
-        wtab.push_back((u64)(uintptr_t)w[z].data());  // one tile: the layout is row-major
-        stab.push_back((u64)(uintptr_t)sc[z].data());
-    }
+    const int *picks = EXPERT_PICKS;
+    Experts ex = random_experts(rng, kinds * E, k, n, gr);
+    auto &w = ex.w;
+    auto &sc = ex.sc;
     std::vector<float> x((size_t)tokens * k), out((size_t)kinds * slots * n, NAN);
     for (auto &v : x) v = rng.uni();
     std::vector<float> parts((size_t)ky * kinds * slots * n);
     std::vector<u32> counters(2 * kinds * E, 0);
     emu_launch(qgemv_experts_4, dim3e{1, (unsigned)ky, (unsigned)(kinds * E)}, dim3e{32, 8, 1},
-               8 * 4 * 512 * 4, x.data(), picks, slots, top, wtab.data(), stab.data(), E, k, n,
+               8 * 4 * 512 * 4, x.data(), picks, slots, top, ex.wtab.data(), ex.stab.data(), E, k, n,
                gr, out.data(), parts.data(), counters.data(), per_warp);
     double worst = 0;
     for (int kind = 0; kind < kinds; kind++)
@@ -384,22 +403,16 @@ static void mma_experts_case(uint64_t seed) {
     Rng rng{seed};
     const int E = 3, kinds = 2, k = 96, n = 48, gr = 32, tokens = 7, top = 2, slots = tokens * top;
     const int per_block = 32, ky = k / per_block, halves = 2;
-    int picks[slots] = {1, 0, 1, 0, 1, 2, 0, 1, 1, 2, 0, 1, 2, 0};
-    std::vector<std::vector<signed char>> w(kinds * E, std::vector<signed char>(k * n));
-    std::vector<std::vector<float>> sc(kinds * E, std::vector<float>((k / gr) * n));
-    std::vector<u64> wtab, stab;
-    for (int z = 0; z < kinds * E; z++) {
-        for (auto &v : w[z]) v = (signed char)(rng.next() % 256 - 128);
-        for (auto &v : sc[z]) v = 0.001f + 0.01f * (rng.uni() + 1.f);
-        wtab.push_back((u64)(uintptr_t)w[z].data());  // one tile: the layout is row-major
-        stab.push_back((u64)(uintptr_t)sc[z].data());
-    }
+    const int *picks = EXPERT_PICKS;
+    Experts ex = random_experts(rng, kinds * E, k, n, gr);
+    auto &w = ex.w;
+    auto &sc = ex.sc;
     std::vector<bf16> xb((size_t)tokens * k);
     for (auto &v : xb) v = f2bf(rng.uni());
     std::vector<float> out((size_t)kinds * slots * n, NAN), parts((size_t)ky * kinds * slots * n);
     std::vector<u32> counters(halves * kinds * E, 0);
     emu_launch(qmma_experts_4, dim3e{halves, (unsigned)ky, (unsigned)(kinds * E)},
-               dim3e{32, 8, 1}, 0, xb.data(), picks, slots, top, wtab.data(), stab.data(), E, k,
+               dim3e{32, 8, 1}, 0, xb.data(), picks, slots, top, ex.wtab.data(), ex.stab.data(), E, k,
                n, gr, out.data(), parts.data(), counters.data(), per_block);
     auto bf = [](bf16 b) { return (double)__int_as_float((unsigned)b << 16); };
     double worst = 0;
