@@ -73,12 +73,18 @@ fn main() {
     let blocks = 64 * per_seq + 2048 / BS;
     let mut shard = CudaShard::new(weights, plan, 0, 0, blocks, BS).expect("shard");
     println!(
-        "GPU: {} ({} SMs); weights {:.2} GB, KV pool {:.2} GB, loaded in {:.1} s",
+        "GPU: {} ({} SMs); weights {:.2} GB, KV pool {:.2} GB, loaded in {:.1} s; bf16 path \
+         tensor-core kernels {} (GROK_CUDA_TENSOR_CORES)",
         shard.gpu().name,
         shard.gpu().sms(),
         shard.weight_bytes() as f64 / 1e9,
         shard.kv_bytes() as f64 / 1e9,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        if shard.gpu().bf16_tensor_cores() {
+            "on"
+        } else {
+            "off"
+        }
     );
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
 

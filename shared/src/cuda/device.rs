@@ -199,8 +199,9 @@ pub struct Gpu {
     blas: CudaBlas,
     funcs: HashMap<String, CudaFunction>,
     sms: usize,
-    /// Compute capability (major, minor).
-    compute: (i32, i32),
+    /// Whether the bf16 path's own tensor-core kernels run (`qmma_*`, `attention_tc_*`):
+    /// compute capability 8.0 or later, unless `GROK_CUDA_TENSOR_CORES=0`.
+    tensor_cores: bool,
     /// Blocks of the tiled decode kernel the whole GPU holds at once (its K split fills them).
     tiled_slots: usize,
     /// The same for each `qmma_*` (in `MMA_ROWS` order).
@@ -350,7 +351,10 @@ impl Gpu {
             blas,
             funcs,
             sms,
-            compute: (major, minor),
+            // Off by choice: the bf16 path then runs on cuBLAS and the f32 attention (to
+            // compare the two, or to step around a kernel that misbehaves on some GPU).
+            tensor_cores: major >= 8
+                && std::env::var("GROK_CUDA_TENSOR_CORES").map_or(true, |v| v.trim() != "0"),
             tiled_slots,
             mma_slots,
             tile_counters,
@@ -363,10 +367,10 @@ impl Gpu {
         self.sms
     }
 
-    /// Whether the tensor cores take bf16 (`mma.sync` m16n8k16 bf16: Ampere, compute
-    /// capability 8.0, and later), which `attention_tc_*` needs.
+    /// Whether the bf16 path runs its tensor-core kernels (`mma.sync` m16n8k16 bf16: Ampere,
+    /// compute capability 8.0, and later; `GROK_CUDA_TENSOR_CORES=0` turns them off).
     pub fn bf16_tensor_cores(&self) -> bool {
-        self.compute.0 >= 8
+        self.tensor_cores
     }
 
     /// `n` zeroed u32 counters for a kernel's last-block merge (the tiled matmuls' and the
