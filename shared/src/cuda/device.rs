@@ -1318,9 +1318,9 @@ mod tests {
     fn every_listed_kernel_is_in_the_source() {
         // (name prefix, the macro that defines such kernels, how its argument list starts)
         let macros = [
-            ("attention_prefill_", "ATTENTION_PREFILL("),
+            ("attention_prefill_", "ATTENTION_TILED(attention_prefill, "),
             ("attention_decode_", "ATTENTION_DECODE("),
-            ("attention_tc_", "ATTENTION_TC("),
+            ("attention_tc_", "ATTENTION_TILED(attention_tc, "),
             ("attention_", "ATTENTION("),
             ("qgemv_tiled_", "QGEMV_TILED("),
             ("qgemv_experts_", "QGEMV_TILED("),

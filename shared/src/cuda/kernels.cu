@@ -535,18 +535,20 @@ __device__ void attention_prefill(const float *q, const float *kc, const float *
     }
 }
 
-#define ATTENTION_PREFILL(HD)                                                                 \
-    extern "C" __global__ void __launch_bounds__(128) attention_prefill_##HD(                 \
+// The 64-row prefill kernels' entry points (attention_prefill and attention_tc), one per
+// head size: attention_R's arguments (head_dim is the template's).
+#define ATTENTION_TILED(KERNEL, HD)                                                           \
+    extern "C" __global__ void __launch_bounds__(128) KERNEL##_##HD(                          \
         const float *q, const float *kc, const float *vc, float *out, const int *tiles,       \
         const u32 *slots, int q_heads, int kv_heads, int head_dim, float mult, float cap,     \
         int splits, float *part_o, float *part_ml) {                                          \
-        attention_prefill<HD>(q, kc, vc, out, tiles, slots, q_heads, kv_heads, mult, cap,     \
-                              splits, part_o, part_ml);                                       \
+        KERNEL<HD>(q, kc, vc, out, tiles, slots, q_heads, kv_heads, mult, cap, splits, part_o, \
+                   part_ml);                                                                  \
     }
-ATTENTION_PREFILL(16)
-ATTENTION_PREFILL(32)
-ATTENTION_PREFILL(64)
-ATTENTION_PREFILL(128)
+ATTENTION_TILED(attention_prefill, 16)
+ATTENTION_TILED(attention_prefill, 32)
+ATTENTION_TILED(attention_prefill, 64)
+ATTENTION_TILED(attention_prefill, 128)
 
 // The decode attention: a tile of up to R rows (a token or two of one sequence × the q heads
 // sharing a kv head) against the cached keys, for head sizes HD in {16, 32, 64, 128}. A key's
@@ -795,8 +797,16 @@ __device__ __forceinline__ void mma_bf16(float *d, const u32 *a, const u32 *b) {
 #endif
 }
 
+// Two f32 rounded to a bf16 pair (lo in the lower half), as f2bf rounds them: one instruction
+// from Ampere on.
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+#if defined(GROK_CUDA_EMU) || __CUDA_ARCH__ < 800
     return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16);
+#else
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#endif
 }
 
 // The prefill attention of the bf16 path (steps whose matmuls run in bf16 on cuBLAS) on the
@@ -973,18 +983,10 @@ __device__ void attention_tc(const float *q, const float *kc, const float *vc, f
     }
 }
 
-#define ATTENTION_TC(HD)                                                                      \
-    extern "C" __global__ void __launch_bounds__(128) attention_tc_##HD(                      \
-        const float *q, const float *kc, const float *vc, float *out, const int *tiles,       \
-        const u32 *slots, int q_heads, int kv_heads, int head_dim, float mult, float cap,     \
-        int splits, float *part_o, float *part_ml) {                                          \
-        attention_tc<HD>(q, kc, vc, out, tiles, slots, q_heads, kv_heads, mult, cap, splits,  \
-                         part_o, part_ml);                                                    \
-    }
-ATTENTION_TC(16)
-ATTENTION_TC(32)
-ATTENTION_TC(64)
-ATTENTION_TC(128)
+ATTENTION_TILED(attention_tc, 16)
+ATTENTION_TILED(attention_tc, 32)
+ATTENTION_TILED(attention_tc, 64)
+ATTENTION_TILED(attention_tc, 128)
 
 // Merges the key splits of attention_R, attention_prefill_HD and attention_tc_HD:
 // out = sum_s o_s e^(m_s - M) / sum_s l_s e^(m_s - M), splits in order. grid (tiles, kv heads, R): one row of a tile per block (rows past the
@@ -1371,17 +1373,6 @@ QGEMV_TILED(1, 4)
 QGEMV_TILED(2, 2)
 QGEMV_TILED(4, 2)
 
-// Two f32 rounded to a bf16 pair (lo in the lower half), as f2bf does, in one instruction.
-__device__ __forceinline__ u32 cvt_bf16x2(float lo, float hi) {
-#if defined(GROK_CUDA_EMU) || __CUDA_ARCH__ < 800
-    return pack_bf16(lo, hi);
-#else
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-#endif
-}
-
 // The matmul of mid-sized batches (the bf16 path's 9 to 64 rows: decode at batch 9+) on the
 // tensor cores, reading the int8 tiled weights once instead of dequantising them to bf16
 // first (which cost more than the GEMM). The same numbers as dequantisation + cuBLAS: x in
@@ -1468,8 +1459,8 @@ __device__ void qmma_core(const bf16 *xb, const int *xrow, const int *orow, int 
                         u32 byte = st[row * 32 + c] ^ 0x80u;
                         w[e] = (__int_as_float(0x4B000000u | byte) - 8388736.f) * sc[j];
                     }
-                    b[j][0] = cvt_bf16x2(w[0], w[1]);
-                    b[j][1] = cvt_bf16x2(w[2], w[3]);
+                    b[j][0] = pack_bf16(w[0], w[1]);
+                    b[j][1] = pack_bf16(w[2], w[3]);
                 }
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
