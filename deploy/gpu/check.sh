@@ -2,7 +2,7 @@
 # The GPU check, run on the device from the repository root with target/gpu-bundle carried
 # (made here by deploy/gpu/bundle.sh; nothing is built on the device). Writes every result
 # under $OUT and a summary to stdout; each part has its own time limit, the whole well under
-# 6 minutes. Parts: GPU facts; the fixture on the GPU (int8 path and bf16 cuBLAS path), every
+# 6 minutes. Parts: GPU facts; the fixture on the GPU (int8 path and bf16 path), every
 # parallel plan on one GPU, NCCL world of one; the kernels at larger shapes (cuda_kernels);
 # the cluster through worker processes (2 GPU workers over gRPC, 1 GPU worker with NCCL)
 # against the fixture's greedy tokens; the layer benchmark at Grok-1 dimensions; the PyTorch
