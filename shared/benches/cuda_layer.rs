@@ -3,8 +3,10 @@
 //! 1024 positions of context, and a 2048-token prefill; the weight bytes/s decode achieves
 //! against a device-to-device copy measured in the same run, and prefill FLOP/s against a
 //! bf16 cuBLAS GEMM of the prefill's expert shape measured in the same run; and the decode
-//! matmul alone at the experts' shapes. With `GROK_CUDA_PROFILE=1` each step's GPU time is
-//! broken down by kernel.
+//! matmul alone at the experts' shapes. On Hopper, the bf16 path's large int8 matmul
+//! (`qgemm_wgmma`) against the dequantisation + cuBLAS it replaces, alone at the prefill's
+//! shapes and in the prefill, in the same run. With `GROK_CUDA_PROFILE=1` each step's GPU
+//! time is broken down by kernel.
 //!
 //! `cargo bench -p grok-shared --bench cuda_layer`; env: GROK_BENCH_LAYERS (default 1),
 //! GROK_BENCH_MODEL (a directory to reuse; default a fresh temporary one), GROK_BENCH_JSON
@@ -108,6 +110,29 @@ fn main() {
         );
         alone.push(format!("\"matmul_{k}x{n}_tb_s\": {tb_s:.3}"));
     }
+    // The prefill's int8 products alone, both ways: an expert's 512 tokens (2048 x top-2 / 8)
+    // through gate/up and down, and the q projection of 2048 tokens.
+    let mut wg_json = Vec::new();
+    if shard.gpu().wgmma() {
+        for (m, k, n, groups) in [
+            (512usize, 6144usize, 32768usize, 1usize),
+            (512, 32768, 6144, 8),
+            (2048, 6144, 6144, 1),
+        ] {
+            let (wg_ms, cublas_ms) = prefill_matmul_alone(&shard, m, k, n, groups);
+            let tf = |ms: f64| 2.0 * (m * k * n) as f64 / (ms / 1e3) / 1e12;
+            println!(
+                "int8 prefill matmul [{m} x {k}] x [{k} x {n}]: qgemm_wgmma {wg_ms:.3} ms \
+                 ({:.0} TFLOP/s), dequantise + cuBLAS {cublas_ms:.3} ms ({:.0} TFLOP/s): {:.2}x",
+                tf(wg_ms),
+                tf(cublas_ms),
+                cublas_ms / wg_ms
+            );
+            wg_json.push(format!(
+                "\"wgmma_{m}x{k}x{n}\": {{\"ms\": {wg_ms:.4}, \"cublas_ms\": {cublas_ms:.4}}}"
+            ));
+        }
+    }
     let mut json = vec![
         format!("\"gpu\": \"{}\"", shard.gpu().name),
         format!("\"layers\": {layers}"),
@@ -115,6 +140,7 @@ fn main() {
         format!("\"cublas_bf16_tflops\": {gemm_tflops:.1}"),
     ];
     json.extend(alone);
+    json.extend(wg_json);
     println!("\n| step | ms / step | ms / layer | weight GB read | GB/s | floor ms | x floor |");
     println!("|---|---|---|---|---|---|---|");
     for b in [1usize, 8, 64] {
@@ -157,6 +183,16 @@ fn main() {
         logits: LogitsMode::None,
     }];
     let (ms, _) = time_steps(&mut shard, &comm, &batch);
+    // The same prefill with the large products on dequantisation + cuBLAS, as before
+    // qgemm_wgmma (and as on GPUs other than Hopper).
+    let baseline_ms = if shard.gpu().wgmma() {
+        shard.gpu().set_wgmma(false);
+        let (b, _) = time_steps(&mut shard, &comm, &batch);
+        shard.gpu().set_wgmma(true);
+        Some(b)
+    } else {
+        None
+    };
     let c = shard.config().clone();
     let (d, f, qd, kvd) = (
         c.hidden_size as f64,
@@ -182,6 +218,23 @@ fn main() {
         ms / layers as f64,
         tflops / gemm_tflops
     ));
+    if let Some(b) = baseline_ms {
+        let bt = flops_layer * layers as f64 / (b / 1e3) / 1e12;
+        println!(
+            "| prefill 2048, dequantise + cuBLAS | {b:.3} | {:.3} | | {bt:.0} TFLOP/s | | {:.0}% \
+             of cuBLAS bf16 |",
+            b / layers as f64,
+            100.0 * bt / gemm_tflops
+        );
+        println!(
+            "qgemm_wgmma prefill: {:.2}x the dequantise + cuBLAS prefill",
+            b / ms
+        );
+        json.push(format!(
+            "\"prefill_2048_dequant_cublas\": {{\"ms_per_layer\": {:.4}}}",
+            b / layers as f64
+        ));
+    }
     if let Ok(path) = std::env::var("GROK_BENCH_JSON") {
         let body = format!("{{{}}}\n", json.join(", "));
         if let Err(e) = std::fs::write(&path, body) {
@@ -270,6 +323,47 @@ fn decode_matmul_alone(shard: &CudaShard, k: usize, n: usize) -> (f64, f64) {
     g.sync().expect("sync");
     let s = t.elapsed().as_secs_f64() / iters as f64;
     (s * 1e6, (k * n) as f64 / s / 1e12)
+}
+
+/// ms of the bf16 path's `[m, k] · [k, n]` product with a random int8 matrix both ways:
+/// `qgemm_wgmma` and dequantisation + cuBLAS.
+fn prefill_matmul_alone(
+    shard: &CudaShard,
+    m: usize,
+    k: usize,
+    n: usize,
+    groups: usize,
+) -> (f64, f64) {
+    let g = shard.gpu();
+    let dq = g
+        .upload_q(&random_qmatrix(k, n, groups, (k + n) as u64))
+        .expect("upload");
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0)
+        .collect();
+    let x = g.upload(&x).expect("upload");
+    let out = g.alloc::<f32>(m * n).expect("alloc");
+    let time = |wgmma: bool| {
+        let run = || {
+            if wgmma {
+                g.qmatmul(x.ptr(), m, &dq, out.ptr(), 1).expect("matmul")
+            } else {
+                g.qmatmul_cublas(x.ptr(), m, &dq, out.ptr())
+                    .expect("matmul")
+            }
+        };
+        for _ in 0..3 {
+            run();
+        }
+        g.sync().expect("sync");
+        let t = Instant::now();
+        for _ in 0..ITERS {
+            run();
+        }
+        g.sync().expect("sync");
+        t.elapsed().as_secs_f64() * 1e3 / ITERS as f64
+    };
+    (time(true), time(false))
 }
 
 /// TFLOP/s and ms of a bf16 GEMM of the prefill's expert shape.

@@ -95,7 +95,13 @@ fn a_split_product_gives_each_part_its_columns() {
     let n: usize = widths.iter().sum();
     let q = random_qmatrix(k, n, 1, 5);
     let dq = g.upload_q(&q).unwrap();
-    for (m, min_rows, tol) in [(1, usize::MAX, 1e-5), (5, usize::MAX, 1e-5), (9, 1, 2e-2)] {
+    // 1 and 5 rows on the int8 path; 9 and 200 on the bf16 path (200: qgemm_wgmma on Hopper).
+    for (m, min_rows, tol) in [
+        (1, usize::MAX, 1e-5),
+        (5, usize::MAX, 1e-5),
+        (9, 1, 2e-2),
+        (200, 1, 2e-2),
+    ] {
         let x: Vec<f32> = (0..m * k).map(|_| unit()).collect();
         let want = qmatmul_reference(&x, m, &q);
         let xd = g.upload(&x).unwrap();
@@ -534,6 +540,45 @@ fn tensor_core_int8_matmul_matches_dequantised_cublas() {
             let want: Vec<f64> = cublas.iter().map(|&v| v as f64).collect();
             let err = rel_err(&mma, &want);
             println!("qmma {m} rows, {k}x{n} (G={groups}): within {err:.2e} of cuBLAS");
+            assert!(err < 1e-4, "{m} rows, {k}x{n}: relative error {err}");
+        }
+    }
+}
+
+/// The prefill's int8 matmul on Hopper (`qgemm_wgmma`, the bf16 path past 64 rows) gives the
+/// numbers of dequantisation + cuBLAS: the same bf16 operands, only the order of the f32 sums
+/// differs. Grok-1's shapes at an expert's share of a prefill and at a whole prompt (K split
+/// over blocks for the down projection), a partial token tile, narrow tiles, scale groups.
+#[test]
+#[ignore = "needs a GPU"]
+fn wgmma_int8_matmul_matches_dequantised_cublas() {
+    let g = Gpu::open(0).unwrap();
+    if !g.wgmma() {
+        println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
+        return;
+    }
+    let mut seed = 91u64;
+    for (k, n, groups, rows) in [
+        (6144, 32768, 1, &[65usize, 512][..]),
+        (32768, 6144, 8, &[512, 100][..]),
+        (6144, 6144, 1, &[2048][..]),
+        (256, 1040, 2, &[300][..]),
+        (704, 272, 11, &[129][..]),
+    ] {
+        let q = random_qmatrix(k, n, groups, (k * 3 + n) as u64);
+        let dq = g.upload_q(&q).unwrap();
+        for &m in rows {
+            let x: Vec<f32> = (0..m * k)
+                .map(|_| (lcg(&mut seed) % 2000) as f32 / 1000.0 - 1.0)
+                .collect();
+            let wg = run(&g, &dq, &x, m, 1);
+            let xd = g.upload(&x).unwrap();
+            let out = g.alloc::<f32>(m * n).unwrap();
+            g.qmatmul_cublas(xd.ptr(), m, &dq, out.ptr()).unwrap();
+            let cublas = g.download_f32(out.ptr(), m * n).unwrap();
+            let want: Vec<f64> = cublas.iter().map(|&v| v as f64).collect();
+            let err = rel_err(&wg, &want);
+            println!("wgmma {m} rows, {k}x{n} (G={groups}): within {err:.2e} of cuBLAS");
             assert!(err < 1e-4, "{m} rows, {k}x{n}: relative error {err}");
         }
     }

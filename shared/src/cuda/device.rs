@@ -12,6 +12,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernel
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The kernels' CUDA C source.
@@ -47,6 +48,11 @@ const MMA_ROWS: [usize; 3] = [16, 32, 64];
 pub const MMA_ROUTED_TOKENS: usize = 64;
 /// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
 const MAX_TILES: usize = 4096;
+/// `qgemm_wgmma` (the bf16 path past `qmma_*` on Hopper): tokens per block, K rows per
+/// pipeline chunk, dynamic shared memory (`WG_TOK`, `WG_KC`, `WG_SMEM` in kernels.cu).
+const WG_TOK: usize = 128;
+const WG_KC: usize = 64;
+const WG_SMEM: usize = 5 * (WG_TOK * 128 + WG_KC * 272) + 1024;
 /// Head dimensions with attention kernels of their own: the register-tiled prefill
 /// (`attention_prefill_*`), its tensor-core twin for the bf16 path (`attention_tc_*`) and the
 /// decode kernel (`attention_decode_*`). Others take `attention_64` and `attention_16`.
@@ -202,6 +208,10 @@ pub struct Gpu {
     /// Whether the bf16 path's own tensor-core kernels run (`qmma_*`, `attention_tc_*`):
     /// compute capability 8.0 or later, unless `GROK_CUDA_TENSOR_CORES=0`.
     tensor_cores: bool,
+    /// Whether `qgemm_wgmma` can run here (compute capability 9.0: the kernels are built for
+    /// sm_90a), and whether it does (`GROK_CUDA_WGMMA=0` or [`Gpu::set_wgmma`] turn it off).
+    wgmma_here: bool,
+    wgmma_on: AtomicBool,
     /// Blocks of the tiled decode kernel the whole GPU holds at once (its K split fills them).
     tiled_slots: usize,
     /// The same for each `qmma_*` (in `MMA_ROWS` order).
@@ -313,6 +323,22 @@ impl Gpu {
                 .map_err(drv_err("allowing a kernel its shared memory"))?;
             }
         }
+        let tensor_cores =
+            major >= 8 && std::env::var("GROK_CUDA_TENSOR_CORES").map_or(true, |v| v.trim() != "0");
+        // Hopper's warpgroup kernel: compiled for sm_90a only, and it needs 166 KiB of shared
+        // memory (a GPU that will not grant it keeps the cuBLAS path).
+        let wgmma_here = tensor_cores
+            && (major, minor) == (9, 0)
+            && funcs.get("qgemm_wgmma").is_some_and(|f| {
+                f.set_attribute(
+                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    WG_SMEM as i32,
+                )
+                .inspect_err(|e| tracing::warn!("qgemm_wgmma cannot have its shared memory: {e}"))
+                .is_ok()
+            });
+        let wgmma_on =
+            wgmma_here && std::env::var("GROK_CUDA_WGMMA").map_or(true, |v| v.trim() != "0");
         let per_sm = funcs
             .get("qgemv_tiled_1")
             .ok_or_else(|| CudaError::Unsupported("no kernel named qgemv_tiled_1".into()))?
@@ -353,8 +379,9 @@ impl Gpu {
             sms,
             // Off by choice: the bf16 path then runs on cuBLAS and the f32 attention (to
             // compare the two, or to step around a kernel that misbehaves on some GPU).
-            tensor_cores: major >= 8
-                && std::env::var("GROK_CUDA_TENSOR_CORES").map_or(true, |v| v.trim() != "0"),
+            tensor_cores,
+            wgmma_here,
+            wgmma_on: AtomicBool::new(wgmma_on),
             tiled_slots,
             mma_slots,
             tile_counters,
@@ -371,6 +398,20 @@ impl Gpu {
     /// compute capability 8.0, and later; `GROK_CUDA_TENSOR_CORES=0` turns them off).
     pub fn bf16_tensor_cores(&self) -> bool {
         self.tensor_cores
+    }
+
+    /// Whether the bf16 path's batches past 64 rows run `qgemm_wgmma` (int8 weights read once
+    /// on Hopper's warpgroup tensor cores) instead of dequantisation + cuBLAS.
+    pub fn wgmma(&self) -> bool {
+        self.wgmma_on.load(Ordering::Relaxed)
+    }
+
+    /// Turns `qgemm_wgmma` on or off (on only where it can run); returns whether it is on. For
+    /// an A/B of the two paths in one process.
+    pub fn set_wgmma(&self, on: bool) -> bool {
+        let on = on && self.wgmma_here;
+        self.wgmma_on.store(on, Ordering::Relaxed);
+        on
     }
 
     /// `n` zeroed u32 counters for a kernel's last-block merge (the tiled matmuls' and the
@@ -622,6 +663,11 @@ impl Gpu {
         if m == 0 {
             return Ok(());
         }
+        let t1 = widths[0] / Q_TILE;
+        let split = [t1, t1 + widths[1] / Q_TILE];
+        if m >= gemm_min_rows && m > MMA_ROWS[MMA_ROWS.len() - 1] && self.wgmma_takes(q) {
+            return self.qmatmul_wgmma(x, m, q, outs, split);
+        }
         if m >= gemm_min_rows {
             let (wb, xb) = self.bf16_operands(x, m, q)?;
             let mut col = 0;
@@ -631,8 +677,7 @@ impl Gpu {
             }
             return Ok(());
         }
-        let t1 = widths[0] / Q_TILE;
-        self.qmatmul_tiled(x, m, q, outs, [t1, t1 + widths[1] / Q_TILE])
+        self.qmatmul_tiled(x, m, q, outs, split)
     }
 
     /// `x[m, k] · q` on the tiled layout, four rows at a time at most; tiles before `split[0]`
@@ -798,6 +843,10 @@ impl Gpu {
             if m <= MMA_ROWS[MMA_ROWS.len() - 1] && self.mma_takes(q) {
                 return self.qmatmul_mma(x, m, q, out);
             }
+            if m > MMA_ROWS[MMA_ROWS.len() - 1] && self.wgmma_takes(q) {
+                let tiles = q.n.div_ceil(Q_TILE);
+                return self.qmatmul_wgmma(x, m, q, [out; 3], [tiles; 2]);
+            }
             return self.qmatmul_cublas(x, m, q, out);
         }
         if q.tiled {
@@ -895,6 +944,62 @@ impl Gpu {
         let ky = (self.mma_slots[i] / halves.max(1)).clamp(1, (k / 16).max(1));
         let per_block = k.div_ceil(ky).next_multiple_of(16);
         (per_block, k.div_ceil(per_block).max(1))
+    }
+
+    /// Whether `qgemm_wgmma` takes `q`: on, tiled, K and the scale groups whole mma steps, and
+    /// the column halves one grid dimension.
+    fn wgmma_takes(&self, q: &DevQ) -> bool {
+        self.wgmma()
+            && q.tiled
+            && q.k.is_multiple_of(16)
+            && q.gr.is_multiple_of(16)
+            && 2 * q.n.div_ceil(Q_TILE) <= u16::MAX as usize
+    }
+
+    /// `x[m, k] · q` on Hopper's warpgroup tensor cores (`qgemm_wgmma`): the numbers of
+    /// dequantisation + cuBLAS from one read of the int8 weights. Output tiles as in
+    /// [`Gpu::qmatmul_tiled`]: before `split[0]` to `outs[0]`, then `outs[1]`, then `outs[2]`.
+    fn qmatmul_wgmma(
+        &self,
+        x: u64,
+        m: usize,
+        q: &DevQ,
+        outs: [u64; 3],
+        split: [usize; 2],
+    ) -> Result<(), CudaError> {
+        let (k, n) = (q.k, q.n);
+        let halves = 2 * n.div_ceil(Q_TILE);
+        let token_tiles = m.div_ceil(WG_TOK);
+        let blocks = token_tiles * halves;
+        let (mut per_block, mut ky) = wgmma_split(blocks, k, self.sms);
+        if ky > 1 && blocks > MAX_TILES {
+            (per_block, ky) = (k.next_multiple_of(WG_KC), 1);
+        }
+        let xb = self.to_bf16(x, m * k)?;
+        let parts = self.alloc::<f32>(if ky > 1 { ky * m * n } else { 0 })?;
+        self.launch3(
+            "qgemm_wgmma",
+            (token_tiles as u32, halves as u32, ky as u32),
+            (256, 1),
+            WG_SMEM as u32,
+            &[
+                Arg::P(xb.ptr()),
+                Arg::I(m as i32),
+                Arg::P(q.w.ptr()),
+                Arg::P(q.s.ptr()),
+                Arg::I(k as i32),
+                Arg::I(n as i32),
+                Arg::I(q.gr as i32),
+                Arg::P(outs[0]),
+                Arg::P(outs[1]),
+                Arg::P(outs[2]),
+                Arg::I(split[0] as i32),
+                Arg::I(split[1] as i32),
+                Arg::P(parts.ptr()),
+                Arg::P(self.tile_counters.ptr()),
+                Arg::I(per_block as i32),
+            ],
+        )
     }
 
     /// A bf16 copy of `len` f32 values at `x` (rounded to nearest even).
@@ -1165,6 +1270,26 @@ impl Gpu {
 
 /// The smallest instance of the tiled kernels (`qgemv_tiled_*`, `qgemv_experts_*`) that
 /// takes `rows` rows.
+/// The K split of `qgemm_wgmma` for `blocks` blocks (token tiles × column halves) on `sms`
+/// SMs, one block per SM: rows per block (whole chunks of [`WG_KC`]) and blocks along z. The
+/// run takes waves × chunks per block; a split is taken only where it shortens that by a
+/// tenth (its partial sums cost a pass), and keeps at least 4 chunks per block.
+fn wgmma_split(blocks: usize, k: usize, sms: usize) -> (usize, usize) {
+    let chunks = k.div_ceil(WG_KC).max(1);
+    let time = |ky: usize| (blocks * ky).div_ceil(sms.max(1)) * chunks.div_ceil(ky);
+    let mut best = 1;
+    for ky in 2..=8 {
+        if chunks.div_ceil(ky) < 4 {
+            break;
+        }
+        if 10 * time(ky) < 9 * time(best) {
+            best = ky;
+        }
+    }
+    let per_block = chunks.div_ceil(best) * WG_KC;
+    (per_block, k.div_ceil(per_block).max(1))
+}
+
 fn tiled_rows(rows: usize) -> Result<usize, CudaError> {
     TILED_ROWS
         .into_iter()
@@ -1235,6 +1360,7 @@ fn kernel_names() -> Vec<String> {
         v.push(format!("qmma_{}", rows / 16));
     }
     v.push("qmma_experts_4".into());
+    v.push("qgemm_wgmma".into());
     for mr in TILED_ROWS {
         v.push(format!("qgemv_tiled_{mr}"));
         v.push(format!("qgemv_experts_{mr}"));
@@ -1270,7 +1396,8 @@ fn compile_cached(major: i32, minor: i32) -> Result<String, CudaError> {
         (8, 0) => "compute_80",
         (8, 6) => "compute_86",
         (8, 9) => "compute_89",
-        (9, 0) => "compute_90",
+        // The "a" target: Hopper's own instructions (wgmma), which compute_90 lacks.
+        (9, 0) => "compute_90a",
         (10, 0) => "compute_100",
         (12, 0) => "compute_120",
         _ if major >= 9 => "compute_90",
@@ -1387,5 +1514,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_wgmma_split_fills_the_gpu_in_whole_chunks() {
+        // A 2048-token prefill's expert of 512 tokens on 132 SMs: gate and up (4 x 128 blocks)
+        // fill 4 waves unsplit; down (4 x 24 blocks, K = 32768) would leave 36 SMs idle for
+        // its whole run, and 4 splits make it 3 waves of a quarter each.
+        assert_eq!(wgmma_split(512, 6144, 132), (6144, 1));
+        assert_eq!(wgmma_split(96, 32768, 132), (8192, 4));
+        for (blocks, k) in [(1, 16), (1, 6144), (24, 32768), (96, 200), (5000, 6144)] {
+            let (per_block, ky) = wgmma_split(blocks, k, 132);
+            assert!(per_block.is_multiple_of(WG_KC), "{blocks} blocks, k {k}");
+            assert!(
+                per_block * ky >= k && per_block * (ky - 1) < k,
+                "{blocks} blocks, k {k}"
+            );
+            assert!(
+                ky == 1 || per_block >= 4 * WG_KC,
+                "{blocks} blocks, k {k}: short splits"
+            );
+        }
+    }
+
+    /// The host's sizes of `qgemm_wgmma` are the kernel's.
+    #[test]
+    fn the_wgmma_constants_match_the_kernel() {
+        for (name, value) in [("WG_TOK", WG_TOK), ("WG_KC", WG_KC)] {
+            let line = format!("#define {name} {value}\n");
+            assert!(
+                KERNELS.contains(&line),
+                "kernels.cu lacks `{}`",
+                line.trim()
+            );
+        }
+        assert!(
+            KERNELS.contains("#define WG_STAGES 5\n") && KERNELS.contains("#define WG_WROW 272")
+        );
+        assert!(KERNELS.contains("#define WG_SMEM (WG_STAGES * WG_STAGE + 1024)"));
     }
 }

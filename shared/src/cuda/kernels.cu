@@ -1568,6 +1568,315 @@ extern "C" __global__ void __launch_bounds__(256, 1) qmma_experts_4(
                     counters, per_block);
 }
 
+// The bf16 path's large matmuls (prefill) on Hopper's warpgroup tensor cores, reading the
+// int8 tiled weights once instead of dequantising them to bf16 for cuBLAS first (which moved
+// three times the weight bytes and cost a third of a 2048-token prefill). The same numbers as
+// dequantisation + cuBLAS: x in bf16, each weight bf16(q * scale), f32 sums.
+// wgmma takes D[64 x N] += A[64 x 16] B[16 x N] per warpgroup (4 warps). Here A is the weights
+// transposed (its rows are output columns), from registers, each thread dequantising its own
+// fragment (the A layout of mma_bf16, per warp of 16 rows); B is the block's tokens, K-major in
+// shared memory with the 128-byte swizzle (the canonical layout that wg_desc describes).
+// A block of two warpgroups takes WG_TOK tokens and WG_COLS columns of a tile (grid.y = 2 per
+// tile), each warpgroup 128 columns as two m64 operands. Thread (warp w, g = lane / 4,
+// t = lane % 4) of warpgroup h owns the 4 adjacent columns at 128h + 4(8w + g): A row g of
+// operand b is its column 2b, row g + 8 its column 2b + 1 (the order of A's rows is free as
+// long as the output follows it), so that one 4-byte shared load per row of K brings a thread
+// all four of its weights and its outputs go out as float4.
+// K goes WG_KC rows per chunk through a cp.async pipeline of WG_STAGES chunks, WG_AHEAD ahead
+// of the one in use (the stage a load overwrites held chunk c - 2, whose wgmmas are done); the
+// dequantisation of step s + 1 overlaps step s's wgmma.
+//   grid (ceil(m / WG_TOK), 2 * tiles, ky): token tiles innermost, so that the blocks reading a
+//   weight tile run at the same time and it comes from memory once. Blocks along z split K
+//   (per_block rows each, a multiple of WG_KC); the last of a (token tile, column half) to
+//   finish adds the partial sums in z order, as qmma_core does. Output columns go to out0,
+//   out1, out2 by tile, as qgemv_tiled's do. 256 threads; WG_SMEM bytes of dynamic shared
+//   memory (Gpu::wgmma_smem_bytes). Hopper only (sm_90a): elsewhere the kernel traps and the
+//   host never launches it.
+#define WG_TOK 128
+#define WG_COLS 256
+#define WG_KC 64
+#define WG_STAGES 5
+#define WG_AHEAD 3
+#define WG_WROW 272  // a staged row of weights: 256 bytes and 16 of padding (no bank conflicts)
+#define WG_XBYTES (WG_TOK * 128)
+#define WG_STAGE (WG_XBYTES + WG_KC * WG_WROW)  // 33 KiB: every stage 1024-byte aligned
+#define WG_SMEM (WG_STAGES * WG_STAGE + 1024)
+#if defined(GROK_CUDA_EMU) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WG_ON 1
+__device__ __forceinline__ u32 smem_addr(const void *p) {
+#if defined(GROK_CUDA_EMU)
+    return emu_smem_addr(p);
+#else
+    return (u32)__cvta_generic_to_shared(p);
+#endif
+}
+
+// 16 bytes from global to shared memory without a register round trip; zeros when !ok.
+__device__ __forceinline__ void cp_async16(u32 dst, const void *src, bool ok) {
+#if defined(GROK_CUDA_EMU)
+    emu_cp_async16(dst, src, ok);
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(ok ? 16 : 0)
+                 : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(GROK_CUDA_EMU)
+    emu_cp_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits for all but the N most recent groups of this thread's copies.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(GROK_CUDA_EMU)
+    emu_cp_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Makes this thread's shared-memory writes visible to the tensor cores' reads (wgmma reads
+// its operands through the async proxy).
+__device__ __forceinline__ void fence_proxy_async() {
+#if !defined(GROK_CUDA_EMU)
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if !defined(GROK_CUDA_EMU)
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(GROK_CUDA_EMU)
+    emu_wgmma_commit();
+#else
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N committed groups of this warpgroup's wgmmas are in flight.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(GROK_CUDA_EMU)
+    emu_wgmma_wait(N);
+#else
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Pins an accumulator register in place around the asm that writes it asynchronously, so
+// the compiler moves no read of it to before the wait.
+__device__ __forceinline__ void reg_fence(float &r) {
+#if !defined(GROK_CUDA_EMU)
+    asm volatile("" : "+f"(r)::"memory");
+#endif
+}
+
+// The descriptor of a K-major bf16 operand at shared address `addr` with the 128-byte
+// swizzle: rows of 128 bytes, 8-row groups 1024 bytes apart (SBO), LBO unused (1).
+__device__ __forceinline__ u64 wg_desc(u32 addr) {
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) |
+           ((u64)1 << 62);
+}
+
+// The 8 accumulators from d[i] on, as operands of wgmma's asm.
+#define WG_D8(i)                                                                              \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),  \
+        "+f"(d[i + 6]), "+f"(d[i + 7])
+// d[64] += a (this thread's A fragment, 4 bf16 pairs) · B (desc: 16 x 128, K-major).
+__device__ __forceinline__ void wgmma_m64n128(float *d, const u32 *a, u64 desc) {
+#if defined(GROK_CUDA_EMU)
+    emu_wgmma_m64n128(d, a, desc);
+#else
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+#endif
+}
+
+// Byte i of a word of int8 weights (stored ^ 0x80) times its scale: the qmma_core dequantisation.
+__device__ __forceinline__ float wg_deq(u32 biased, int i, float scale) {
+    return (__int_as_float(__byte_perm(biased, 0x4B000000u, 0x7540u | i)) - 8388736.f) * scale;
+}
+
+// Chunk (K rows [kk, kk + WG_KC) of the block) into the stage at shared address `stage`:
+// the tokens' x rows (swizzled, zeros past m or k1) and the weights' rows (zeros past k1 or
+// the tile's width).
+__device__ __forceinline__ void wg_load(u32 stage, const bf16 *xb, int m, int tok0, int k, int kk,
+                                        int k1, const signed char *wp, int width, int c0, int tid) {
+    for (int i = tid; i < WG_TOK * 8; i += 256) {
+        int r = i / 8, c = i % 8, kc = kk + 8 * c;
+        bool ok = tok0 + r < m && kc < k1;
+        const void *src = ok ? (const void *)(xb + (u64)(tok0 + r) * k + kc) : (const void *)xb;
+        cp_async16(stage + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
+    }
+    u32 ws = stage + WG_XBYTES;
+    for (int i = tid; i < WG_KC * 16; i += 256) {
+        int r = i / 16, c = i % 16, col = c0 + 16 * c;
+        bool ok = kk + r < k1 && col < width;
+        const void *src = ok ? (const void *)(wp + (u64)(kk + r) * width + col) : (const void *)wp;
+        cp_async16(ws + r * WG_WROW + 16 * c, src, ok);
+    }
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
+    const bf16 *xb, int m, const signed char *wt, const float *scales, int k, int n, int gr,
+    float *out0, float *out1, float *out2, int t1, int t2, float *parts, u32 *counters,
+    int per_block) {
+#if defined(WG_ON)
+    extern __shared__ float wg_smem[];
+    __shared__ int last;
+    u32 base = smem_addr(wg_smem);
+    u32 pad = (1024u - (base & 1023u)) & 1023u;  // the swizzle repeats from 1024-byte bounds
+    const unsigned char *sm = (const unsigned char *)wg_smem + pad;
+    u32 sbase = base + pad;
+    int tid = threadIdx.x, h = tid / 128, w = (tid / WARP) % 4, lane = tid % WARP;
+    int g = lane / 4, t = lane % 4;
+    int tok0 = blockIdx.x * WG_TOK, tile = blockIdx.y / 2, c0 = (blockIdx.y % 2) * WG_COLS;
+    int width = min(QT, n - tile * QT);
+    int by = blockIdx.z, ky = gridDim.z;
+    int k0 = min(k, by * per_block), k1 = min(k, k0 + per_block);
+    int chunks = (k1 - k0 + WG_KC - 1) / WG_KC;
+    const signed char *wp = wt + (u64)tile * QT * k;
+    int col = c0 + 128 * h + 4 * (8 * w + g);  // my first column in the tile
+    bool colok = col < width;
+
+#pragma unroll
+    for (int c = 0; c < WG_AHEAD; c++) {
+        if (c < chunks)
+            wg_load(sbase + c * WG_STAGE, xb, m, tok0, k, k0 + c * WG_KC, k1, wp, width, c0, tid);
+        cp_async_commit();
+    }
+    float acc[2][64];
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int e = 0; e < 64; e++) acc[b][e] = 0.f;
+    float sc[4] = {0.f, 0.f, 0.f, 0.f};
+    int group = -1;
+    u32 a[2][2][4];  // [step parity][operand][register]: step s + 1's fills while s runs
+    for (int c = 0; c < chunks; c++) {
+        cp_async_wait<WG_AHEAD - 1>();  // chunk c is in
+        fence_proxy_async();
+        __syncthreads();
+        if (c + WG_AHEAD < chunks) {
+            int st = (c + WG_AHEAD) % WG_STAGES;
+            wg_load(sbase + st * WG_STAGE, xb, m, tok0, k, k0 + (c + WG_AHEAD) * WG_KC, k1, wp,
+                    width, c0, tid);
+        }
+        cp_async_commit();
+        int st = c % WG_STAGES, kk = k0 + c * WG_KC;
+        const unsigned char *ws = sm + st * WG_STAGE + WG_XBYTES + 128 * h + 4 * (8 * w + g);
+        u32 xs = sbase + st * WG_STAGE;
+        int steps = min(WG_KC / 16, (k1 - kk) / 16);
+#pragma unroll
+        for (int s = 0; s < WG_KC / 16; s++) {
+            if (s < steps) {
+                int ks = kk + 16 * s;
+                if (ks / gr != group) {
+                    group = ks / gr;
+                    if (colok) {
+                        float4 v = __ldg((const float4 *)(scales + (u64)group * n + tile * QT + col));
+                        sc[0] = v.x, sc[1] = v.y, sc[2] = v.z, sc[3] = v.w;
+                    }
+                }
+                // Rows 2t, 2t + 1, 2t + 8, 2t + 9 of the step: my A fragments' K.
+                const unsigned char *r = ws + (16 * s + 2 * t) * WG_WROW;
+                u32 q0 = *(const u32 *)r ^ 0x80808080u;
+                u32 q1 = *(const u32 *)(r + WG_WROW) ^ 0x80808080u;
+                u32 q2 = *(const u32 *)(r + 8 * WG_WROW) ^ 0x80808080u;
+                u32 q3 = *(const u32 *)(r + 9 * WG_WROW) ^ 0x80808080u;
+#pragma unroll
+                for (int b = 0; b < 2; b++) {
+                    int lo = 2 * b, hi = 2 * b + 1;
+                    a[s & 1][b][0] = pack_bf16(wg_deq(q0, lo, sc[lo]), wg_deq(q1, lo, sc[lo]));
+                    a[s & 1][b][1] = pack_bf16(wg_deq(q0, hi, sc[hi]), wg_deq(q1, hi, sc[hi]));
+                    a[s & 1][b][2] = pack_bf16(wg_deq(q2, lo, sc[lo]), wg_deq(q3, lo, sc[lo]));
+                    a[s & 1][b][3] = pack_bf16(wg_deq(q2, hi, sc[hi]), wg_deq(q3, hi, sc[hi]));
+                }
+                u64 desc = wg_desc(xs + 32 * s);  // K rows 16s.. of every token row
+                wgmma_fence();
+                wgmma_m64n128(acc[0], a[s & 1][0], desc);
+                wgmma_m64n128(acc[1], a[s & 1][1], desc);
+                wgmma_commit();
+                wgmma_wait<1>();  // step s - 1 is done: its fragments may be refilled
+            }
+        }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int b = 0; b < 2; b++)
+#pragma unroll
+        for (int e = 0; e < 64; e++) reg_fence(acc[b][e]);
+
+    float *out = out0;
+    int ostride = min(n, t1 * QT), oc0 = tile * QT;
+    if (tile >= t2) {
+        out = out2;
+        ostride = n - t2 * QT;
+        oc0 -= t2 * QT;
+    } else if (tile >= t1) {
+        out = out1;
+        ostride = (t2 - t1) * QT;
+        oc0 -= t1 * QT;
+    }
+    // acc[b][4j + 2v1 + v0] is D row 16w + g + 8v1 (my column 2b + v1), token 8j + 2t + v0.
+    float *dst = ky == 1 ? out + oc0 : parts + (u64)by * m * n + tile * QT;
+    int dstride = ky == 1 ? ostride : n;
+    if (colok) {
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+#pragma unroll
+            for (int v = 0; v < 2; v++) {
+                int tok = tok0 + 8 * j + 2 * t + v;
+                if (tok < m)
+                    *(float4 *)(dst + (u64)tok * dstride + col) =
+                        make_float4(acc[0][4 * j + v], acc[0][4 * j + 2 + v], acc[1][4 * j + v],
+                                    acc[1][4 * j + 2 + v]);
+            }
+    }
+    if (ky == 1) return;
+    __threadfence();
+    __syncthreads();
+    u32 *counter = counters + (u64)blockIdx.y * gridDim.x + blockIdx.x;
+    if (tid == 0) last = atomicAdd(counter, 1u) == (u32)(ky - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    int rows = min(WG_TOK, m - tok0);
+    for (int i = tid; i < rows * (WG_COLS / 4); i += 256) {
+        int r = i / (WG_COLS / 4), cc = c0 + 4 * (i % (WG_COLS / 4));
+        if (cc >= width) continue;
+        u64 o = (u64)(tok0 + r) * n + tile * QT + cc;
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int y = 0; y < ky; y++) {
+            float4 v = __ldcg((const float4 *)(parts + (u64)y * m * n + o));
+            sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+        }
+        *(float4 *)(out + (u64)(tok0 + r) * ostride + oc0 + cc) = sum;
+    }
+    if (tid == 0) *counter = 0;
+#else
+    __trap();
+#endif
+}
+
 // bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales. grid
 // (ceil(n / 4096), k), 256 threads of 16 columns each (one 16-byte load, two 16-byte stores).
 extern "C" __global__ void dequant_bf16_tiled(const signed char *wt, const float *scales,

@@ -5,10 +5,13 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <functional>
+#include <cstdio>
+#include <cstdlib>
 #include <ucontext.h>
 #include <vector>
 
@@ -19,6 +22,10 @@ inline dim3e threadIdx, blockIdx;
 inline int emu_tid;
 inline dim3e blockDim, gridDim;
 inline char *emu_dyn_smem = nullptr;
+inline size_t emu_dyn_bytes = 0;
+// The shared address of the dynamic shared memory: not 1024-aligned, as it need not be on the
+// GPU (a kernel that needs alignment pads).
+constexpr unsigned EMU_SMEM_BASE = 16;
 
 #define GROK_CUDA_EMU 1
 #define __global__
@@ -94,17 +101,39 @@ struct EmuBar {
     int live = 0, arrived = 0;
     unsigned gen = 0;
 };
+// A cp.async copy waiting for its group's wait_group (16 bytes, or zeros when !ok).
+struct EmuCopy {
+    char *dst;
+    const char *src;
+    bool ok;
+    int group;
+};
+// A wgmma waiting for a wait_group: this thread's accumulators, B's descriptor, its sequence
+// number in the warpgroup (where the A fragments' addresses are) and its group (-1 until
+// committed).
+struct EmuWgmma {
+    float *d;
+    uint64_t desc;
+    int seq, group;
+};
 struct EmuFiber {
     ucontext_t ctx;
     std::vector<char> stack;
     bool done = false;
     unsigned phase = 0;  // this lane's next slot set
+    std::vector<EmuCopy> copies;
+    int cp_groups = 0;
+    std::vector<EmuWgmma> wgmmas;
+    int wg_seq = 0, wg_groups = 0;
 };
 struct EmuBlock {
     EmuBar bar;
     std::vector<EmuBar> warp_bar;
     std::vector<uint64_t> slots;  // [warps][2][32]
     std::vector<unsigned> frags;  // [warps][2][32][6]: mma_bf16's a and b fragments
+    std::vector<EmuBar> wg_bar;   // per warpgroup (128 threads)
+    // Per warpgroup, [wgmma sequence number][thread]: where each thread's A fragment is.
+    std::vector<std::vector<const unsigned *>> wg_a;
     std::vector<EmuFiber> fibers;
     ucontext_t sched;
     int cur = 0;
@@ -183,13 +212,133 @@ inline void emu_mma_bf16(float *d, const unsigned *a, const unsigned *b) {
     }
 }
 
+[[noreturn]] inline void emu_fault(const char *what) {
+    std::fprintf(stderr, "emulator: %s\n", what);
+    std::abort();
+}
+
+inline unsigned emu_smem_addr(const void *p) {
+    ptrdiff_t off = (const char *)p - emu_dyn_smem;
+    if (off < 0 || (size_t)off > emu_dyn_bytes) emu_fault("a shared address outside dynamic shared memory");
+    return EMU_SMEM_BASE + (unsigned)off;
+}
+inline char *emu_smem_ptr(unsigned addr, unsigned bytes) {
+    if (addr < EMU_SMEM_BASE || addr - EMU_SMEM_BASE + bytes > emu_dyn_bytes)
+        emu_fault("a shared access past the dynamic shared memory");
+    return emu_dyn_smem + (addr - EMU_SMEM_BASE);
+}
+
+// cp.async: the copy happens at the wait_group that covers it, so a kernel that reads a stage
+// before waiting for it reads stale bytes, as it may on the GPU; or, with emu_cp_eager, at
+// once, so that one that overwrites a stage still in use spoils it (the GPU may do either).
+inline bool emu_cp_eager = false;
+inline void emu_cp_async16(unsigned dst, const void *src, bool ok) {
+    EmuFiber &f = emu_block->fibers[emu_tid];
+    EmuCopy c{emu_smem_ptr(dst, 16), (const char *)src, ok, f.cp_groups};
+    if (!emu_cp_eager) {
+        f.copies.push_back(c);
+    } else if (ok) {
+        std::memcpy(c.dst, c.src, 16);
+    } else {
+        std::memset(c.dst, 0, 16);
+    }
+}
+inline void emu_cp_commit() { emu_block->fibers[emu_tid].cp_groups++; }
+inline void emu_cp_wait(int pending) {
+    EmuFiber &f = emu_block->fibers[emu_tid];
+    std::vector<EmuCopy> left;
+    for (auto &c : f.copies) {
+        if (c.group < f.cp_groups - pending) {
+            if (c.ok)
+                std::memcpy(c.dst, c.src, 16);
+            else
+                std::memset(c.dst, 0, 16);
+        } else {
+            left.push_back(c);
+        }
+    }
+    f.copies.swap(left);
+}
+
+// wgmma.mma_async m64n128k16 (bf16, f32 accumulate, A from registers, B K-major with the
+// 128-byte swizzle): recorded at issue, computed at the wait_group that covers it from the A
+// fragments and shared memory as they are then, so that a kernel that refills either too
+// early gets wrong sums, as it would on the GPU.
+inline void emu_wgmma_m64n128(float *d, const unsigned *a, uint64_t desc) {
+    EmuBlock *b = emu_block;
+    EmuFiber &f = b->fibers[emu_tid];
+    auto &tab = b->wg_a[emu_tid / 128];
+    if (tab.size() < (size_t)(f.wg_seq + 1) * 128) tab.resize((size_t)(f.wg_seq + 1) * 128);
+    tab[(size_t)f.wg_seq * 128 + emu_tid % 128] = a;
+    f.wgmmas.push_back({d, desc, f.wg_seq, -1});
+    f.wg_seq++;
+}
+inline void emu_wgmma_commit() {
+    EmuFiber &f = emu_block->fibers[emu_tid];
+    for (auto &op : f.wgmmas)
+        if (op.group < 0) op.group = f.wg_groups;
+    f.wg_groups++;
+}
+inline void emu_wgmma_run(const EmuWgmma &op) {
+    auto &tab = emu_block->wg_a[emu_tid / 128];
+    const unsigned *const *A = tab.data() + (size_t)op.seq * 128;
+    unsigned start = (unsigned)(op.desc & 0x3fff) << 4, lbo = (op.desc >> 16) & 0x3fff;
+    unsigned sbo = (unsigned)((op.desc >> 32) & 0x3fff) << 4;
+    unsigned base_offset = (op.desc >> 49) & 7, swizzle = (unsigned)(op.desc >> 62);
+    if (swizzle != 1 || lbo != 1 || base_offset != 0 || sbo != 1024)
+        emu_fault("a wgmma descriptor other than K-major, 128-byte swizzle, SBO 1024");
+    auto half = [](unsigned reg, int hi) {
+        return __int_as_float((hi ? reg >> 16 : reg & 0xffff) << 16);
+    };
+    // A row r, column k: thread (r / 16) * 32 + (r % 8) * 4 + (k % 8) / 2, register
+    // (r % 16 >= 8) + 2 (k >= 8), as mma_bf16's A per warp.
+    auto Aval = [&](int r, int k) {
+        int owner = (r / 16) * 32 + (r % 8) * 4 + (k % 8) / 2;
+        return half(A[owner][(r % 16 >= 8) + 2 * (k >= 8)], k % 2);
+    };
+    // B column n, row k: byte 2k of row n of the 8-row groups SBO apart, swizzled (the 16-byte
+    // chunk index, address bits 4-6, XOR the row in the group, bits 7-9).
+    auto Bval = [&](int k, int n) {
+        unsigned addr = start + (n / 8) * sbo + (n % 8) * 128 + 2 * k;
+        addr ^= ((addr >> 7) & 7) << 4;
+        uint16_t bits;
+        std::memcpy(&bits, emu_smem_ptr(addr, 2), 2);
+        return __int_as_float((unsigned)bits << 16);
+    };
+    int w = (emu_tid % 128) / 32, lane = emu_tid % 32, g = lane / 4, t = lane % 4;
+    for (int e = 0; e < 64; e++) {
+        int row = 16 * w + g + 8 * ((e >> 1) & 1), col = 8 * (e / 4) + 2 * t + (e & 1);
+        float acc = op.d[e];
+        for (int k = 0; k < 16; k++) acc += Aval(row, k) * Bval(k, col);
+        op.d[e] = acc;
+    }
+}
+inline void emu_wgmma_wait(int pending) {
+    EmuBlock *b = emu_block;
+    EmuFiber &f = b->fibers[emu_tid];
+    EmuBar &bar = b->wg_bar[emu_tid / 128];
+    emu_wait(bar);  // every thread's fragments of the ops are posted
+    std::vector<EmuWgmma> left;
+    for (auto &op : f.wgmmas) {
+        if (op.group >= 0 && op.group < f.wg_groups - pending)
+            emu_wgmma_run(op);
+        else
+            left.push_back(op);
+    }
+    f.wgmmas.swap(left);
+    emu_wait(bar);  // no thread refills its fragments while another still reads them
+}
+
 inline std::function<void()> emu_body;
 inline void emu_fiber_main() {
     EmuBlock *b = emu_block;
     int t = b->cur;
     emu_body();
     b->fibers[t].done = true;
+    if (!b->fibers[t].copies.empty() || !b->fibers[t].wgmmas.empty())
+        emu_fault("a thread ended with copies or wgmmas not waited for");
     emu_leave(b->warp_bar[t / 32]);
+    emu_leave(b->wg_bar[t / 128]);
     emu_leave(b->bar);
     // Returning goes back to the scheduler (uc_link).
 }
@@ -202,6 +351,7 @@ void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
     blockDim = block;
     std::vector<float4> dyn(dyn_smem / sizeof(float4) + 1);
     emu_dyn_smem = (char *)dyn.data();
+    emu_dyn_bytes = dyn_smem;
     int n = block.x * block.y * block.z, warps = (n + 31) / 32;
     EmuBlock b;
     b.fibers.resize(n);
@@ -216,9 +366,17 @@ void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
                 for (int w = 0; w < warps; w++) b.warp_bar[w].live = std::min(32, n - 32 * w);
                 b.slots.assign(warps * 64, 0);
                 b.frags.assign((size_t)warps * 2 * 32 * 6, 0);
+                int groups = (n + 127) / 128;
+                b.wg_bar.assign(groups, EmuBar{});
+                for (int i = 0; i < groups; i++) b.wg_bar[i].live = std::min(128, n - 128 * i);
+                b.wg_a.assign(groups, {});
                 for (auto &f : b.fibers) {
                     f.done = false;
                     f.phase = 0;
+                    f.copies.clear();
+                    f.cp_groups = 0;
+                    f.wgmmas.clear();
+                    f.wg_seq = f.wg_groups = 0;
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = f.stack.data();
                     f.ctx.uc_stack.ss_size = f.stack.size();

@@ -285,6 +285,58 @@ static void qmma_case(MmaKernel kern, const char *name, int m, int k, int n, int
     expect(worst < 1e-6, what, worst, 1e-6);
 }
 
+// qgemm_wgmma (the prefill matmul on Hopper's warpgroup tensor cores) on m tokens of an int8
+// [k, n] matrix in the tiled layout, scale groups of gr rows, K split in blocks of per_block
+// rows (a partial last chunk when k is no multiple of 64), against the double sum of the same
+// bf16 operands. With `split`, the tiles go to three outputs as a fused q, k, v projection's
+// (tile 0, tile 1, the rest). Also that the split's counters are back at zero.
+static void wgmma_case(int m, int k, int n, int groups, int per_block, bool split, uint64_t seed) {
+    Rng rng{seed};
+    int gr = k / groups, tiles = (n + 511) / 512;
+    std::vector<signed char> w((size_t)k * n), wt((size_t)k * n);
+    for (auto &v : w) v = (signed char)(rng.next() % 256 - 128);
+    for (int t = 0, at = 0; t < tiles; t++) {
+        int c0 = t * 512, width = std::min(512, n - c0);
+        for (int r = 0; r < k; r++)
+            for (int c = 0; c < width; c++) wt[at++] = w[(size_t)r * n + c0 + c];
+    }
+    std::vector<float> scales((size_t)groups * n);
+    for (auto &v : scales) v = 0.001f + 0.01f * (rng.uni() + 1.f);
+    std::vector<bf16> xb((size_t)m * k);
+    for (auto &v : xb) v = f2bf(rng.uni());
+    int t1 = split ? 1 : tiles, t2 = split ? 2 : tiles;
+    int w0 = std::min(n, t1 * 512), w1 = (t2 - t1) * 512, w2 = n - w0 - w1;
+    std::vector<float> o0((size_t)m * w0, NAN), o1((size_t)m * w1, NAN), o2((size_t)m * w2, NAN);
+    int ky = (k + per_block - 1) / per_block, ttiles = (m + 127) / 128;
+    std::vector<float> parts((size_t)ky * m * n);
+    std::vector<u32> counters((size_t)ttiles * 2 * tiles, 0);
+    emu_launch(qgemm_wgmma, dim3e{(unsigned)ttiles, (unsigned)(2 * tiles), (unsigned)ky},
+               dim3e{256, 1, 1}, WG_SMEM, xb.data(), m, wt.data(), scales.data(), k, n, gr,
+               o0.data(), o1.data(), o2.data(), t1, t2, parts.data(), counters.data(), per_block);
+    double worst = 0;
+    auto bf = [](bf16 b) { return (double)__int_as_float((unsigned)b << 16); };
+    for (int r = 0; r < m; r++)
+        for (int c = 0; c < n; c++) {
+            double want = 0, scale = 0;
+            for (int i = 0; i < k; i++) {
+                double p = bf(xb[(size_t)r * k + i]) *
+                           bf(f2bf((float)w[(size_t)i * n + c] * scales[(size_t)(i / gr) * n + c]));
+                want += p;
+                scale += std::abs(p);
+            }
+            double got = c < w0        ? o0[(size_t)r * w0 + c]
+                         : c < w0 + w1 ? o1[(size_t)r * w1 + c - w0]
+                                       : o2[(size_t)r * w2 + c - w0 - w1];
+            worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+        }
+    for (u32 c : counters)
+        if (c != 0) worst = 1e9;
+    char what[160];
+    std::snprintf(what, sizeof what, "qgemm_wgmma: %d rows, [%d x %d], %d group(s), %d K block(s)%s%s",
+                  m, k, n, groups, ky, split ? ", 3 outputs" : "", emu_cp_eager ? " (copies at once)" : "");
+    expect(worst < 1e-6, what, worst, 1e-6);
+}
+
 // qgemv_tiled_4 (the decode matmul) on 3 rows of a [200 x 1040] int8 matrix (K no multiple
 // of 8, two scale groups, tiles of 512, 512 and 16 columns), its K split over two blocks, the
 // tiles going to three outputs as a fused q, k, v projection's do; against the double product.
@@ -522,6 +574,14 @@ int main() {
     qmma_case(qmma_2, "qmma_2", 20, 160, 560, 5, 3, 22);
     qmma_case(qmma_4, "qmma_4", 64, 256, 1040, 1, 2, 23);
     qmma_case(qmma_4, "qmma_4", 37, 128, 16, 2, 1, 24);
+    for (bool eager : {false, true}) {
+        emu_cp_eager = eager;
+        wgmma_case(150, 160, 1040, 5, 160, true, 41);
+        wgmma_case(65, 384, 528, 2, 128, false, 42);
+        wgmma_case(128, 64, 272, 1, 64, false, 43);
+        wgmma_case(40, 704, 272, 11, 704, false, 44);  // 11 chunks: the stages wrap around
+    }
+    emu_cp_eager = false;
     residual_case(3, 640, 8, 2, false, true, true, 11);
     residual_case(3, 640, 8, 2, true, true, false, 12);
     residual_case(2, 2048 + 96, 5, 2, true, true, true, 13);
