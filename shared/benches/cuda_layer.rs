@@ -88,6 +88,11 @@ fn main() {
             "off"
         }
     );
+    match (shard.gpu().wgmma(), shard.gpu().wgmma_fault()) {
+        (true, _) => println!("bf16 path past 64 rows: qgemm_wgmma (GROK_CUDA_WGMMA)"),
+        (false, Some(why)) => println!("bf16 path past 64 rows: cuBLAS; qgemm_wgmma is off: {why}"),
+        (false, None) => println!("bf16 path past 64 rows: dequantisation + cuBLAS"),
+    }
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
 
     let copy_bw = copy_bandwidth(&shard);

@@ -553,6 +553,8 @@ fn tensor_core_int8_matmul_matches_dequantised_cublas() {
 #[ignore = "needs a GPU"]
 fn wgmma_int8_matmul_matches_dequantised_cublas() {
     let g = Gpu::open(0).unwrap();
+    // Off after its start-up check is a failure here, not a skip.
+    assert!(g.wgmma_fault().is_none(), "{:?}", g.wgmma_fault());
     if !g.wgmma() {
         println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
         return;

@@ -212,6 +212,8 @@ pub struct Gpu {
     /// sm_90a), and whether it does (`GROK_CUDA_WGMMA=0` or [`Gpu::set_wgmma`] turn it off).
     wgmma_here: bool,
     wgmma_on: AtomicBool,
+    /// Why the start-up check turned `qgemm_wgmma` off, if it did.
+    wgmma_fault: Option<String>,
     /// Blocks of the tiled decode kernel the whole GPU holds at once (its K split fills them).
     tiled_slots: usize,
     /// The same for each `qmma_*` (in `MMA_ROWS` order).
@@ -371,7 +373,7 @@ impl Gpu {
                 })?,
             &stream,
         );
-        Ok(Gpu {
+        let gpu = Gpu {
             ctx,
             stream,
             blas,
@@ -387,7 +389,76 @@ impl Gpu {
             tile_counters,
             name,
             profile,
-        })
+            wgmma_fault: None,
+        };
+        Ok(gpu.with_wgmma_checked())
+    }
+
+    /// Runs `qgemm_wgmma` once against dequantisation + cuBLAS (a partial token tile, scale
+    /// groups, a narrow tile, a K split) and keeps it off if they disagree: its layouts are
+    /// Hopper's, and a GPU or driver that reads them otherwise must not turn a prefill into
+    /// noise. The reason stays in [`Gpu::wgmma_fault`] and goes to the log.
+    fn with_wgmma_checked(mut self) -> Self {
+        if !self.wgmma() {
+            return self;
+        }
+        if let Err(why) = self.check_wgmma() {
+            tracing::warn!("qgemm_wgmma is off: {why}");
+            self.wgmma_on.store(false, Ordering::Relaxed);
+            self.wgmma_fault = Some(why);
+        }
+        self
+    }
+
+    fn check_wgmma(&self) -> Result<(), String> {
+        let (m, k, n) = (130, 1024, 528);
+        let q = crate::test_support::random_qmatrix(k, n, 4, 7);
+        let mut seed = 11;
+        let x: Vec<f32> = (0..m * k)
+            .map(|_| (crate::test_support::lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let run = |wgmma: bool| -> Result<Vec<f32>, CudaError> {
+            let dq = self.upload_q(&q)?;
+            let xd = self.upload(&x)?;
+            let out = self.alloc::<f32>(m * n)?;
+            if wgmma {
+                let tiles = n.div_ceil(Q_TILE);
+                self.qmatmul_wgmma(xd.ptr(), m, &dq, [out.ptr(); 3], [tiles; 2])?;
+            } else {
+                self.qmatmul_cublas(xd.ptr(), m, &dq, out.ptr())?;
+            }
+            self.download_f32(out.ptr(), m * n)
+        };
+        let got = run(true).map_err(|e| format!("its self-check failed to run: {e}"))?;
+        let want = run(false).map_err(|e| format!("the cuBLAS side of its self-check: {e}"))?;
+        let scale = want
+            .iter()
+            .fold(0f32, |a, w| a.max(w.abs()))
+            .max(f32::MIN_POSITIVE);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(g, w)| {
+                if g.is_finite() {
+                    (g - w).abs()
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .fold(0f32, f32::max);
+        if worst / scale > 1e-4 {
+            return Err(format!(
+                "on a [{m} x {k}] x [{k} x {n}] check it differs from dequantisation + cuBLAS \
+                 by {:.2e} of the largest output",
+                worst / scale
+            ));
+        }
+        Ok(())
+    }
+
+    /// Why `qgemm_wgmma` is off on a GPU that could run it (its start-up check failed).
+    pub fn wgmma_fault(&self) -> Option<&str> {
+        self.wgmma_fault.as_deref()
     }
 
     pub fn sms(&self) -> usize {
@@ -409,7 +480,7 @@ impl Gpu {
     /// Turns `qgemm_wgmma` on or off (on only where it can run); returns whether it is on. For
     /// an A/B of the two paths in one process.
     pub fn set_wgmma(&self, on: bool) -> bool {
-        let on = on && self.wgmma_here;
+        let on = on && self.wgmma_here && self.wgmma_fault.is_none();
         self.wgmma_on.store(on, Ordering::Relaxed);
         on
     }
