@@ -586,6 +586,61 @@ fn wgmma_int8_matmul_matches_dequantised_cublas() {
     }
 }
 
+/// An expert's FFN on `qgemm_wgmma` with the GELU product in the up projection's epilogue
+/// (`Gpu::ffn_wgmma`) against the same three products and `gelu_mul` run one by one: the
+/// same operands and sums, so the results agree to the odd bf16 rounding of the GELU product.
+#[test]
+#[ignore = "needs a GPU"]
+fn wgmma_expert_ffn_matches_the_unfused_products() {
+    let g = Gpu::open(0).unwrap();
+    if !g.wgmma() {
+        println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
+        return;
+    }
+    let (d, f, m) = (1024, 4096, 300);
+    let mats: Vec<DevQ> = [(d, f, 1), (d, f, 2), (f, d, 4)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(k, n, groups))| {
+            g.upload_q(&random_qmatrix(k, n, groups, 40 + i as u64))
+                .unwrap()
+        })
+        .collect();
+    let mut seed = 5u64;
+    let x: Vec<f32> = (0..m * d)
+        .map(|_| (lcg(&mut seed) % 2000) as f32 / 1000.0 - 1.0)
+        .collect();
+    let xd = g.upload(&x).unwrap();
+    let fused = g.alloc::<f32>(m * d).unwrap();
+    assert!(g
+        .ffn_wgmma(xd.ptr(), m, [&mats[0], &mats[1], &mats[2]], fused.ptr())
+        .unwrap());
+    let (a, b) = (
+        g.alloc::<f32>(m * f).unwrap(),
+        g.alloc::<f32>(m * f).unwrap(),
+    );
+    g.qmatmul(xd.ptr(), m, &mats[0], a.ptr(), 1).unwrap();
+    g.qmatmul(xd.ptr(), m, &mats[1], b.ptr(), 1).unwrap();
+    g.elems_launch(
+        "gelu_mul",
+        m * f,
+        &[Arg::P(a.ptr()), Arg::P(b.ptr()), Arg::N((m * f) as u64)],
+    )
+    .unwrap();
+    let apart = g.alloc::<f32>(m * d).unwrap();
+    g.qmatmul(a.ptr(), m, &mats[2], apart.ptr(), 1).unwrap();
+    let got = g.download_f32(fused.ptr(), m * d).unwrap();
+    let want: Vec<f64> = g
+        .download_f32(apart.ptr(), m * d)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let err = rel_err(&got, &want);
+    println!("wgmma expert FFN, GELU in the epilogue: within {err:.2e} of the unfused products");
+    assert!(err < 1e-3, "relative error {err}");
+}
+
 /// A decode step of 24 sequences takes the bf16 path (24 rows: the tensor-core matmul and,
 /// with the picks on the device, `qmma_experts_4`). Device and host routing then give the
 /// same operands with sums in another order, and the host runs experts of fewer than 9 rows

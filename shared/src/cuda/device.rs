@@ -1038,6 +1038,53 @@ impl Gpu {
         outs: [u64; 3],
         split: [usize; 2],
     ) -> Result<(), CudaError> {
+        let xb = self.to_bf16(x, m * q.k)?;
+        self.wgmma_launch(xb.ptr(), m, q, outs, split, 0)
+    }
+
+    /// An expert's `(gelu_tanh(x·gate) ⊙ (x·up))·down` for `m` rows of f32 `x` into f32 `out`
+    /// on `qgemm_wgmma`, the GELU product in the up projection's epilogue (bf16, the down
+    /// projection's operand, rounded as `to_bf16` rounds it): the numbers of the three
+    /// [`Gpu::qmatmul`]s and `gelu_mul` on the bf16 path, without the f32 round trips.
+    /// `Ok(false)`, having done nothing, where `qgemm_wgmma` does not take these (off, or 64
+    /// rows or fewer: `qmma_*`'s).
+    pub fn ffn_wgmma(
+        &self,
+        x: u64,
+        m: usize,
+        [gate, up, down]: [&DevQ; 3],
+        out: u64,
+    ) -> Result<bool, CudaError> {
+        let takes = m > MMA_ROWS[MMA_ROWS.len() - 1]
+            && [gate, up, down].iter().all(|q| self.wgmma_takes(q))
+            && gate.n == up.n
+            && gate.k == up.k
+            && down.k == up.n;
+        if !takes {
+            return Ok(false);
+        }
+        let (d, f) = (gate.k, gate.n);
+        let xb = self.to_bf16(x, m * d)?;
+        let a = self.alloc::<f32>(m * f)?;
+        let whole = |q: &DevQ| [q.n.div_ceil(Q_TILE); 2];
+        self.wgmma_launch(xb.ptr(), m, gate, [a.ptr(); 3], whole(gate), 0)?;
+        let h = self.alloc::<u16>(m * f)?;
+        self.wgmma_launch(xb.ptr(), m, up, [h.ptr(); 3], whole(up), a.ptr())?;
+        self.wgmma_launch(h.ptr(), m, down, [out; 3], whole(down), 0)?;
+        Ok(true)
+    }
+
+    /// `qgemm_wgmma` on bf16 rows at `xb`; with `gate` (not 0) the GELU epilogue into bf16
+    /// `outs[0]`.
+    fn wgmma_launch(
+        &self,
+        xb: u64,
+        m: usize,
+        q: &DevQ,
+        outs: [u64; 3],
+        split: [usize; 2],
+        gate: u64,
+    ) -> Result<(), CudaError> {
         let (k, n) = (q.k, q.n);
         let halves = 2 * n.div_ceil(Q_TILE);
         let token_tiles = m.div_ceil(WG_TOK);
@@ -1046,7 +1093,6 @@ impl Gpu {
         if ky > 1 && blocks > MAX_TILES {
             (per_block, ky) = (k.next_multiple_of(WG_KC), 1);
         }
-        let xb = self.to_bf16(x, m * k)?;
         let parts = self.alloc::<f32>(if ky > 1 { ky * m * n } else { 0 })?;
         self.launch3(
             "qgemm_wgmma",
@@ -1054,7 +1100,7 @@ impl Gpu {
             (256, 1),
             WG_SMEM as u32,
             &[
-                Arg::P(xb.ptr()),
+                Arg::P(xb),
                 Arg::I(m as i32),
                 Arg::P(q.w.ptr()),
                 Arg::P(q.s.ptr()),
@@ -1069,6 +1115,7 @@ impl Gpu {
                 Arg::P(parts.ptr()),
                 Arg::P(self.tile_counters.ptr()),
                 Arg::I(per_block as i32),
+                Arg::P(gate),
             ],
         )
     }

@@ -1046,13 +1046,17 @@ extern "C" __global__ void combine(const float *parts, const u32 *offsets, const
     }
 }
 
-// a = gelu_tanh(a) * b (JAX's default GELU).
+// JAX's default GELU (the tanh approximation).
+__device__ __forceinline__ float gelu_tanh(float x) {
+    float u = 0.7978845608f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.f + tanhf(u));
+}
+
+// a = gelu_tanh(a) * b.
 extern "C" __global__ void gelu_mul(float *a, const float *b, u64 n) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float x = a[i];
-    float u = 0.7978845608f * (x + 0.044715f * x * x * x);
-    a[i] = 0.5f * x * (1.f + tanhf(u)) * b[i];
+    a[i] = gelu_tanh(a[i]) * b[i];
 }
 
 // The decode matmul: y[m, n] = sum_k x[m, k] * w[k, n] * scales[k / gr, n] for up to MR rows,
@@ -1589,9 +1593,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) qmma_experts_4(
 //   weight tile run at the same time and it comes from memory once. Blocks along z split K
 //   (per_block rows each, a multiple of WG_KC); the last of a (token tile, column half) to
 //   finish adds the partial sums in z order, as qmma_core does. Output columns go to out0,
-//   out1, out2 by tile, as qgemv_tiled's do. 256 threads; WG_SMEM bytes of dynamic shared
-//   memory (Gpu::wgmma_smem_bytes). Hopper only (sm_90a): elsewhere the kernel traps and the
-//   host never launches it.
+//   out1, out2 by tile, as qgemv_tiled's do. With `gate` (an expert's up projection, gate
+//   the f32 [m, n] product of its gate projection), out0 gets bf16(gelu_tanh(gate) * y)
+//   instead of y: what gelu_mul and to_bf16 would make of the two, as the down projection's
+//   operand, without the f32 round trips. 256 threads; WG_SMEM bytes of dynamic shared
+//   memory. Hopper only (sm_90a): elsewhere the kernel traps and the host never launches it.
 #define WG_TOK 128
 #define WG_COLS 256
 #define WG_KC 64
@@ -1714,6 +1720,18 @@ __device__ __forceinline__ float wg_deq(u32 biased, int i, float scale) {
     return (__int_as_float(__byte_perm(biased, 0x4B000000u, 0x7540u | i)) - 8388736.f) * scale;
 }
 
+// Row tok's 4 outputs at column c of out (f32), or with gate, bf16(gelu_tanh(gate) * v) there.
+__device__ __forceinline__ void wg_store(float *out, const float *gate, u64 at, float4 v) {
+    if (!gate) {
+        *(float4 *)(out + at) = v;
+        return;
+    }
+    float4 a = __ldg((const float4 *)(gate + at));
+    *(uint2 *)((bf16 *)out + at) =
+        make_uint2(pack_bf16(gelu_tanh(a.x) * v.x, gelu_tanh(a.y) * v.y),
+                   pack_bf16(gelu_tanh(a.z) * v.z, gelu_tanh(a.w) * v.w));
+}
+
 // Chunk (K rows [kk, kk + WG_KC) of the block) into the stage at shared address `stage`:
 // the tokens' x rows (swizzled, zeros past m or k1) and the weights' rows (zeros past k1 or
 // the tile's width).
@@ -1738,7 +1756,7 @@ __device__ __forceinline__ void wg_load(u32 stage, const bf16 *xb, int m, int to
 extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
     const bf16 *xb, int m, const signed char *wt, const float *scales, int k, int n, int gr,
     float *out0, float *out1, float *out2, int t1, int t2, float *parts, u32 *counters,
-    int per_block) {
+    int per_block, const float *gate) {
 #if defined(WG_ON)
     extern __shared__ float wg_smem[];
     __shared__ int last;
@@ -1837,18 +1855,20 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
         oc0 -= t1 * QT;
     }
     // acc[b][4j + 2v1 + v0] is D row 16w + g + 8v1 (my column 2b + v1), token 8j + 2t + v0.
-    float *dst = ky == 1 ? out + oc0 : parts + (u64)by * m * n + tile * QT;
-    int dstride = ky == 1 ? ostride : n;
+    // Split: the partial sums, f32, at the columns of the whole product.
     if (colok) {
 #pragma unroll
         for (int j = 0; j < 16; j++)
 #pragma unroll
             for (int v = 0; v < 2; v++) {
                 int tok = tok0 + 8 * j + 2 * t + v;
-                if (tok < m)
-                    *(float4 *)(dst + (u64)tok * dstride + col) =
-                        make_float4(acc[0][4 * j + v], acc[0][4 * j + 2 + v], acc[1][4 * j + v],
-                                    acc[1][4 * j + 2 + v]);
+                float4 y = make_float4(acc[0][4 * j + v], acc[0][4 * j + 2 + v], acc[1][4 * j + v],
+                                       acc[1][4 * j + 2 + v]);
+                if (tok >= m) continue;
+                if (ky == 1)
+                    wg_store(out, gate, (u64)tok * ostride + oc0 + col, y);
+                else
+                    *(float4 *)(parts + (u64)by * m * n + (u64)tok * n + tile * QT + col) = y;
             }
     }
     if (ky == 1) return;
@@ -1869,7 +1889,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
             float4 v = __ldcg((const float4 *)(parts + (u64)y * m * n + o));
             sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
         }
-        *(float4 *)(out + (u64)(tok0 + r) * ostride + oc0 + cc) = sum;
+        wg_store(out, gate, (u64)(tok0 + r) * ostride + oc0 + cc, sum);
     }
     if (tid == 0) *counter = 0;
 #else

@@ -1035,6 +1035,9 @@ impl CudaShard {
     /// `(gelu_tanh(x W) ⊙ (x V)) W1` for `rows` rows at `x`, into `out`.
     fn expert_ffn(&self, w: &DevExpert, x: u64, rows: usize, out: u64) -> Result<(), CudaError> {
         let g = &self.gpu;
+        if rows >= self.gemm_min_rows && g.ffn_wgmma(x, rows, [&w.gate, &w.up, &w.down], out)? {
+            return Ok(());
+        }
         let f = w.gate.n;
         let a = g.alloc::<f32>(rows * f)?;
         let b = g.alloc::<f32>(rows * f)?;
