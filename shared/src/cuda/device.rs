@@ -48,8 +48,10 @@ const MMA_ROWS: [usize; 3] = [16, 32, 64];
 pub const MMA_ROUTED_TOKENS: usize = 64;
 /// Column tiles the tiled kernel's counters cover (matrices up to 2M columns wide).
 const MAX_TILES: usize = 4096;
-/// `qgemm_wgmma` (the bf16 path past `qmma_*` on Hopper): tokens per block, K rows per
-/// pipeline chunk, dynamic shared memory (`WG_TOK`, `WG_KC`, `WG_SMEM` in kernels.cu).
+/// `qgemm_wgmma_N` (the bf16 path past `qmma_*` on Hopper): the token tiles N, the largest
+/// `WG_TOK`; K rows per pipeline chunk; dynamic shared memory (`WG_TOK`, `WG_KC`, `WG_SMEM`
+/// in kernels.cu).
+const WG_TILES: [usize; 4] = [80, 96, 112, 128];
 const WG_TOK: usize = 128;
 const WG_KC: usize = 64;
 const WG_SMEM: usize = 5 * (WG_TOK * 128 + WG_KC * 272) + 1024;
@@ -331,13 +333,15 @@ impl Gpu {
         // memory (a GPU that will not grant it keeps the cuBLAS path).
         let wgmma_here = tensor_cores
             && (major, minor) == (9, 0)
-            && funcs.get("qgemm_wgmma").is_some_and(|f| {
-                f.set_attribute(
+            && WG_TILES.iter().all(|tile| {
+                funcs.get(&format!("qgemm_wgmma_{tile}")).is_some_and(|f| {
+                    f.set_attribute(
                     drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     WG_SMEM as i32,
                 )
                 .inspect_err(|e| tracing::warn!("qgemm_wgmma cannot have its shared memory: {e}"))
                 .is_ok()
+                })
             });
         let wgmma_on =
             wgmma_here && std::env::var("GROK_CUDA_WGMMA").map_or(true, |v| v.trim() != "0");
@@ -1087,7 +1091,8 @@ impl Gpu {
     ) -> Result<(), CudaError> {
         let (k, n) = (q.k, q.n);
         let halves = 2 * n.div_ceil(Q_TILE);
-        let token_tiles = m.div_ceil(WG_TOK);
+        let tile = wgmma_tile(m);
+        let token_tiles = m.div_ceil(tile);
         let blocks = token_tiles * halves;
         let (mut per_block, mut ky) = wgmma_split(blocks, k, self.sms);
         if ky > 1 && blocks > MAX_TILES {
@@ -1095,7 +1100,7 @@ impl Gpu {
         }
         let parts = self.alloc::<f32>(if ky > 1 { ky * m * n } else { 0 })?;
         self.launch3(
-            "qgemm_wgmma",
+            &format!("qgemm_wgmma_{tile}"),
             (token_tiles as u32, halves as u32, ky as u32),
             (256, 1),
             WG_SMEM as u32,
@@ -1388,6 +1393,14 @@ impl Gpu {
 
 /// The smallest instance of the tiled kernels (`qgemv_tiled_*`, `qgemv_experts_*`) that
 /// takes `rows` rows.
+/// The token tile of `qgemm_wgmma_N` for `m` rows: as many tiles as 128 rows each would take,
+/// the smallest of [`WG_TILES`] that covers the rows in that many (530 rows: 5 tiles of 112,
+/// not 4 of 128 and a fifth of 18 that costs as much as a full one).
+fn wgmma_tile(m: usize) -> usize {
+    let per = m.div_ceil(m.div_ceil(WG_TOK).max(1));
+    WG_TILES.into_iter().find(|&t| t >= per).unwrap_or(WG_TOK)
+}
+
 /// The K split of `qgemm_wgmma` for `blocks` blocks (token tiles × column halves) on `sms`
 /// SMs, one block per SM: rows per block (whole chunks of [`WG_KC`]) and blocks along z. The
 /// run takes waves × chunks per block; a split is taken only where it shortens that by a
@@ -1478,7 +1491,9 @@ fn kernel_names() -> Vec<String> {
         v.push(format!("qmma_{}", rows / 16));
     }
     v.push("qmma_experts_4".into());
-    v.push("qgemm_wgmma".into());
+    for tile in WG_TILES {
+        v.push(format!("qgemm_wgmma_{tile}"));
+    }
     for mr in TILED_ROWS {
         v.push(format!("qgemv_tiled_{mr}"));
         v.push(format!("qgemv_experts_{mr}"));
@@ -1571,6 +1586,7 @@ mod tests {
             ("qgemv_experts_", "QGEMV_TILED("),
             ("qgemv_", "QGEMV("),
             ("qmma_", "QMMA("),
+            ("qgemm_wgmma_", "QGEMM_WGMMA("),
         ];
         for name in kernel_names() {
             // `void name(` or `void __launch_bounds__(..) name(` on one line.
@@ -1655,6 +1671,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_wgmma_token_tile_wastes_under_16_rows_of_each_tile() {
+        for m in 65..5000 {
+            let tile = wgmma_tile(m);
+            let tiles = m.div_ceil(tile);
+            assert_eq!(
+                tiles,
+                m.div_ceil(WG_TOK),
+                "{m} rows: more tiles than 128 would take"
+            );
+            assert!(
+                tiles * tile - m < 16 * tiles || tile == 80,
+                "{m} rows in tiles of {tile}"
+            );
+        }
+        assert_eq!(wgmma_tile(530), 112);
+        assert_eq!(wgmma_tile(512), 128);
+        assert_eq!(wgmma_tile(65), 80);
+    }
+
     /// The host's sizes of `qgemm_wgmma` are the kernel's.
     #[test]
     fn the_wgmma_constants_match_the_kernel() {
@@ -1670,5 +1706,15 @@ mod tests {
             KERNELS.contains("#define WG_STAGES 5\n") && KERNELS.contains("#define WG_WROW 272")
         );
         assert!(KERNELS.contains("#define WG_SMEM (WG_STAGES * WG_STAGE + 1024)"));
+        for tile in WG_TILES {
+            assert!(
+                KERNELS.contains(&format!("\nQGEMM_WGMMA({tile})\n")),
+                "tile {tile}"
+            );
+            assert!(
+                KERNELS.contains(&format!("wgmma_m64<{tile}>(float")),
+                "tile {tile}"
+            );
+        }
     }
 }

@@ -1580,16 +1580,18 @@ extern "C" __global__ void __launch_bounds__(256, 1) qmma_experts_4(
 // transposed (its rows are output columns), from registers, each thread dequantising its own
 // fragment (the A layout of mma_bf16, per warp of 16 rows); B is the block's tokens, K-major in
 // shared memory with the 128-byte swizzle (the canonical layout that wg_desc describes).
-// A block of two warpgroups takes WG_TOK tokens and WG_COLS columns of a tile (grid.y = 2 per
+// A block of two warpgroups takes N tokens and WG_COLS columns of a tile (grid.y = 2 per
 // tile), each warpgroup 128 columns as two m64 operands. Thread (warp w, g = lane / 4,
 // t = lane % 4) of warpgroup h owns the 4 adjacent columns at 128h + 4(8w + g): A row g of
 // operand b is its column 2b, row g + 8 its column 2b + 1 (the order of A's rows is free as
 // long as the output follows it), so that one 4-byte shared load per row of K brings a thread
 // all four of its weights and its outputs go out as float4.
+// The token tile N is the smallest multiple of 16 that covers the rows in as many tiles as 128
+// would (an expert's 530 rows: 5 tiles of 112, not 4 of 128 and one of 18 run at full cost).
 // K goes WG_KC rows per chunk through a cp.async pipeline of WG_STAGES chunks, WG_AHEAD ahead
 // of the one in use (the stage a load overwrites held chunk c - 2, whose wgmmas are done); the
 // dequantisation of step s + 1 overlaps step s's wgmma.
-//   grid (ceil(m / WG_TOK), 2 * tiles, ky): token tiles innermost, so that the blocks reading a
+//   grid (ceil(m / N), 2 * tiles, ky): token tiles innermost, so that the blocks reading a
 //   weight tile run at the same time and it comes from memory once. Blocks along z split K
 //   (per_block rows each, a multiple of WG_KC); the last of a (token tile, column half) to
 //   finish adds the partial sums in z order, as qmma_core does. Output columns go to out0,
@@ -1598,6 +1600,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) qmma_experts_4(
 //   instead of y: what gelu_mul and to_bf16 would make of the two, as the down projection's
 //   operand, without the f32 round trips. 256 threads; WG_SMEM bytes of dynamic shared
 //   memory. Hopper only (sm_90a): elsewhere the kernel traps and the host never launches it.
+// The largest token tile (QGEMM_WGMMA below lists them all).
 #define WG_TOK 128
 #define WG_COLS 256
 #define WG_KC 64
@@ -1697,11 +1700,57 @@ __device__ __forceinline__ u64 wg_desc(u32 addr) {
 #define WG_D8(i)                                                                              \
     "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),  \
         "+f"(d[i + 6]), "+f"(d[i + 7])
-// d[64] += a (this thread's A fragment, 4 bf16 pairs) · B (desc: 16 x 128, K-major).
-__device__ __forceinline__ void wgmma_m64n128(float *d, const u32 *a, u64 desc) {
+
+// d[N / 2] += a (this thread's A fragment, 4 bf16 pairs) · B (desc: 16 x N, K-major), for the
+// token tiles N of WG_TILES.
+template <int N>
+__device__ __forceinline__ void wgmma_m64(float *d, const u32 *a, u64 desc) {
 #if defined(GROK_CUDA_EMU)
-    emu_wgmma_m64n128(d, a, desc);
+    emu_wgmma_m64(N, d, a, desc);
 #else
+    __trap();  // no such instance
+#endif
+}
+#if !defined(GROK_CUDA_EMU)
+template <>
+__device__ __forceinline__ void wgmma_m64<80>(float *d, const u32 *a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39}, "
+        "{%40, %41, %42, %43}, %44, p, 1, 1, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_m64<96>(float *d, const u32 *a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
+        "{%48, %49, %50, %51}, %52, p, 1, 1, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_m64<112>(float *d, const u32 *a, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %61, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n112k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55}, "
+        "{%56, %57, %58, %59}, %60, p, 1, 1, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
+}
+template <>
+__device__ __forceinline__ void wgmma_m64<128>(float *d, const u32 *a, u64 desc) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -1712,8 +1761,8 @@ __device__ __forceinline__ void wgmma_m64n128(float *d, const u32 *a, u64 desc) 
         "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
         : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-#endif
 }
+#endif
 
 // Byte i of a word of int8 weights (stored ^ 0x80) times its scale: the qmma_core dequantisation.
 __device__ __forceinline__ float wg_deq(u32 biased, int i, float scale) {
@@ -1735,9 +1784,10 @@ __device__ __forceinline__ void wg_store(float *out, const float *gate, u64 at, 
 // Chunk (K rows [kk, kk + WG_KC) of the block) into the stage at shared address `stage`:
 // the tokens' x rows (swizzled, zeros past m or k1) and the weights' rows (zeros past k1 or
 // the tile's width).
+template <int N>
 __device__ __forceinline__ void wg_load(u32 stage, const bf16 *xb, int m, int tok0, int k, int kk,
                                         int k1, const signed char *wp, int width, int c0, int tid) {
-    for (int i = tid; i < WG_TOK * 8; i += 256) {
+    for (int i = tid; i < N * 8; i += 256) {
         int r = i / 8, c = i % 8, kc = kk + 8 * c;
         bool ok = tok0 + r < m && kc < k1;
         const void *src = ok ? (const void *)(xb + (u64)(tok0 + r) * k + kc) : (const void *)xb;
@@ -1753,10 +1803,11 @@ __device__ __forceinline__ void wg_load(u32 stage, const bf16 *xb, int m, int to
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
-    const bf16 *xb, int m, const signed char *wt, const float *scales, int k, int n, int gr,
-    float *out0, float *out1, float *out2, int t1, int t2, float *parts, u32 *counters,
-    int per_block, const float *gate) {
+template <int N>
+__device__ void qgemm_wgmma_core(const bf16 *xb, int m, const signed char *wt, const float *scales,
+                                 int k, int n, int gr, float *out0, float *out1, float *out2,
+                                 int t1, int t2, float *parts, u32 *counters, int per_block,
+                                 const float *gate) {
 #if defined(WG_ON)
     extern __shared__ float wg_smem[];
     __shared__ int last;
@@ -1766,7 +1817,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
     u32 sbase = base + pad;
     int tid = threadIdx.x, h = tid / 128, w = (tid / WARP) % 4, lane = tid % WARP;
     int g = lane / 4, t = lane % 4;
-    int tok0 = blockIdx.x * WG_TOK, tile = blockIdx.y / 2, c0 = (blockIdx.y % 2) * WG_COLS;
+    int tok0 = blockIdx.x * N, tile = blockIdx.y / 2, c0 = (blockIdx.y % 2) * WG_COLS;
     int width = min(QT, n - tile * QT);
     int by = blockIdx.z, ky = gridDim.z;
     int k0 = min(k, by * per_block), k1 = min(k, k0 + per_block);
@@ -1778,14 +1829,14 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
 #pragma unroll
     for (int c = 0; c < WG_AHEAD; c++) {
         if (c < chunks)
-            wg_load(sbase + c * WG_STAGE, xb, m, tok0, k, k0 + c * WG_KC, k1, wp, width, c0, tid);
+            wg_load<N>(sbase + c * WG_STAGE, xb, m, tok0, k, k0 + c * WG_KC, k1, wp, width, c0, tid);
         cp_async_commit();
     }
-    float acc[2][64];
+    float acc[2][N / 2];
 #pragma unroll
     for (int b = 0; b < 2; b++)
 #pragma unroll
-        for (int e = 0; e < 64; e++) acc[b][e] = 0.f;
+        for (int e = 0; e < N / 2; e++) acc[b][e] = 0.f;
     float sc[4] = {0.f, 0.f, 0.f, 0.f};
     int group = -1;
     u32 a[2][2][4];  // [step parity][operand][register]: step s + 1's fills while s runs
@@ -1795,7 +1846,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
         __syncthreads();
         if (c + WG_AHEAD < chunks) {
             int st = (c + WG_AHEAD) % WG_STAGES;
-            wg_load(sbase + st * WG_STAGE, xb, m, tok0, k, k0 + (c + WG_AHEAD) * WG_KC, k1, wp,
+            wg_load<N>(sbase + st * WG_STAGE, xb, m, tok0, k, k0 + (c + WG_AHEAD) * WG_KC, k1, wp,
                     width, c0, tid);
         }
         cp_async_commit();
@@ -1830,8 +1881,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
                 }
                 u64 desc = wg_desc(xs + 32 * s);  // K rows 16s.. of every token row
                 wgmma_fence();
-                wgmma_m64n128(acc[0], a[s & 1][0], desc);
-                wgmma_m64n128(acc[1], a[s & 1][1], desc);
+                wgmma_m64<N>(acc[0], a[s & 1][0], desc);
+                wgmma_m64<N>(acc[1], a[s & 1][1], desc);
                 wgmma_commit();
                 wgmma_wait<1>();  // step s - 1 is done: its fragments may be refilled
             }
@@ -1841,7 +1892,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
 #pragma unroll
     for (int b = 0; b < 2; b++)
 #pragma unroll
-        for (int e = 0; e < 64; e++) reg_fence(acc[b][e]);
+        for (int e = 0; e < N / 2; e++) reg_fence(acc[b][e]);
 
     float *out = out0;
     int ostride = min(n, t1 * QT), oc0 = tile * QT;
@@ -1858,7 +1909,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
     // Split: the partial sums, f32, at the columns of the whole product.
     if (colok) {
 #pragma unroll
-        for (int j = 0; j < 16; j++)
+        for (int j = 0; j < N / 8; j++)
 #pragma unroll
             for (int v = 0; v < 2; v++) {
                 int tok = tok0 + 8 * j + 2 * t + v;
@@ -1879,7 +1930,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
     __syncthreads();
     if (!last) return;
     __threadfence();
-    int rows = min(WG_TOK, m - tok0);
+    int rows = min(N, m - tok0);
     for (int i = tid; i < rows * (WG_COLS / 4); i += 256) {
         int r = i / (WG_COLS / 4), cc = c0 + 4 * (i % (WG_COLS / 4));
         if (cc >= width) continue;
@@ -1896,6 +1947,20 @@ extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma(
     __trap();
 #endif
 }
+
+#define QGEMM_WGMMA(N)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256, 1) qgemm_wgmma_##N(                     \
+        const bf16 *xb, int m, const signed char *wt, const float *scales, int k, int n,      \
+        int gr, float *out0, float *out1, float *out2, int t1, int t2, float *parts,          \
+        u32 *counters, int per_block, const float *gate) {                                    \
+        qgemm_wgmma_core<N>(xb, m, wt, scales, k, n, gr, out0, out1, out2, t1, t2, parts,     \
+                            counters, per_block, gate);                                       \
+    }
+// The token tiles (WG_TILES in device.rs).
+QGEMM_WGMMA(80)
+QGEMM_WGMMA(96)
+QGEMM_WGMMA(112)
+QGEMM_WGMMA(128)
 
 // bf16 copy of a tiled int8 matrix for cuBLAS, row-major [k, n]: w * scales. grid
 // (ceil(n / 4096), k), 256 threads of 16 columns each (one 16-byte load, two 16-byte stores).

@@ -108,13 +108,13 @@ struct EmuCopy {
     bool ok;
     int group;
 };
-// A wgmma waiting for a wait_group: this thread's accumulators, B's descriptor, its sequence
+// A wgmma waiting for a wait_group: this thread's accumulators, B's descriptor and width, its sequence
 // number in the warpgroup (where the A fragments' addresses are) and its group (-1 until
 // committed).
 struct EmuWgmma {
     float *d;
     uint64_t desc;
-    int seq, group;
+    int n, seq, group;
 };
 struct EmuFiber {
     ucontext_t ctx;
@@ -260,17 +260,17 @@ inline void emu_cp_wait(int pending) {
     f.copies.swap(left);
 }
 
-// wgmma.mma_async m64n128k16 (bf16, f32 accumulate, A from registers, B K-major with the
+// wgmma.mma_async m64nNk16 (bf16, f32 accumulate, A from registers, B K-major with the
 // 128-byte swizzle): recorded at issue, computed at the wait_group that covers it from the A
 // fragments and shared memory as they are then, so that a kernel that refills either too
 // early gets wrong sums, as it would on the GPU.
-inline void emu_wgmma_m64n128(float *d, const unsigned *a, uint64_t desc) {
+inline void emu_wgmma_m64(int n, float *d, const unsigned *a, uint64_t desc) {
     EmuBlock *b = emu_block;
     EmuFiber &f = b->fibers[emu_tid];
     auto &tab = b->wg_a[emu_tid / 128];
     if (tab.size() < (size_t)(f.wg_seq + 1) * 128) tab.resize((size_t)(f.wg_seq + 1) * 128);
     tab[(size_t)f.wg_seq * 128 + emu_tid % 128] = a;
-    f.wgmmas.push_back({d, desc, f.wg_seq, -1});
+    f.wgmmas.push_back({d, desc, n, f.wg_seq, -1});
     f.wg_seq++;
 }
 inline void emu_wgmma_commit() {
@@ -306,7 +306,7 @@ inline void emu_wgmma_run(const EmuWgmma &op) {
         return __int_as_float((unsigned)bits << 16);
     };
     int w = (emu_tid % 128) / 32, lane = emu_tid % 32, g = lane / 4, t = lane % 4;
-    for (int e = 0; e < 64; e++) {
+    for (int e = 0; e < op.n / 2; e++) {
         int row = 16 * w + g + 8 * ((e >> 1) & 1), col = 8 * (e / 4) + 2 * t + (e & 1);
         float acc = op.d[e];
         for (int k = 0; k < 16; k++) acc += Aval(row, k) * Bval(k, col);
