@@ -714,8 +714,9 @@ impl Gpu {
 
     /// `x[m, k] · q` where `q` is three matrices side by side (a fused q, k, v projection;
     /// the first two `widths` whole tiles), each product into its own `outs` (row-major at
-    /// its width). One launch for the three in the int8 kernel; one dequantisation and three
-    /// GEMMs on the cuBLAS path.
+    /// its width). One launch for the three in the int8 kernel and in `qgemm_wgmma`; one
+    /// `qmma_*` product split by columns up to 64 rows; one dequantisation and three GEMMs on
+    /// the cuBLAS path.
     pub fn qmatmul_split(
         &self,
         x: u64,
@@ -742,6 +743,28 @@ impl Gpu {
         let split = [t1, t1 + widths[1] / Q_TILE];
         if m >= gemm_min_rows && m > MMA_ROWS[MMA_ROWS.len() - 1] && self.wgmma_takes(q) {
             return self.qmatmul_wgmma(x, m, q, outs, split);
+        }
+        if m >= gemm_min_rows && m <= MMA_ROWS[MMA_ROWS.len() - 1] && self.mma_takes(q) {
+            // qmma_* into one [m, n] product, then each part's columns (a copy of m rows, far
+            // less than dequantising the fused matrix for cuBLAS).
+            let whole = self.alloc::<f32>(m * q.n)?;
+            self.qmatmul_mma(x, m, q, whole.ptr())?;
+            let mut col = 0;
+            for (w, out) in widths.into_iter().zip(outs) {
+                self.rows_launch(
+                    "split_cols",
+                    m,
+                    &[
+                        Arg::P(whole.ptr()),
+                        Arg::I(q.n as i32),
+                        Arg::I(col as i32),
+                        Arg::P(out),
+                        Arg::I(w as i32),
+                    ],
+                )?;
+                col += w;
+            }
+            return Ok(());
         }
         if m >= gemm_min_rows {
             let (wb, xb) = self.bf16_operands(x, m, q)?;
@@ -1471,6 +1494,7 @@ fn kernel_names() -> Vec<String> {
         "attention_64",
         "attention_combine",
         "gather_rows",
+        "split_cols",
         "scatter_rows",
         "combine",
         "gelu_mul",

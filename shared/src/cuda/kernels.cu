@@ -1019,6 +1019,14 @@ extern "C" __global__ void attention_combine(const float *part_o, const float *p
     out[(u64)(row0 + tok) * q_heads * hd + h * hd + c] = o / l;
 }
 
+// dst[r] = columns [c0, c0 + width) of src row r (rows of width n): one part of a product
+// whose columns are several outputs (a fused q, k, v projection).
+extern "C" __global__ void split_cols(const float *src, int n, int c0, float *dst, int width) {
+    const float *s = src + (u64)blockIdx.x * n + c0;
+    float *o = dst + (u64)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = s[i];
+}
+
 // dst[r] = src[idx[r]] (rows of width d): permutes tokens into expert order.
 extern "C" __global__ void gather_rows(const float *src, const u32 *idx, float *dst, int d) {
     const float *s = src + (u64)idx[blockIdx.x] * d;
