@@ -522,25 +522,48 @@ fn tensor_core_int8_matmul_matches_dequantised_cublas() {
         println!("{}: no bf16 tensor cores; qmma does not run here", g.name);
         return;
     }
-    let mut seed = 77u64;
-    // (k, n, scale groups): Grok-1's expert shapes (G = 8 where the release has it), a
-    // narrow last tile.
-    for (k, n, groups) in [(6144, 32768, 1), (32768, 6144, 8), (256, 1040, 2)] {
-        let q = random_qmatrix(k, n, groups, (k + n) as u64);
+    // Grok-1's expert shapes (G = 8 where the release has it), a narrow last tile.
+    let rows = &[9usize, 20, 64][..];
+    bf16_path_matches_cublas(
+        &g,
+        "qmma",
+        &[
+            (6144, 32768, 1, rows),
+            (32768, 6144, 8, rows),
+            (256, 1040, 2, rows),
+        ],
+        77,
+    );
+}
+
+/// For each (k, n, scale groups, row counts): `Gpu::qmatmul` on the bf16 path against
+/// dequantisation + cuBLAS, within 1e-4 of the largest output (the same bf16 operands, sums
+/// in another order).
+fn bf16_path_matches_cublas(
+    g: &Gpu,
+    kernel: &str,
+    shapes: &[(usize, usize, usize, &[usize])],
+    mut seed: u64,
+) {
+    for &(k, n, groups, rows) in shapes {
+        let q = random_qmatrix(k, n, groups, (k * 3 + n) as u64);
         let dq = g.upload_q(&q).unwrap();
-        for m in [9usize, 20, 64] {
+        for &m in rows {
             let x: Vec<f32> = (0..m * k)
                 .map(|_| (lcg(&mut seed) % 2000) as f32 / 1000.0 - 1.0)
                 .collect();
-            let mma = run(&g, &dq, &x, m, 1);
+            let got = run(g, &dq, &x, m, 1);
             let xd = g.upload(&x).unwrap();
             let out = g.alloc::<f32>(m * n).unwrap();
             g.qmatmul_cublas(xd.ptr(), m, &dq, out.ptr()).unwrap();
             let cublas = g.download_f32(out.ptr(), m * n).unwrap();
             let want: Vec<f64> = cublas.iter().map(|&v| v as f64).collect();
-            let err = rel_err(&mma, &want);
-            println!("qmma {m} rows, {k}x{n} (G={groups}): within {err:.2e} of cuBLAS");
-            assert!(err < 1e-4, "{m} rows, {k}x{n}: relative error {err}");
+            let err = rel_err(&got, &want);
+            println!("{kernel} {m} rows, {k}x{n} (G={groups}): within {err:.2e} of cuBLAS");
+            assert!(
+                err < 1e-4,
+                "{kernel} {m} rows, {k}x{n}: relative error {err}"
+            );
         }
     }
 }
@@ -560,31 +583,18 @@ fn wgmma_int8_matmul_matches_dequantised_cublas() {
         println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
         return;
     }
-    let mut seed = 91u64;
-    for (k, n, groups, rows) in [
-        (6144, 32768, 1, &[65usize, 512][..]),
-        (32768, 6144, 8, &[512, 100][..]),
-        (6144, 6144, 1, &[2048][..]),
-        (256, 1040, 2, &[300, 270][..]),
-        (704, 272, 11, &[129][..]),
-    ] {
-        let q = random_qmatrix(k, n, groups, (k * 3 + n) as u64);
-        let dq = g.upload_q(&q).unwrap();
-        for &m in rows {
-            let x: Vec<f32> = (0..m * k)
-                .map(|_| (lcg(&mut seed) % 2000) as f32 / 1000.0 - 1.0)
-                .collect();
-            let wg = run(&g, &dq, &x, m, 1);
-            let xd = g.upload(&x).unwrap();
-            let out = g.alloc::<f32>(m * n).unwrap();
-            g.qmatmul_cublas(xd.ptr(), m, &dq, out.ptr()).unwrap();
-            let cublas = g.download_f32(out.ptr(), m * n).unwrap();
-            let want: Vec<f64> = cublas.iter().map(|&v| v as f64).collect();
-            let err = rel_err(&wg, &want);
-            println!("wgmma {m} rows, {k}x{n} (G={groups}): within {err:.2e} of cuBLAS");
-            assert!(err < 1e-4, "{m} rows, {k}x{n}: relative error {err}");
-        }
-    }
+    bf16_path_matches_cublas(
+        &g,
+        "wgmma",
+        &[
+            (6144, 32768, 1, &[65, 512]),
+            (32768, 6144, 8, &[512, 100]),
+            (6144, 6144, 1, &[2048]),
+            (256, 1040, 2, &[300, 270]),
+            (704, 272, 11, &[129]),
+        ],
+        91,
+    );
 }
 
 /// An expert's FFN on `qgemm_wgmma` with the GELU product in the up projection's epilogue

@@ -1736,7 +1736,7 @@ mod tests {
                 "tile {tile}"
             );
             assert!(
-                KERNELS.contains(&format!("wgmma_m64<{tile}>(float")),
+                KERNELS.contains(&format!("\nWGMMA_M64({tile}, ")),
                 "tile {tile}"
             );
         }

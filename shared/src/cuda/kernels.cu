@@ -1284,19 +1284,16 @@ __device__ void qgemv_core(const float *x, const int *xrow, int m, const signed 
     if (tid == 0) *counter = 0;
 }
 
-// y[0..m) = x[0..m) · w: grid (tiles, ky). The output's columns may go to three matrices
-// (a fused q, k, v projection): tiles [0, t1) to out0, [t1, t2) to out1, the rest to out2,
-// each row-major at its own width (t2 = t1 = tiles: all to out0).
-template <int MR>
-__device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const float *scales,
-                            int k, int n, int gr, float *out0, float *out1, float *out2,
-                            int t1, int t2, float *parts, u32 *counters, int per_warp) {
-    int rows[MR];
-#pragma unroll
-    for (int r = 0; r < MR; r++) rows[r] = r;
-    int tile = blockIdx.x;
-    float *out = out0;
-    int ostride = min(n, t1 * QT), oc0 = tile * QT;
+// Where column tile `tile` of an [*, n] product goes when its tiles feed three outputs (a
+// fused q, k, v projection): tiles [0, t1) to out0, [t1, t2) to out1, the rest to out2, each
+// row-major at its own width (t2 = t1 = tiles: all to out0). Sets the output, its row stride
+// and the tile's first column in it.
+__device__ __forceinline__ void tile_output(float *out0, float *out1, float *out2, int t1, int t2,
+                                            int n, int tile, float *&out, int &ostride,
+                                            int &oc0) {
+    out = out0;
+    ostride = min(n, t1 * QT);
+    oc0 = tile * QT;
     if (tile >= t2) {
         out = out2;
         ostride = n - t2 * QT;
@@ -1306,6 +1303,21 @@ __device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const 
         ostride = (t2 - t1) * QT;
         oc0 -= t1 * QT;
     }
+}
+
+// y[0..m) = x[0..m) · w: grid (tiles, ky). The output's columns may go to three matrices
+// (tile_output).
+template <int MR>
+__device__ void qgemv_tiled(const float *x, int m, const signed char *wt, const float *scales,
+                            int k, int n, int gr, float *out0, float *out1, float *out2,
+                            int t1, int t2, float *parts, u32 *counters, int per_warp) {
+    int rows[MR];
+#pragma unroll
+    for (int r = 0; r < MR; r++) rows[r] = r;
+    int tile = blockIdx.x;
+    float *out;
+    int ostride, oc0;
+    tile_output(out0, out1, out2, t1, t2, n, tile, out, ostride, oc0);
     qgemv_core<MR, 8>(x, rows, m, wt, scales, k, n, gr, out, ostride, oc0, rows, m, parts,
                       counters + blockIdx.x, per_warp, blockIdx.x, blockIdx.y, gridDim.y);
 }
@@ -1720,56 +1732,39 @@ __device__ __forceinline__ void wgmma_m64(float *d, const u32 *a, u64 desc) {
 #endif
 }
 #if !defined(GROK_CUDA_EMU)
-template <>
-__device__ __forceinline__ void wgmma_m64<80>(float *d, const u32 *a, u64 desc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n80k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39}, "
-        "{%40, %41, %42, %43}, %44, p, 1, 1, 0;\n}\n"
-        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_m64<96>(float *d, const u32 *a, u64 desc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, "
-        "{%48, %49, %50, %51}, %52, p, 1, 1, 0;\n}\n"
-        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_m64<112>(float *d, const u32 *a, u64 desc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %61, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n112k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55}, "
-        "{%56, %57, %58, %59}, %60, p, 1, 1, 0;\n}\n"
-        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
-template <>
-__device__ __forceinline__ void wgmma_m64<128>(float *d, const u32 *a, u64 desc) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56)
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));
-}
+// The instance for N: D's N / 2 registers, then A's 4, B's descriptor and the scale-d flag
+// (1: accumulate), numbered as the asm operands after them are.
+#define WGMMA_M64(N, D_REGS, A_DESC, ONE, ...)                                                \
+    template <>                                                                               \
+    __device__ __forceinline__ void wgmma_m64<N>(float *d, const u32 *a, u64 desc) {          \
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " ONE ", 0;\n"                          \
+                     "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32.bf16.bf16 " D_REGS ", "  \
+                     A_DESC ", p, 1, 1, 0;\n}\n"                                               \
+                     : __VA_ARGS__                                                            \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(1));       \
+    }
+WGMMA_M64(80, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39}",
+          "{%40, %41, %42, %43}, %44", "%45",
+          WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32))
+WGMMA_M64(96, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}",
+          "{%48, %49, %50, %51}, %52", "%53",
+          WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40))
+WGMMA_M64(112, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55}",
+          "{%56, %57, %58, %59}, %60", "%61",
+          WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48))
+WGMMA_M64(128, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}",
+          "{%64, %65, %66, %67}, %68", "%69",
+          WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48), WG_D8(56))
 #endif
 
 // Byte i of a word of int8 weights (stored ^ 0x80) times its scale: the qmma_core dequantisation.
@@ -1902,17 +1897,9 @@ __device__ void qgemm_wgmma_core(const bf16 *xb, int m, const signed char *wt, c
 #pragma unroll
         for (int e = 0; e < N / 2; e++) reg_fence(acc[b][e]);
 
-    float *out = out0;
-    int ostride = min(n, t1 * QT), oc0 = tile * QT;
-    if (tile >= t2) {
-        out = out2;
-        ostride = n - t2 * QT;
-        oc0 -= t2 * QT;
-    } else if (tile >= t1) {
-        out = out1;
-        ostride = (t2 - t1) * QT;
-        oc0 -= t1 * QT;
-    }
+    float *out;
+    int ostride, oc0;
+    tile_output(out0, out1, out2, t1, t2, n, tile, out, ostride, oc0);
     // acc[b][4j + 2v1 + v0] is D row 16w + g + 8v1 (my column 2b + v1), token 8j + 2t + v0.
     // Split: the partial sums, f32, at the columns of the whole product.
     if (colok) {

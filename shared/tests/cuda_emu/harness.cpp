@@ -236,6 +236,41 @@ static void prefill_tests() {
     }
 }
 
+// The bf16 path's operands: a random int8 [k, n] matrix (w, and wt in the tiled layout: column
+// tiles of 512, each tile's rows back to back), scales for `groups` row groups, m random bf16
+// rows; and the double-sum reference of row r, column c (with the sum of its terms' |.|).
+struct QOperands {
+    int m, k, n, gr, tiles;
+    std::vector<signed char> w, wt;
+    std::vector<float> scales;
+    std::vector<bf16> xb;
+    QOperands(Rng &rng, int m_, int k_, int n_, int groups)
+        : m(m_), k(k_), n(n_), gr(k_ / groups), tiles((n_ + 511) / 512),
+          w((size_t)k_ * n_), wt((size_t)k_ * n_), scales((size_t)groups * n_),
+          xb((size_t)m_ * k_) {
+        for (auto &v : w) v = (signed char)(rng.next() % 256 - 128);
+        for (int t = 0, at = 0; t < tiles; t++) {
+            int c0 = t * 512, width = std::min(512, n - c0);
+            for (int r = 0; r < k; r++)
+                for (int c = 0; c < width; c++) wt[at++] = w[(size_t)r * n + c0 + c];
+        }
+        for (auto &v : scales) v = 0.001f + 0.01f * (rng.uni() + 1.f);
+        for (auto &v : xb) v = f2bf(rng.uni());
+    }
+    static double bf(bf16 b) { return (double)__int_as_float((unsigned)b << 16); }
+    double reference(int r, int c, double &scale) const {
+        double want = 0;
+        scale = 0;
+        for (int i = 0; i < k; i++) {
+            double p = bf(xb[(size_t)r * k + i]) *
+                       bf(f2bf((float)w[(size_t)i * n + c] * scales[(size_t)(i / gr) * n + c]));
+            want += p;
+            scale += std::abs(p);
+        }
+        return want;
+    }
+};
+
 // qmma_MT (the tensor-core int8 matmul) on an int8 [k, n] matrix in the tiled layout (a
 // narrow last tile), with scale groups and a K split of ky blocks, against the double sum of
 // the same bf16 operands; also that the counters are back at zero.
@@ -244,36 +279,20 @@ using MmaKernel = void (*)(const bf16 *, int, const signed char *, const float *
 static void qmma_case(MmaKernel kern, const char *name, int m, int k, int n, int groups, int ky,
                       uint64_t seed) {
     Rng rng{seed};
-    int gr = k / groups, tiles = (n + 511) / 512;
-    std::vector<signed char> w((size_t)k * n), wt((size_t)k * n);
-    for (auto &v : w) v = (signed char)(rng.next() % 256 - 128);
-    for (int t = 0, at = 0; t < tiles; t++) {
-        int c0 = t * 512, width = std::min(512, n - c0);
-        for (int r = 0; r < k; r++)
-            for (int c = 0; c < width; c++) wt[at++] = w[(size_t)r * n + c0 + c];
-    }
-    std::vector<float> scales((size_t)groups * n), out((size_t)m * n, NAN);
-    for (auto &v : scales) v = 0.001f + 0.01f * (rng.uni() + 1.f);
-    std::vector<bf16> xb((size_t)m * k);
-    for (auto &v : xb) v = f2bf(rng.uni());
+    QOperands q(rng, m, k, n, groups);
+    int gr = q.gr, tiles = q.tiles;
+    std::vector<float> out((size_t)m * n, NAN);
     int per_block = ((k + ky - 1) / ky + 15) / 16 * 16;
     int blocks_y = (k + per_block - 1) / per_block;
     std::vector<float> parts((size_t)blocks_y * m * n);
     std::vector<u32> counters(2 * tiles, 0);
     emu_launch(kern, dim3e{(unsigned)(2 * tiles), (unsigned)blocks_y, 1}, dim3e{32, 8, 1}, 0,
-               xb.data(), m, wt.data(), scales.data(), k, n, gr, out.data(), parts.data(),
+               q.xb.data(), m, q.wt.data(), q.scales.data(), k, n, gr, out.data(), parts.data(),
                counters.data(), per_block);
     double worst = 0;
-    auto bf = [](bf16 b) { return (double)__int_as_float((unsigned)b << 16); };
     for (int r = 0; r < m; r++)
         for (int c = 0; c < n; c++) {
-            double want = 0, scale = 0;
-            for (int i = 0; i < k; i++) {
-                double p = bf(xb[(size_t)r * k + i]) *
-                           bf(f2bf((float)w[(size_t)i * n + c] * scales[(size_t)(i / gr) * n + c]));
-                want += p;
-                scale += std::abs(p);
-            }
+            double scale, want = q.reference(r, c, scale);
             double got = out[(size_t)r * n + c];
             worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
         }
@@ -295,18 +314,8 @@ static void qmma_case(MmaKernel kern, const char *name, int m, int k, int n, int
 static void wgmma_case(int m, int k, int n, int groups, int per_block, bool split, bool gelu,
                        uint64_t seed) {
     Rng rng{seed};
-    int gr = k / groups, tiles = (n + 511) / 512;
-    std::vector<signed char> w((size_t)k * n), wt((size_t)k * n);
-    for (auto &v : w) v = (signed char)(rng.next() % 256 - 128);
-    for (int t = 0, at = 0; t < tiles; t++) {
-        int c0 = t * 512, width = std::min(512, n - c0);
-        for (int r = 0; r < k; r++)
-            for (int c = 0; c < width; c++) wt[at++] = w[(size_t)r * n + c0 + c];
-    }
-    std::vector<float> scales((size_t)groups * n);
-    for (auto &v : scales) v = 0.001f + 0.01f * (rng.uni() + 1.f);
-    std::vector<bf16> xb((size_t)m * k);
-    for (auto &v : xb) v = f2bf(rng.uni());
+    QOperands q(rng, m, k, n, groups);
+    int gr = q.gr, tiles = q.tiles;
     int t1 = split ? 1 : tiles, t2 = split ? 2 : tiles;
     int w0 = std::min(n, t1 * 512), w1 = (t2 - t1) * 512, w2 = n - w0 - w1;
     std::vector<float> o0((size_t)m * w0, NAN), o1((size_t)m * w1, NAN), o2((size_t)m * w2, NAN);
@@ -319,7 +328,7 @@ static void wgmma_case(int m, int k, int n, int groups, int per_block, bool spli
     std::vector<float> parts((size_t)ky * m * n);
     std::vector<u32> counters((size_t)ttiles * 2 * tiles, 0);
     emu_launch(kern, dim3e{(unsigned)ttiles, (unsigned)(2 * tiles), (unsigned)ky},
-               dim3e{256, 1, 1}, WG_SMEM, xb.data(), m, wt.data(), scales.data(), k, n, gr,
+               dim3e{256, 1, 1}, WG_SMEM, q.xb.data(), m, q.wt.data(), q.scales.data(), k, n, gr,
                o0.data(), o1.data(), o2.data(), t1, t2, parts.data(), counters.data(), per_block,
                gelu ? gate.data() : nullptr);
     auto gelu_d = [](double x) {
@@ -327,22 +336,15 @@ static void wgmma_case(int m, int k, int n, int groups, int per_block, bool spli
     };
     const bf16 *ob = (const bf16 *)o0.data();
     double worst = 0;
-    auto bf = [](bf16 b) { return (double)__int_as_float((unsigned)b << 16); };
     for (int r = 0; r < m; r++)
         for (int c = 0; c < n; c++) {
-            double want = 0, scale = 0;
-            for (int i = 0; i < k; i++) {
-                double p = bf(xb[(size_t)r * k + i]) *
-                           bf(f2bf((float)w[(size_t)i * n + c] * scales[(size_t)(i / gr) * n + c]));
-                want += p;
-                scale += std::abs(p);
-            }
+            double scale, want = q.reference(r, c, scale);
             double got = c < w0        ? o0[(size_t)r * w0 + c]
                          : c < w0 + w1 ? o1[(size_t)r * w1 + c - w0]
                                        : o2[(size_t)r * w2 + c - w0 - w1];
             if (gelu) {
                 double gg = gelu_d(gate[(size_t)r * n + c]);
-                got = bf(ob[(size_t)r * n + c]);
+                got = QOperands::bf(ob[(size_t)r * n + c]);
                 want *= gg;
                 scale = scale * std::abs(gg) + 1e-30;
             }
