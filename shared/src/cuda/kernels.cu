@@ -1444,7 +1444,7 @@ __device__ void qmma_core(const bf16 *xb, const int *xrow, const int *orow, int 
             xr[mt][h] = r < m ? xb + (u64)(xrow ? xrow[r] : r) * k : nullptr;
         }
     float sc[4];
-    int group = -1;
+    int group = -1, group_end = 0;  // the scale row in use, and the first K row past it
     if (live) {
         for (int kk = k0; kk < k1; kk += 16 * U) {
             int steps = min(U, (k1 - kk) / 16);
@@ -1463,8 +1463,9 @@ __device__ void qmma_core(const bf16 *xb, const int *xrow, const int *orow, int 
             for (int u = 0; u < U; u++) {
                 if (u >= steps) break;
                 int ks = kk + 16 * u;
-                if (ks / gr != group) {
+                if (ks >= group_end) {  // no division on the steps between
                     group = ks / gr;
+                    group_end = (group + 1) * gr;
 #pragma unroll
                     for (int j = 0; j < 4; j++) {
                         int c = cw + 8 * j + g;
@@ -1768,8 +1769,10 @@ WGMMA_M64(128, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14
 #endif
 
 // Byte i of a word of int8 weights (stored ^ 0x80) times its scale: the qmma_core dequantisation.
+// The magic number is prmt's data and i its immediate selector: the other way round, the
+// compiler moved a selector into a register for every byte.
 __device__ __forceinline__ float wg_deq(u32 biased, int i, float scale) {
-    return (__int_as_float(__byte_perm(biased, 0x4B000000u, 0x7540u | i)) - 8388736.f) * scale;
+    return (__int_as_float(__byte_perm(0x4B000000u, biased, 0x3104u + i)) - 8388736.f) * scale;
 }
 
 // Row tok's 4 outputs at column c of out (f32), or with gate, bf16(gelu_tanh(gate) * v) there.
@@ -1841,7 +1844,7 @@ __device__ void qgemm_wgmma_core(const bf16 *xb, int m, const signed char *wt, c
 #pragma unroll
         for (int e = 0; e < N / 2; e++) acc[b][e] = 0.f;
     float sc[4] = {0.f, 0.f, 0.f, 0.f};
-    int group = -1;
+    int group = -1, group_end = 0;  // the scale row in use, and the first K row past it
     u32 a[2][2][4];  // [step parity][operand][register]: step s + 1's fills while s runs
     for (int c = 0; c < chunks; c++) {
         cp_async_wait<WG_AHEAD - 1>();  // chunk c is in
@@ -1861,8 +1864,9 @@ __device__ void qgemm_wgmma_core(const bf16 *xb, int m, const signed char *wt, c
         for (int s = 0; s < WG_KC / 16; s++) {
             if (s < steps) {
                 int ks = kk + 16 * s;
-                if (ks / gr != group) {
+                if (ks >= group_end) {  // no division on the steps between
                     group = ks / gr;
+                    group_end = (group + 1) * gr;
                     if (colok) {
                         float4 v = __ldg((const float4 *)(scales + (u64)group * n + tile * QT + col));
                         sc[0] = v.x, sc[1] = v.y, sc[2] = v.z, sc[3] = v.w;
