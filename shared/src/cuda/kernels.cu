@@ -1793,15 +1793,18 @@ __device__ __forceinline__ void wg_store(float *out, const float *gate, u64 at, 
 template <int N>
 __device__ __forceinline__ void wg_load(u32 stage, const bf16 *xb, int m, int tok0, int k, int kk,
                                         int k1, const signed char *wp, int width, int c0, int tid) {
-    for (int i = tid; i < N * 8; i += 256) {
-        int r = i / 8, c = i % 8, kc = kk + 8 * c;
+#pragma unroll
+    for (int j = 0; j < (N * 8 + 255) / 256; j++) {
+        int i = tid + 256 * j, r = i / 8, c = i % 8, kc = kk + 8 * c;
+        if (i >= N * 8) break;
         bool ok = tok0 + r < m && kc < k1;
         const void *src = ok ? (const void *)(xb + (u64)(tok0 + r) * k + kc) : (const void *)xb;
         cp_async16(stage + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
     }
     u32 ws = stage + WG_XBYTES;
-    for (int i = tid; i < WG_KC * 16; i += 256) {
-        int r = i / 16, c = i % 16, col = c0 + 16 * c;
+#pragma unroll
+    for (int j = 0; j < WG_KC * 16 / 256; j++) {
+        int i = tid + 256 * j, r = i / 16, c = i % 16, col = c0 + 16 * c;
         bool ok = kk + r < k1 && col < width;
         const void *src = ok ? (const void *)(wp + (u64)(kk + r) * width + col) : (const void *)wp;
         cp_async16(ws + r * WG_WROW + 16 * c, src, ok);
