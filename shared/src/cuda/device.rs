@@ -331,16 +331,18 @@ impl Gpu {
             major >= 8 && std::env::var("GROK_CUDA_TENSOR_CORES").map_or(true, |v| v.trim() != "0");
         // Hopper's warpgroup kernel: compiled for sm_90a only, and it needs 166 KiB of shared
         // memory (a GPU that will not grant it keeps the cuBLAS path).
+        let max_smem =
+            drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         let wgmma_here = tensor_cores
             && (major, minor) == (9, 0)
             && WG_TILES.iter().all(|tile| {
-                funcs.get(&format!("qgemm_wgmma_{tile}")).is_some_and(|f| {
-                    f.set_attribute(
-                    drv_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    WG_SMEM as i32,
-                )
-                .inspect_err(|e| tracing::warn!("qgemm_wgmma cannot have its shared memory: {e}"))
-                .is_ok()
+                let f = funcs.get(&format!("qgemm_wgmma_{tile}"));
+                f.is_some_and(|f| {
+                    f.set_attribute(max_smem, WG_SMEM as i32)
+                        .inspect_err(|e| {
+                            tracing::warn!("qgemm_wgmma cannot have its shared memory: {e}")
+                        })
+                        .is_ok()
                 })
             });
         let wgmma_on =
