@@ -378,8 +378,8 @@ fn prefill_matmul_alone(
     (time(true), time(false))
 }
 
-/// TFLOP/s and ms of a bf16 GEMM of the prefill's expert shape, on random operands (uniform
-/// in about ±1) or on zeros.
+/// TFLOP/s and ms of a bf16 GEMM of the prefill's expert shape, on random operands or on
+/// zeros.
 fn cublas_peak(shard: &CudaShard, random: bool) -> (f64, f64) {
     let g = shard.gpu();
     let (m, n, k) = (2048usize, 32768usize, 6144usize);
@@ -388,7 +388,7 @@ fn cublas_peak(shard: &CudaShard, random: bool) -> (f64, f64) {
             return g.zeros::<u16>(len).expect("alloc");
         }
         let mut s = seed;
-        // bf16 with exponents 2^-8..2^0 and random signs and mantissas.
+        // bf16 of random sign and mantissa, magnitudes from 2^-8 to 1.
         let host: Vec<u16> = (0..len)
             .map(|_| {
                 let r = grok_shared::test_support::lcg(&mut s) as u16;

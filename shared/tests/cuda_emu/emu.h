@@ -108,9 +108,9 @@ struct EmuCopy {
     bool ok;
     int group;
 };
-// A wgmma waiting for a wait_group: this thread's accumulators, B's descriptor and width, its sequence
-// number in the warpgroup (where the A fragments' addresses are) and its group (-1 until
-// committed).
+// A wgmma waiting for a wait_group: this thread's accumulators, B's descriptor and width (N),
+// its sequence number in the warpgroup (where the A fragments' addresses are) and its group
+// (-1 until committed).
 struct EmuWgmma {
     float *d;
     uint64_t desc;
@@ -219,7 +219,8 @@ inline void emu_mma_bf16(float *d, const unsigned *a, const unsigned *b) {
 
 inline unsigned emu_smem_addr(const void *p) {
     ptrdiff_t off = (const char *)p - emu_dyn_smem;
-    if (off < 0 || (size_t)off > emu_dyn_bytes) emu_fault("a shared address outside dynamic shared memory");
+    if (off < 0 || (size_t)off > emu_dyn_bytes)
+        emu_fault("a shared address outside dynamic shared memory");
     return EMU_SMEM_BASE + (unsigned)off;
 }
 inline char *emu_smem_ptr(unsigned addr, unsigned bytes) {

@@ -322,8 +322,12 @@ static void wgmma_case(int m, int k, int n, int groups, int per_block, bool spli
     std::vector<float> gate(gelu ? (size_t)m * n : 0);
     for (auto &v : gate) v = 3.f * rng.uni();
     // The token tile the host picks: the fewest tiles of 128, each a multiple of 16, >= 80.
-    int tiles128 = (m + 127) / 128, ntok = std::max(80, ((m + tiles128 - 1) / tiles128 + 15) / 16 * 16);
-    auto kern = ntok == 80 ? qgemm_wgmma_80 : ntok == 96 ? qgemm_wgmma_96 : ntok == 112 ? qgemm_wgmma_112 : qgemm_wgmma_128;
+    int tiles128 = (m + 127) / 128;
+    int ntok = std::max(80, ((m + tiles128 - 1) / tiles128 + 15) / 16 * 16);
+    auto kern = ntok == 80    ? qgemm_wgmma_80
+                : ntok == 96  ? qgemm_wgmma_96
+                : ntok == 112 ? qgemm_wgmma_112
+                              : qgemm_wgmma_128;
     int ky = (k + per_block - 1) / per_block, ttiles = (m + ntok - 1) / ntok;
     std::vector<float> parts((size_t)ky * m * n);
     std::vector<u32> counters((size_t)ttiles * 2 * tiles, 0);
@@ -353,8 +357,9 @@ static void wgmma_case(int m, int k, int n, int groups, int per_block, bool spli
     for (u32 c : counters)
         if (c != 0) worst = 1e9;
     char what[160];
-    std::snprintf(what, sizeof what, "qgemm_wgmma_%d: %d rows, [%d x %d], %d group(s), %d K block(s)%s%s",
-                  ntok, m, k, n, groups, ky, split ? ", 3 outputs" : gelu ? ", GELU epilogue" : "",
+    std::snprintf(what, sizeof what,
+                  "qgemm_wgmma_%d: %d rows, [%d x %d], %d group(s), %d K block(s)%s%s", ntok, m, k,
+                  n, groups, ky, split ? ", 3 outputs" : gelu ? ", GELU epilogue" : "",
                   emu_cp_eager ? " (copies at once)" : "");
     double limit = gelu ? 4e-3 : 1e-6;  // a bf16 output
     expect(worst < limit, what, worst, limit);
