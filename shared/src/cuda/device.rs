@@ -43,6 +43,17 @@ const TILED_ROWS: [usize; 3] = [1, 2, 4];
 /// Rows of x the tensor-core int8 matmul comes in (`qmma_{rows / 16}` in kernels.cu): bf16-path
 /// batches up to the largest take it instead of dequantisation + cuBLAS.
 const MMA_ROWS: [usize; 3] = [16, 32, 64];
+/// Which kernel a bf16-path product of some rows with some int8 matrix takes
+/// ([`Gpu::bf16_kernel`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Bf16Kernel {
+    /// `qmma_*`: up to the largest of `MMA_ROWS`.
+    Mma,
+    /// `qgemm_wgmma_*`: past those, on Hopper.
+    Wgmma,
+    /// Dequantisation + cuBLAS: everything else.
+    Cublas,
+}
 /// The most tokens of a device-routed step on the bf16 path (an expert gets one slot per token
 /// at most, and its slots are one batch of `qmma_experts_4`, up to 64 rows).
 pub const MMA_ROUTED_TOKENS: usize = 64;
@@ -423,9 +434,13 @@ impl Gpu {
         let x: Vec<f32> = (0..m * k)
             .map(|_| (crate::test_support::lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
             .collect();
+        let dq = self
+            .upload_q(&q)
+            .map_err(|e| format!("its self-check's weights: {e}"))?;
+        let xd = self
+            .upload(&x)
+            .map_err(|e| format!("its self-check's rows: {e}"))?;
         let run = |wgmma: bool| -> Result<Vec<f32>, CudaError> {
-            let dq = self.upload_q(&q)?;
-            let xd = self.upload(&x)?;
             let out = self.alloc::<f32>(m * n)?;
             if wgmma {
                 let tiles = n.div_ceil(Q_TILE);
@@ -743,41 +758,43 @@ impl Gpu {
         }
         let t1 = widths[0] / Q_TILE;
         let split = [t1, t1 + widths[1] / Q_TILE];
-        if m >= gemm_min_rows && m > MMA_ROWS[MMA_ROWS.len() - 1] && self.wgmma_takes(q) {
-            return self.qmatmul_wgmma(x, m, q, outs, split);
+        if m < gemm_min_rows {
+            return self.qmatmul_tiled(x, m, q, outs, split);
         }
-        if m >= gemm_min_rows && m <= MMA_ROWS[MMA_ROWS.len() - 1] && self.mma_takes(q) {
-            // qmma_* into one [m, n] product, then each part's columns (a copy of m rows, far
-            // less than dequantising the fused matrix for cuBLAS).
-            let whole = self.alloc::<f32>(m * q.n)?;
-            self.qmatmul_mma(x, m, q, whole.ptr())?;
-            let mut col = 0;
-            for (w, out) in widths.into_iter().zip(outs) {
-                self.rows_launch(
-                    "split_cols",
-                    m,
-                    &[
-                        Arg::P(whole.ptr()),
-                        Arg::I(q.n as i32),
-                        Arg::I(col as i32),
-                        Arg::P(out),
-                        Arg::I(w as i32),
-                    ],
-                )?;
-                col += w;
+        match self.bf16_kernel(m, q) {
+            Bf16Kernel::Wgmma => self.qmatmul_wgmma(x, m, q, outs, split),
+            Bf16Kernel::Mma => {
+                // qmma_* into one [m, n] product, then each part's columns (a copy of m rows,
+                // far less than dequantising the fused matrix for cuBLAS).
+                let whole = self.alloc::<f32>(m * q.n)?;
+                self.qmatmul_mma(x, m, q, whole.ptr())?;
+                let mut col = 0;
+                for (w, out) in widths.into_iter().zip(outs) {
+                    self.rows_launch(
+                        "split_cols",
+                        m,
+                        &[
+                            Arg::P(whole.ptr()),
+                            Arg::I(q.n as i32),
+                            Arg::I(col as i32),
+                            Arg::P(out),
+                            Arg::I(w as i32),
+                        ],
+                    )?;
+                    col += w;
+                }
+                Ok(())
             }
-            return Ok(());
-        }
-        if m >= gemm_min_rows {
-            let (wb, xb) = self.bf16_operands(x, m, q)?;
-            let mut col = 0;
-            for (w, out) in widths.into_iter().zip(outs) {
-                self.gemm_bf16_ld(xb.ptr(), wb.at(col), q.n, out, m, w, q.k)?;
-                col += w;
+            Bf16Kernel::Cublas => {
+                let (wb, xb) = self.bf16_operands(x, m, q)?;
+                let mut col = 0;
+                for (w, out) in widths.into_iter().zip(outs) {
+                    self.gemm_bf16_ld(xb.ptr(), wb.at(col), q.n, out, m, w, q.k)?;
+                    col += w;
+                }
+                Ok(())
             }
-            return Ok(());
         }
-        self.qmatmul_tiled(x, m, q, outs, split)
     }
 
     /// `x[m, k] · q` on the tiled layout, four rows at a time at most; tiles before `split[0]`
@@ -940,14 +957,14 @@ impl Gpu {
             return Ok(());
         }
         if m >= gemm_min_rows {
-            if m <= MMA_ROWS[MMA_ROWS.len() - 1] && self.mma_takes(q) {
-                return self.qmatmul_mma(x, m, q, out);
-            }
-            if m > MMA_ROWS[MMA_ROWS.len() - 1] && self.wgmma_takes(q) {
-                let tiles = q.n.div_ceil(Q_TILE);
-                return self.qmatmul_wgmma(x, m, q, [out; 3], [tiles; 2]);
-            }
-            return self.qmatmul_cublas(x, m, q, out);
+            return match self.bf16_kernel(m, q) {
+                Bf16Kernel::Mma => self.qmatmul_mma(x, m, q, out),
+                Bf16Kernel::Wgmma => {
+                    let tiles = q.n.div_ceil(Q_TILE);
+                    self.qmatmul_wgmma(x, m, q, [out; 3], [tiles; 2])
+                }
+                Bf16Kernel::Cublas => self.qmatmul_cublas(x, m, q, out),
+            };
         }
         if q.tiled {
             let tiles = q.n.div_ceil(Q_TILE);
@@ -1046,6 +1063,19 @@ impl Gpu {
         (per_block, k.div_ceil(per_block).max(1))
     }
 
+    /// The kernel an `m`-row product with `q` takes on the bf16 path: `qmma_*` up to 64 rows,
+    /// `qgemm_wgmma` past them where it runs, else dequantisation + cuBLAS.
+    fn bf16_kernel(&self, m: usize, q: &DevQ) -> Bf16Kernel {
+        if m <= MMA_ROWS[MMA_ROWS.len() - 1] {
+            if self.mma_takes(q) {
+                return Bf16Kernel::Mma;
+            }
+        } else if self.wgmma_takes(q) {
+            return Bf16Kernel::Wgmma;
+        }
+        Bf16Kernel::Cublas
+    }
+
     /// Whether `qgemm_wgmma` takes `q`: on, tiled, K and the scale groups whole mma steps, and
     /// the column halves one grid dimension.
     fn wgmma_takes(&self, q: &DevQ) -> bool {
@@ -1084,8 +1114,9 @@ impl Gpu {
         [gate, up, down]: [&DevQ; 3],
         out: u64,
     ) -> Result<bool, CudaError> {
-        let takes = m > MMA_ROWS[MMA_ROWS.len() - 1]
-            && [gate, up, down].iter().all(|q| self.wgmma_takes(q))
+        let takes = [gate, up, down]
+            .iter()
+            .all(|q| self.bf16_kernel(m, q) == Bf16Kernel::Wgmma)
             && gate.n == up.n
             && gate.k == up.k
             && down.k == up.n;
