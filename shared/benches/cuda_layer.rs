@@ -16,7 +16,7 @@ use grok_shared::checkpoint::init::init_random;
 use grok_shared::checkpoint::open_model;
 use grok_shared::comm::local::LocalComm;
 use grok_shared::config::ModelConfig;
-use grok_shared::cuda::{cuda_available, gpu_count, CudaShard};
+use grok_shared::cuda::{cuda_available, gpu_count, CudaShard, Gpu};
 use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqStep};
 use grok_shared::parallel::Plan;
 use grok_shared::test_support::random_qmatrix;
@@ -319,22 +319,26 @@ fn decode_matmul_alone(shard: &CudaShard, k: usize, n: usize) -> (f64, f64) {
     let dq = g.upload_q(&random_qmatrix(k, n, 1, 1)).expect("upload");
     let x = g.upload(&vec![0.5f32; k]).expect("upload");
     let out = g.alloc::<f32>(n).expect("alloc");
-    let run = || {
+    let s = gpu_seconds(g, 50, || {
         g.qmatmul(x.ptr(), 1, &dq, out.ptr(), usize::MAX)
             .expect("matmul")
-    };
+    });
+    (s * 1e6, (k * n) as f64 / s / 1e12)
+}
+
+/// Seconds per call of `run` (launches on the GPU's stream) over `iters` calls after 3
+/// warm-ups, the stream drained before and after.
+fn gpu_seconds(g: &Gpu, iters: usize, run: impl Fn()) -> f64 {
     for _ in 0..3 {
         run();
     }
     g.sync().expect("sync");
-    let iters = 50;
     let t = Instant::now();
     for _ in 0..iters {
         run();
     }
     g.sync().expect("sync");
-    let s = t.elapsed().as_secs_f64() / iters as f64;
-    (s * 1e6, (k * n) as f64 / s / 1e12)
+    t.elapsed().as_secs_f64() / iters as f64
 }
 
 /// ms of the bf16 path's `[m, k] · [k, n]` product with a random int8 matrix both ways:
@@ -355,27 +359,14 @@ fn prefill_matmul_alone(
         .collect();
     let x = g.upload(&x).expect("upload");
     let out = g.alloc::<f32>(m * n).expect("alloc");
-    let time = |wgmma: bool| {
-        let run = || {
-            if wgmma {
-                g.qmatmul(x.ptr(), m, &dq, out.ptr(), 1).expect("matmul")
-            } else {
-                g.qmatmul_cublas(x.ptr(), m, &dq, out.ptr())
-                    .expect("matmul")
-            }
-        };
-        for _ in 0..3 {
-            run();
-        }
-        g.sync().expect("sync");
-        let t = Instant::now();
-        for _ in 0..ITERS {
-            run();
-        }
-        g.sync().expect("sync");
-        t.elapsed().as_secs_f64() * 1e3 / ITERS as f64
-    };
-    (time(true), time(false))
+    let wgmma = gpu_seconds(g, ITERS, || {
+        g.qmatmul(x.ptr(), m, &dq, out.ptr(), 1).expect("matmul")
+    });
+    let cublas = gpu_seconds(g, ITERS, || {
+        g.qmatmul_cublas(x.ptr(), m, &dq, out.ptr())
+            .expect("matmul")
+    });
+    (wgmma * 1e3, cublas * 1e3)
 }
 
 /// TFLOP/s and ms of a bf16 GEMM of the prefill's expert shape, on random operands or on
@@ -400,17 +391,9 @@ fn cublas_peak(shard: &CudaShard, random: bool) -> (f64, f64) {
     let a = operand(m * k, 1);
     let b = operand(k * n, 2);
     let c = g.zeros::<f32>(m * n).expect("alloc");
-    for _ in 0..3 {
+    let s = gpu_seconds(g, ITERS, || {
         g.gemm_bf16(a.ptr(), b.ptr(), c.ptr(), m, n, k)
-            .expect("gemm");
-    }
-    g.sync().expect("sync");
-    let t = Instant::now();
-    for _ in 0..ITERS {
-        g.gemm_bf16(a.ptr(), b.ptr(), c.ptr(), m, n, k)
-            .expect("gemm");
-    }
-    g.sync().expect("sync");
-    let s = t.elapsed().as_secs_f64() / ITERS as f64;
+            .expect("gemm")
+    });
     (2.0 * (m * n * k) as f64 / s / 1e12, s * 1e3)
 }
