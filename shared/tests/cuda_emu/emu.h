@@ -233,30 +233,29 @@ inline char *emu_smem_ptr(unsigned addr, unsigned bytes) {
 // before waiting for it reads stale bytes, as it may on the GPU; or, with emu_cp_eager, at
 // once, so that one that overwrites a stage still in use spoils it (the GPU may do either).
 inline bool emu_cp_eager = false;
+inline void emu_cp_land(const EmuCopy &c) {
+    if (c.ok)
+        std::memcpy(c.dst, c.src, 16);
+    else
+        std::memset(c.dst, 0, 16);
+}
 inline void emu_cp_async16(unsigned dst, const void *src, bool ok) {
     EmuFiber &f = emu_block->fibers[emu_tid];
     EmuCopy c{emu_smem_ptr(dst, 16), (const char *)src, ok, f.cp_groups};
-    if (!emu_cp_eager) {
+    if (emu_cp_eager)
+        emu_cp_land(c);
+    else
         f.copies.push_back(c);
-    } else if (ok) {
-        std::memcpy(c.dst, c.src, 16);
-    } else {
-        std::memset(c.dst, 0, 16);
-    }
 }
 inline void emu_cp_commit() { emu_block->fibers[emu_tid].cp_groups++; }
 inline void emu_cp_wait(int pending) {
     EmuFiber &f = emu_block->fibers[emu_tid];
     std::vector<EmuCopy> left;
     for (auto &c : f.copies) {
-        if (c.group < f.cp_groups - pending) {
-            if (c.ok)
-                std::memcpy(c.dst, c.src, 16);
-            else
-                std::memset(c.dst, 0, 16);
-        } else {
+        if (c.group < f.cp_groups - pending)
+            emu_cp_land(c);
+        else
             left.push_back(c);
-        }
     }
     f.copies.swap(left);
 }
