@@ -2,7 +2,8 @@
 # The GPU check, run on the device from the repository root with target/gpu-bundle carried
 # (made here by deploy/gpu/bundle.sh; nothing is built on the device). Writes every result
 # under $OUT and a summary to stdout; each part has its own time limit, the whole well under
-# 6 minutes. Parts: GPU facts; the fixture on the GPU (int8 path and bf16 path), every
+# 6 minutes. Parts: GPU facts; the kernels no GPU has run yet, alone (canaries: one that fails
+# is switched off for the rest); the fixture on the GPU (int8 path and bf16 path), every
 # parallel plan on one GPU, NCCL world of one; the kernels at larger shapes (cuda_kernels);
 # the cluster through worker processes (2 GPU workers over gRPC, 1 GPU worker with NCCL)
 # against the fixture's greedy tokens; the layer benchmark at Grok-1 dimensions; the PyTorch
@@ -21,6 +22,28 @@ step() { echo "== $1 ($(date +%T))"; }
 step "GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
+step "canaries: the kernels no GPU has run yet, each set in a process of its own"
+# A kernel fault ends the process that ran it (the context is unusable) and the wgmma
+# start-up check runs in every process that opens the GPU: a kernel that fails here is
+# switched off for every later part, so that one bad kernel still leaves the other figures.
+canary() {
+  timeout 60 "$B/cuda_kernels" --ignored --test-threads 1 --nocapture "$@" >>"$OUT/canaries.txt" 2>&1
+  local rc=$?
+  echo "canary $* rc=$rc" | tee -a "$OUT/canaries.txt"
+  return $rc
+}
+: >"$OUT/canaries.txt"
+# The mma.sync kernels first, with qgemm_wgmma (and so its start-up check) off.
+if ! GROK_CUDA_WGMMA=0 canary --exact tensor_core_int8_matmul_matches_dequantised_cublas ||
+  ! GROK_CUDA_WGMMA=0 canary --exact tensor_core_prefill_attention_is_within_bf16_of_the_f32_kernel; then
+  export GROK_CUDA_TENSOR_CORES=0
+elif ! canary wgmma; then
+  export GROK_CUDA_WGMMA=0
+fi
+echo "for the rest: GROK_CUDA_TENSOR_CORES=${GROK_CUDA_TENSOR_CORES-unset} GROK_CUDA_WGMMA=${GROK_CUDA_WGMMA-unset}" |
+  tee -a "$OUT/canaries.txt"
+grep -E "^(qmma|wgmma|attention_tc)|panicked|relative error" "$OUT/canaries.txt"
+
 step "fixture, plans and NCCL on the GPU (library)"
 timeout 120 "$B/cuda_fixture" --ignored --test-threads 1 --nocapture >"$OUT/fixture.txt" 2>&1
 echo "cuda_fixture rc=$?" | tee -a "$OUT/fixture.txt"
@@ -29,7 +52,8 @@ timeout 60 "$B/shared_lib" --ignored nccl --nocapture >>"$OUT/fixture.txt" 2>&1
 echo "nccl collectives rc=$?" | tee -a "$OUT/fixture.txt"
 
 step "kernels at shapes the fixture does not reach (tiled int8 matmul, long prompts)"
-timeout 150 "$B/cuda_kernels" --ignored --test-threads 1 --nocapture >"$OUT/kernels.txt" 2>&1
+timeout 150 "$B/cuda_kernels" --ignored --test-threads 1 --nocapture --skip wgmma \
+  --skip tensor_core_int8_matmul --skip tensor_core_prefill_attention >"$OUT/kernels.txt" 2>&1
 echo "cuda_kernels rc=$?" | tee -a "$OUT/kernels.txt"
 grep -E "^(tiled|bf16|head_dim|decode|attention_tc|qmma|wgmma|test |test result)|panicked|relative (error|difference)" "$OUT/kernels.txt"
 

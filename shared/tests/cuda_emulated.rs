@@ -6,6 +6,9 @@
 //! `cuda_emu/harness.cpp` against double-precision references. It catches indexing, masking,
 //! shuffle and merge mistakes before a GPU is at hand (the GPU tests in cuda_kernels.rs check
 //! the rest on the device). Needs a C++20 compiler: `c++`, or the one `CXX` names.
+//! `GROK_EMU_SANITIZE=1` builds the harness with AddressSanitizer and UndefinedBehaviorSanitizer
+//! (out-of-bounds and misaligned vector accesses, which a GPU would fault on; ~3 minutes on 2
+//! cores, so not in the default run).
 
 use std::path::Path;
 use std::process::Command;
@@ -36,7 +39,19 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
     std::fs::write(dir.path().join("kernels_emu.cu"), emulable_source()).expect("write");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let exe = dir.path().join("harness");
+    let sanitize = std::env::var("GROK_EMU_SANITIZE").is_ok_and(|v| v == "1");
+    let sanitizers: &[&str] = if sanitize {
+        &[
+            "-g",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer",
+        ]
+    } else {
+        &[]
+    };
     let built = Command::new(&cxx)
+        .args(sanitizers)
         .args(["-std=c++20", "-O1", "-w", "-I"])
         .arg(dir.path())
         .arg("-I")
@@ -53,12 +68,17 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
         "compiling kernels.cu for the CPU emulator with `{cxx}`:\n{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    let run = Command::new(&exe).output().expect("running the harness");
+    // The fibers switch stacks, which ASan's use-after-return detection cannot follow.
+    let run = Command::new(&exe)
+        .env("ASAN_OPTIONS", "detect_stack_use_after_return=0")
+        .output()
+        .expect("running the harness");
     let report = String::from_utf8_lossy(&run.stdout);
     println!("{report}");
     assert!(
         run.status.success(),
-        "kernels differ from the references:\n{report}"
+        "kernels differ from the references:\n{report}\n{}",
+        String::from_utf8_lossy(&run.stderr)
     );
     assert!(report.contains("0 failure(s)"), "{report}");
 }

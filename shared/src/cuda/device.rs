@@ -408,38 +408,48 @@ impl Gpu {
             profile,
             wgmma_fault: None,
         };
-        Ok(gpu.with_wgmma_checked())
+        gpu.with_wgmma_checked()
     }
 
     /// Runs `qgemm_wgmma` once against dequantisation + cuBLAS (a partial token tile, scale
     /// groups, a narrow tile, a K split) and keeps it off if they disagree: its layouts are
     /// Hopper's, and a GPU or driver that reads them otherwise must not turn a prefill into
-    /// noise. The reason stays in [`Gpu::wgmma_fault`] and goes to the log.
-    fn with_wgmma_checked(mut self) -> Self {
+    /// noise. The reason stays in [`Gpu::wgmma_fault`] and goes to the log. A check that
+    /// cannot run (a kernel fault leaves the context unusable for the whole process) makes
+    /// opening the GPU fail, saying how to run without the kernel.
+    fn with_wgmma_checked(mut self) -> Result<Self, CudaError> {
         if !self.wgmma() {
-            return self;
+            return Ok(self);
         }
-        if let Err(why) = self.check_wgmma() {
-            tracing::warn!("qgemm_wgmma is off: {why}");
-            self.wgmma_on.store(false, Ordering::Relaxed);
-            self.wgmma_fault = Some(why);
+        match self.check_wgmma() {
+            Ok(None) => {}
+            Ok(Some(why)) => {
+                tracing::warn!("qgemm_wgmma is off: {why}");
+                self.wgmma_on.store(false, Ordering::Relaxed);
+                self.wgmma_fault = Some(why);
+            }
+            Err(e) => {
+                return Err(CudaError::SelfCheck {
+                    kernel: "qgemm_wgmma",
+                    msg: e.to_string(),
+                    env: "GROK_CUDA_WGMMA=0",
+                })
+            }
         }
-        self
+        Ok(self)
     }
 
-    fn check_wgmma(&self) -> Result<(), String> {
+    /// `Ok(None)` when `qgemm_wgmma` gives dequantisation + cuBLAS's numbers, `Ok(Some(why))`
+    /// when it differs, `Err` when the check cannot run.
+    fn check_wgmma(&self) -> Result<Option<String>, CudaError> {
         let (m, k, n) = (130, 1024, 528);
         let q = crate::test_support::random_qmatrix(k, n, 4, 7);
         let mut seed = 11;
         let x: Vec<f32> = (0..m * k)
             .map(|_| (crate::test_support::lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
             .collect();
-        let dq = self
-            .upload_q(&q)
-            .map_err(|e| format!("its self-check's weights: {e}"))?;
-        let xd = self
-            .upload(&x)
-            .map_err(|e| format!("its self-check's rows: {e}"))?;
+        let dq = self.upload_q(&q)?;
+        let xd = self.upload(&x)?;
         let run = |wgmma: bool| -> Result<Vec<f32>, CudaError> {
             let out = self.alloc::<f32>(m * n)?;
             if wgmma {
@@ -450,8 +460,8 @@ impl Gpu {
             }
             self.download_f32(out.ptr(), m * n)
         };
-        let got = run(true).map_err(|e| format!("its self-check failed to run: {e}"))?;
-        let want = run(false).map_err(|e| format!("the cuBLAS side of its self-check: {e}"))?;
+        let got = run(true)?;
+        let want = run(false)?;
         let scale = want
             .iter()
             .fold(0f32, |a, w| a.max(w.abs()))
@@ -467,14 +477,13 @@ impl Gpu {
                 }
             })
             .fold(0f32, f32::max);
-        if worst / scale > 1e-4 {
-            return Err(format!(
+        Ok((worst / scale > 1e-4).then(|| {
+            format!(
                 "on a [{m} x {k}] x [{k} x {n}] check it differs from dequantisation + cuBLAS \
                  by {:.2e} of the largest output",
                 worst / scale
-            ));
-        }
-        Ok(())
+            )
+        }))
     }
 
     /// Why `qgemm_wgmma` is off on a GPU that could run it (its start-up check failed).

@@ -32,6 +32,15 @@ pub enum CudaError {
     Blas { op: &'static str, msg: String },
     #[error("NCCL, {op}: {msg}")]
     Nccl { op: &'static str, msg: String },
+    #[error(
+        "{kernel} failed its start-up check on this GPU ({msg}); a kernel fault leaves the CUDA \
+         context unusable, so the GPU did not open: set {env} to run without {kernel}"
+    )]
+    SelfCheck {
+        kernel: &'static str,
+        msg: String,
+        env: &'static str,
+    },
     #[error("not supported on the GPU backend: {0}")]
     Unsupported(String),
 }

@@ -35,20 +35,21 @@ constexpr unsigned EMU_SMEM_BASE = 16;
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 
-struct float4 {
+// CUDA's vector types, with its alignments (a sanitizer build then flags misaligned loads).
+struct __attribute__((aligned(16))) float4 {
     float x, y, z, w;
 };
-struct float2 {
+struct __attribute__((aligned(8))) float2 {
     float x, y;
 };
 inline float2 make_float2(float x, float y) { return {x, y}; }
-struct uint4 {
+struct __attribute__((aligned(16))) uint4 {
     unsigned x, y, z, w;
 };
-struct uint2 {
+struct __attribute__((aligned(8))) uint2 {
     unsigned x, y;
 };
-struct char4 {
+struct __attribute__((aligned(4))) char4 {
     signed char x, y, z, w;
 };
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
@@ -384,9 +385,14 @@ void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
                     makecontext(&f.ctx, emu_fiber_main, 0);
                 }
                 blockIdx = {bx, by, bz};
-                for (bool running = true; running;) {
+                // Threads run to their next wait in thread order, then in reverse order, by
+                // turns (starting with the block's parity): a thread that reads what another
+                // writes without a barrier between them sees a stale value one way round.
+                int turn = (int)(bx + grid.x * (by + grid.y * bz));
+                for (bool running = true; running; turn++) {
                     running = false;
-                    for (int t = 0; t < n; t++) {
+                    for (int i = 0; i < n; i++) {
+                        int t = turn % 2 ? n - 1 - i : i;
                         if (b.fibers[t].done) continue;
                         running = true;
                         b.cur = emu_tid = t;
