@@ -16,6 +16,9 @@ mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/cuda/targets/x86_64-linux/lib:/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export GROK_REFERENCE_DIR="$PWD/$B/reference"
 export GROK_KERNEL_CACHE=/tmp/grok-kernel-cache
+# The driver's cache of the PTX it compiles for the GPU (tens of seconds for kernels.cu):
+# named and sized here so that every process after the first loads the kernels at once.
+export CUDA_CACHE_PATH=/tmp/grok-cuda-jit-cache CUDA_CACHE_MAXSIZE=4294967296
 FIX="$GROK_REFERENCE_DIR/fixtures/grok1-tiny-a"
 step() { echo "== $1 ($(date +%T))"; }
 
@@ -27,7 +30,8 @@ step "canaries: the kernels no GPU has run yet, each set in a process of its own
 # start-up check runs in every process that opens the GPU: a kernel that fails here is
 # switched off for every later part, so that one bad kernel still leaves the other figures.
 canary() {
-  timeout 60 "$B/cuda_kernels" --ignored --test-threads 1 --nocapture "$@" >>"$OUT/canaries.txt" 2>&1
+  # The first one also compiles the kernels (NVRTC, then the driver's JIT).
+  timeout 120 "$B/cuda_kernels" --ignored --test-threads 1 --nocapture "$@" >>"$OUT/canaries.txt" 2>&1
   local rc=$?
   echo "canary $* rc=$rc" | tee -a "$OUT/canaries.txt"
   return $rc
