@@ -7,7 +7,7 @@
 //! shuffle and merge mistakes before a GPU is at hand (the GPU tests in cuda_kernels.rs check
 //! the rest on the device). Needs a C++20 compiler: `c++`, or the one `CXX` names.
 //! `GROK_EMU_SANITIZE=1` builds the harness with AddressSanitizer and UndefinedBehaviorSanitizer
-//! (out-of-bounds and misaligned vector accesses, which a GPU would fault on; ~3 minutes on 2
+//! (out-of-bounds and misaligned vector accesses, which a GPU would fault on; ~2 minutes on 2
 //! cores, so not in the default run).
 
 use std::path::Path;
