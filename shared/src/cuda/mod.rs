@@ -115,6 +115,23 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_self_check_says_how_to_run_without_the_kernel() {
+        let e = CudaError::SelfCheck {
+            kernel: "qgemm_wgmma",
+            msg: "CUDA_ERROR_ILLEGAL_INSTRUCTION".into(),
+            env: "GROK_CUDA_WGMMA=0",
+        }
+        .to_string();
+        for part in [
+            "qgemm_wgmma",
+            "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+            "set GROK_CUDA_WGMMA=0",
+        ] {
+            assert!(e.contains(part), "{e}");
+        }
+    }
+
+    #[test]
     fn opening_a_gpu_without_cuda_is_an_error_not_a_panic() {
         if cuda_available() {
             return; // covered by the device tests
