@@ -88,6 +88,14 @@ fn main() {
             "off"
         }
     );
+    println!(
+        "decode attention: {} (GROK_CUDA_DECODE_ATTENTION)",
+        if shard.decode_attention {
+            "attention_decode_*"
+        } else {
+            "the generic attention_16"
+        }
+    );
     match (shard.gpu().wgmma(), shard.gpu().wgmma_fault()) {
         (true, _) => println!("bf16 path past 64 rows: qgemm_wgmma (GROK_CUDA_WGMMA)"),
         (false, Some(why)) => println!("bf16 path past 64 rows: cuBLAS; qgemm_wgmma is off: {why}"),

@@ -338,8 +338,7 @@ impl Gpu {
                 .map_err(drv_err("allowing a kernel its shared memory"))?;
             }
         }
-        let tensor_cores =
-            major >= 8 && std::env::var("GROK_CUDA_TENSOR_CORES").map_or(true, |v| v.trim() != "0");
+        let tensor_cores = major >= 8 && super::switched_on("GROK_CUDA_TENSOR_CORES");
         // Hopper's warpgroup kernel: compiled for sm_90a only, and it needs 166 KiB of shared
         // memory (a GPU that will not grant it keeps the cuBLAS path).
         let max_smem =
@@ -356,8 +355,7 @@ impl Gpu {
                         .is_ok()
                 })
             });
-        let wgmma_on =
-            wgmma_here && std::env::var("GROK_CUDA_WGMMA").map_or(true, |v| v.trim() != "0");
+        let wgmma_on = wgmma_here && super::switched_on("GROK_CUDA_WGMMA");
         let per_sm = funcs
             .get("qgemv_tiled_1")
             .ok_or_else(|| CudaError::Unsupported("no kernel named qgemv_tiled_1".into()))?

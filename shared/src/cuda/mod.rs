@@ -45,6 +45,12 @@ pub enum CudaError {
     Unsupported(String),
 }
 
+/// Whether the kernel switch `name` (an environment variable) leaves its kernels on: anything
+/// but `0`, or unset.
+pub(crate) fn switched_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v.trim() != "0")
+}
+
 /// GPUs CUDA sees here (0 where the CUDA libraries do not load).
 pub fn gpu_count() -> usize {
     if !cuda_available() {

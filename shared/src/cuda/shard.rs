@@ -41,12 +41,6 @@ struct Route {
     gates: u64,
 }
 
-/// Whether a step's tiles take `attention_decode_*`: decode-sized tiles at a head size it is
-/// built for.
-fn decode_kernel(tile_rows: usize, head_dim: usize) -> bool {
-    tile_rows == ATT_ROWS[0] && ATT_HEAD_DIMS.contains(&head_dim)
-}
-
 /// Key splits per (tile, kv head): enough blocks to fill the GPU four times over, each split
 /// at least `granule` keys (a decode step's few blocks are otherwise one per SM, waiting on
 /// their loads). At least one.
@@ -170,6 +164,10 @@ pub struct CudaShard {
     /// [`MMA_ROUTED_TOKENS`] on the bf16 path, the same operands with the sums in another
     /// order. Off only to compare the two.
     pub device_routing: bool,
+    /// Decode tiles take `attention_decode_*` where it is built for the head size; off
+    /// (`GROK_CUDA_DECODE_ATTENTION=0`), the generic `attention_16` and its combine (to
+    /// compare the two, or to step around one that misbehaves on some GPU).
+    pub decode_attention: bool,
 }
 
 /// The most tokens a step may have for the device-routed experts (an expert's rows go through
@@ -323,7 +321,16 @@ impl CudaShard {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_GEMM_MIN_ROWS),
             device_routing: true,
+            decode_attention: super::switched_on("GROK_CUDA_DECODE_ATTENTION"),
         })
+    }
+
+    /// Whether a step's tiles take `attention_decode_*`: decode-sized tiles at a head size it
+    /// is built for, unless it is switched off.
+    fn decode_kernel(&self, tile_rows: usize) -> bool {
+        self.decode_attention
+            && tile_rows == ATT_ROWS[0]
+            && ATT_HEAD_DIMS.contains(&self.local.head_dim)
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -421,7 +428,7 @@ impl CudaShard {
             .max()
             .unwrap_or(0);
         let hd = self.local.head_dim;
-        let (granule, most) = if decode_kernel(tile_rows, hd) {
+        let (granule, most) = if self.decode_kernel(tile_rows) {
             (decode_key_granule(hd), DECODE_MAX_SPLITS)
         } else {
             (ATT_KEYS, usize::MAX)
@@ -746,7 +753,7 @@ impl CudaShard {
             Arg::P(part_o.ptr()),
             Arg::P(part_ml.ptr()),
         ];
-        if decode_kernel(rows, hd) {
+        if self.decode_kernel(rows) {
             // It merges its own key splits (counters per tile and kv head).
             let r = DECODE_ROWS
                 .into_iter()

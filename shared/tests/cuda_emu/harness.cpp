@@ -73,9 +73,12 @@ using AttKernel = void (*)(const float *, const float *, const float *, float *,
                            unsigned *);
 
 // Sequences with `lens` cached positions each take `ntok` new ones (already in the cache), one
-// tile per sequence; the kernel's output against the reference, largest |difference|.
+// tile per sequence; the kernel's output against the reference, largest |difference|. The
+// generic attention_R (`smem` bytes of dynamic shared memory) leaves its key splits to
+// attention_combine.
 static double decode_case(AttKernel k, int hd, int R, int q_heads, int kv_heads,
-                          const std::vector<int> &lens, int ntok, int splits, uint64_t seed) {
+                          const std::vector<int> &lens, int ntok, int splits, uint64_t seed,
+                          size_t smem = 0, bool generic = false) {
     Rng rng{seed};
     int group = q_heads / kv_heads, qd = q_heads * hd, kvd = kv_heads * hd;
     int seqs = (int)lens.size(), n = seqs * ntok;
@@ -98,8 +101,13 @@ static double decode_case(AttKernel k, int hd, int R, int q_heads, int kv_heads,
     std::vector<unsigned> counters(num_tiles * kv_heads, 0);
     float mult = 0.3f, cap = 2.0f;
     emu_launch(k, dim3e{(unsigned)num_tiles, (unsigned)(kv_heads * splits), 1}, dim3e{128, 1, 1},
-               0, q.data(), kc.data(), vc.data(), out.data(), tiles.data(), slots.data(), q_heads,
-               kv_heads, hd, mult, cap, splits, part_o.data(), part_ml.data(), counters.data());
+               smem, q.data(), kc.data(), vc.data(), out.data(), tiles.data(), slots.data(),
+               q_heads, kv_heads, hd, mult, cap, splits, part_o.data(), part_ml.data(),
+               counters.data());
+    if (generic && splits > 1)
+        emu_launch(attention_combine, dim3e{(unsigned)num_tiles, (unsigned)kv_heads, (unsigned)R},
+                   dim3e{128, 1, 1}, 0, part_o.data(), part_ml.data(), out.data(), tiles.data(),
+                   q_heads, kv_heads, hd, splits, R);
     for (unsigned c : counters)
         if (c != 0) return 1e9;  // the last block must leave its counter at zero
     double worst = 0;
@@ -146,6 +154,19 @@ static void decode_tests() {
                               k.name, c[0] / c[1], c[2], splits);
                 expect(err < 2e-5, what, err, 2e-5);
             }
+        }
+    }
+    // The generic kernel, which decode falls back on with GROK_CUDA_DECODE_ATTENTION=0
+    // (Gpu::attention_smem_bytes: q, keys, values, scores and three row arrays).
+    for (int hd : {32, 128}) {
+        size_t smem = (16 * hd + 32 * (hd + 1) + 32 * hd + 16 * 32 + 3 * 16) * 4;
+        for (int splits : {1, 5}) {
+            double err = decode_case((AttKernel)attention_16, hd, 16, 12, 2, {0, 4, 45, 200}, 2,
+                                     splits, seed++, smem, true);
+            char what[160];
+            std::snprintf(what, sizeof what, "attention_16 (head_dim %d): group 6, 2 new tokens, %d split(s)",
+                          hd, splits);
+            expect(err < 2e-5, what, err, 2e-5);
         }
     }
 }
