@@ -117,4 +117,9 @@ echo "cluster rc=$cluster_ok" | tee -a "$OUT/cluster.txt"
 step "gRPC all-to-all vs plain TCP on this machine's cores (4 ranks, up to 16 MB)"
 timeout 60 "$B/collectives" 16 2>&1 | tee "$OUT/collectives.txt"
 
+step "summary (the run's last lines are what its caller sees first)"
+grep -hE "^(canary |for the rest|cuda_fixture rc|nccl collectives rc|cuda_kernels rc|cluster rc)" \
+  "$OUT"/canaries.txt "$OUT"/fixture.txt "$OUT"/kernels.txt "$OUT"/cluster.txt 2>/dev/null
+grep -hE "^(GPU:|decode attention|bf16 path|device copy|cuBLAS|int8 |\| (decode|prefill)|qgemm_wgmma prefill)" \
+  "$OUT"/cuda_layer.txt 2>/dev/null
 step "done"
