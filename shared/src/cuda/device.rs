@@ -210,6 +210,12 @@ impl DevQ {
     pub fn bytes(&self) -> usize {
         self.w.bytes() + self.s.bytes()
     }
+
+    /// The output split of the tiled kernels that sends every column tile to `outs[0]` (a
+    /// product with one output).
+    fn one_output(&self) -> [usize; 2] {
+        [self.n.div_ceil(Q_TILE); 2]
+    }
 }
 
 pub struct Gpu {
@@ -451,8 +457,7 @@ impl Gpu {
         let run = |wgmma: bool| -> Result<Vec<f32>, CudaError> {
             let out = self.alloc::<f32>(m * n)?;
             if wgmma {
-                let tiles = n.div_ceil(Q_TILE);
-                self.qmatmul_wgmma(xd.ptr(), m, &dq, [out.ptr(); 3], [tiles; 2])?;
+                self.qmatmul_wgmma(xd.ptr(), m, &dq, [out.ptr(); 3], dq.one_output())?;
             } else {
                 self.qmatmul_cublas(xd.ptr(), m, &dq, out.ptr())?;
             }
@@ -966,16 +971,12 @@ impl Gpu {
         if m >= gemm_min_rows {
             return match self.bf16_kernel(m, q) {
                 Bf16Kernel::Mma => self.qmatmul_mma(x, m, q, out),
-                Bf16Kernel::Wgmma => {
-                    let tiles = q.n.div_ceil(Q_TILE);
-                    self.qmatmul_wgmma(x, m, q, [out; 3], [tiles; 2])
-                }
+                Bf16Kernel::Wgmma => self.qmatmul_wgmma(x, m, q, [out; 3], q.one_output()),
                 Bf16Kernel::Cublas => self.qmatmul_cublas(x, m, q, out),
             };
         }
         if q.tiled {
-            let tiles = q.n.div_ceil(Q_TILE);
-            return self.qmatmul_tiled(x, m, q, [out; 3], [tiles; 2]);
+            return self.qmatmul_tiled(x, m, q, [out; 3], q.one_output());
         }
         // Row-major (widths that are no multiple of 16): VEC columns per lane.
         let (k, n) = (q.k, q.n);
@@ -1133,11 +1134,10 @@ impl Gpu {
         let (d, f) = (gate.k, gate.n);
         let xb = self.to_bf16(x, m * d)?;
         let a = self.alloc::<f32>(m * f)?;
-        let whole = |q: &DevQ| [q.n.div_ceil(Q_TILE); 2];
-        self.wgmma_launch(xb.ptr(), m, gate, [a.ptr(); 3], whole(gate), 0)?;
+        self.wgmma_launch(xb.ptr(), m, gate, [a.ptr(); 3], gate.one_output(), 0)?;
         let h = self.alloc::<u16>(m * f)?;
-        self.wgmma_launch(xb.ptr(), m, up, [h.ptr(); 3], whole(up), a.ptr())?;
-        self.wgmma_launch(h.ptr(), m, down, [out; 3], whole(down), 0)?;
+        self.wgmma_launch(xb.ptr(), m, up, [h.ptr(); 3], up.one_output(), a.ptr())?;
+        self.wgmma_launch(h.ptr(), m, down, [out; 3], down.one_output(), 0)?;
         Ok(true)
     }
 
