@@ -32,8 +32,9 @@ step "canaries: the kernels no GPU has run yet, each set in a process of its own
 canary() {
   # The first one also compiles the kernels (NVRTC, then the driver's JIT).
   timeout 120 "$B/cuda_kernels" --ignored --test-threads 1 --nocapture "$@" >>"$OUT/canaries.txt" 2>&1
-  local rc=$?
-  echo "canary $* rc=$rc" | tee -a "$OUT/canaries.txt"
+  local rc=$? offs
+  offs=$(env | grep -E '^GROK_CUDA_[A-Z_]+=0$' | sort | tr '\n' ' ')
+  echo "canary $* ${offs:+(with ${offs% }) }rc=$rc" | tee -a "$OUT/canaries.txt"
   return $rc
 }
 : >"$OUT/canaries.txt"
@@ -44,14 +45,25 @@ if ! GROK_CUDA_WGMMA=0 canary --exact tensor_core_int8_matmul_matches_dequantise
 elif ! canary wgmma; then
   export GROK_CUDA_WGMMA=0
 fi
-# The decode attention: steps that differ from the CPU engine are tried again on the generic
-# kernel, which decode then keeps for the rest if they pass there.
+# Decode steps (the decode attention, the fused residual/router kernel, the device-routed
+# experts) against the CPU engine. If they fail, they are tried again with the decode
+# attention on the generic kernel, then with the routing on the host, then with both; the
+# first set that passes is kept for the rest.
 DECODE=decode_steps_at_grok_head_size_match_the_cpu_engine
-if ! canary --exact $DECODE && GROK_CUDA_DECODE_ATTENTION=0 canary --exact $DECODE; then
-  export GROK_CUDA_DECODE_ATTENTION=0
+decode_with() { (for v in "$@"; do export "$v=0"; done; canary --exact $DECODE); }
+if ! canary --exact $DECODE; then
+  for offs in GROK_CUDA_DECODE_ATTENTION GROK_CUDA_DEVICE_ROUTING \
+    "GROK_CUDA_DECODE_ATTENTION GROK_CUDA_DEVICE_ROUTING"; do
+    if decode_with $offs; then
+      for v in $offs; do export "$v=0"; done
+      break
+    fi
+  done
 fi
 echo "for the rest: GROK_CUDA_TENSOR_CORES=${GROK_CUDA_TENSOR_CORES-unset}" \
-  "GROK_CUDA_WGMMA=${GROK_CUDA_WGMMA-unset} GROK_CUDA_DECODE_ATTENTION=${GROK_CUDA_DECODE_ATTENTION-unset}" |
+  "GROK_CUDA_WGMMA=${GROK_CUDA_WGMMA-unset}" \
+  "GROK_CUDA_DECODE_ATTENTION=${GROK_CUDA_DECODE_ATTENTION-unset}" \
+  "GROK_CUDA_DEVICE_ROUTING=${GROK_CUDA_DEVICE_ROUTING-unset}" |
   tee -a "$OUT/canaries.txt"
 grep -E "^(qmma|wgmma|attention_tc|decode)|panicked|relative error" "$OUT/canaries.txt"
 
@@ -120,6 +132,6 @@ timeout 60 "$B/collectives" 16 2>&1 | tee "$OUT/collectives.txt"
 step "summary (the run's last lines are what its caller sees first)"
 grep -hE "^(canary |for the rest|cuda_fixture rc|nccl collectives rc|cuda_kernels rc|cluster rc)" \
   "$OUT"/canaries.txt "$OUT"/fixture.txt "$OUT"/kernels.txt "$OUT"/cluster.txt 2>/dev/null
-grep -hE "^(GPU:|decode attention|bf16 path|device copy|cuBLAS|int8 |\| (decode|prefill)|qgemm_wgmma prefill)" \
+grep -hE "^(GPU:|decode attention|decode MoE routing|bf16 path|device copy|cuBLAS|int8 |\| (decode|prefill)|qgemm_wgmma prefill)" \
   "$OUT"/cuda_layer.txt 2>/dev/null
 step "done"

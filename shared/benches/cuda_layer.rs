@@ -96,6 +96,14 @@ fn main() {
             "the generic attention_16"
         }
     );
+    println!(
+        "decode MoE routing: {} (GROK_CUDA_DEVICE_ROUTING)",
+        if shard.device_routing {
+            "on the device where it applies"
+        } else {
+            "on the host"
+        }
+    );
     match (shard.gpu().wgmma(), shard.gpu().wgmma_fault()) {
         (true, _) => println!("bf16 path past 64 rows: qgemm_wgmma (GROK_CUDA_WGMMA)"),
         (false, Some(why)) => println!("bf16 path past 64 rows: cuBLAS; qgemm_wgmma is off: {why}"),

@@ -322,16 +322,19 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
     let (block, per_seq) = (16usize, 80u32); // 80 blocks of 16: 1280 positions each
-    let shard_with = |device_routing: bool| {
+    let new_shard = || {
         let mut shard = CudaShard::new(load(), plan, 0, 0, 5 * per_seq as usize, block).unwrap();
         shard.gemm_min_rows = usize::MAX;
-        shard.device_routing = device_routing;
         shard
     };
-    let mut shard = shard_with(true);
-    assert!(
+    // Routing as GROK_CUDA_DEVICE_ROUTING leaves it: the device check runs this test again
+    // with it off when it fails, to tell the routed experts from the rest.
+    let mut shard = new_shard();
+    let device_routed = shard.device_routing;
+    assert_eq!(
         shard.device_routes(5),
-        "the 5-token steps keep the picks on the device"
+        device_routed,
+        "the 5-token steps keep the picks on the device unless that is switched off"
     );
     let lens = [1usize, 7, 40, 300, 1100];
     let blocks: Vec<Vec<u32>> = (0..5u32)
@@ -378,21 +381,30 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
     }
     // The router's picks on the device (steps of up to 8 tokens, 5 here: an expert may get
     // more than the decode kernel's 4 rows) give the bits of the host's grouping.
-    let mut host = shard_with(false);
-    for (i, tokens, starts, got) in &ran {
-        let (seqs, _) = steps[*i];
-        let batch = seq_steps(seqs, tokens, starts, &blocks);
-        let want = host.step(&comm, &batch).unwrap().logits.unwrap();
-        let same = got
-            .iter()
-            .flatten()
-            .zip(want.iter().flatten())
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "step {i}: device routing changed the logits");
+    if device_routed {
+        let mut host = new_shard();
+        host.device_routing = false;
+        for (i, tokens, starts, got) in &ran {
+            let (seqs, _) = steps[*i];
+            let batch = seq_steps(seqs, tokens, starts, &blocks);
+            let want = host.step(&comm, &batch).unwrap().logits.unwrap();
+            let same = got
+                .iter()
+                .flatten()
+                .zip(want.iter().flatten())
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "step {i}: device routing changed the logits");
+        }
     }
     println!(
-        "decode head_dim {head_dim}, group {}: within {worst:.2e} (relative) of the CPU engine",
-        heads / kv_heads
+        "decode head_dim {head_dim}, group {}: within {worst:.2e} (relative) of the CPU engine; \
+         device routing {}",
+        heads / kv_heads,
+        if device_routed {
+            "on, the same bits as the host's"
+        } else {
+            "switched off"
+        }
     );
 }
 

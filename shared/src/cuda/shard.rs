@@ -162,7 +162,9 @@ pub struct CudaShard {
     /// host inside a layer) where the experts' matrices allow it (see `device_routes`): up
     /// to [`DEVICE_ROUTED_TOKENS`] tokens on the int8 path, the same bits either way; up to
     /// [`MMA_ROUTED_TOKENS`] on the bf16 path, the same operands with the sums in another
-    /// order. Off only to compare the two.
+    /// order. Off (`GROK_CUDA_DEVICE_ROUTING=0`), every step routes on the host (to compare
+    /// the two, or to step around `qgemv_experts_*` / `qmma_experts_4` on a GPU where they
+    /// misbehave).
     pub device_routing: bool,
     /// Decode tiles take `attention_decode_*` where it is built for the head size; off
     /// (`GROK_CUDA_DECODE_ATTENTION=0`), the generic `attention_16` and its combine (to
@@ -320,7 +322,7 @@ impl CudaShard {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(DEFAULT_GEMM_MIN_ROWS),
-            device_routing: true,
+            device_routing: super::switched_on("GROK_CUDA_DEVICE_ROUTING"),
             decode_attention: super::switched_on("GROK_CUDA_DECODE_ATTENTION"),
         })
     }
