@@ -370,6 +370,34 @@ __device__ __forceinline__ int pf_col(int kg, int e) {
     return HD >= 32 ? (e / 4) * 32 + kg * 4 + e % 4 : kg * (HD / 8) + e;
 }
 
+// The prefill kernels' launch (ATT_THREADS in device.rs) and key chunk.
+#define ATT_CHUNK_THREADS 128
+// A chunk of KEYS pool rows (HD floats of each, at `col0` of the row that `slots` names; zeros
+// from row nk on), handed to store(row, column, value) a float4 at a time, rows across
+// HD / 4 threads. A thread's loads go out 8 at a time before their stores: the rows are
+// gathered by slot, and a loop of load-then-store would wait on memory once per row.
+template <int HD, int KEYS, typename Store>
+__device__ __forceinline__ void gather_chunk(const float *pool, const u32 *slots, int nk, int kvd,
+                                             int col0, int tid, Store store) {
+    constexpr int LOADS = KEYS * (HD / 4) / ATT_CHUNK_THREADS, BATCH = LOADS < 8 ? LOADS : 8;
+    static_assert(LOADS % BATCH == 0, "whole batches");
+#pragma unroll
+    for (int b = 0; b < LOADS; b += BATCH) {
+        float4 v[BATCH];
+#pragma unroll
+        for (int u = 0; u < BATCH; u++) {
+            int i = tid + ATT_CHUNK_THREADS * (b + u), j = i / (HD / 4), c = (i % (HD / 4)) * 4;
+            v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (j < nk) v[u] = *(const float4 *)(pool + (u64)slots[j] * kvd + col0 + c);
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; u++) {
+            int i = tid + ATT_CHUNK_THREADS * (b + u);
+            store(i / (HD / 4), (i % (HD / 4)) * 4, v[u]);
+        }
+    }
+}
+
 template <int HD>
 __device__ void attention_prefill(const float *q, const float *kc, const float *vc, float *out,
                                   const int *tiles, const u32 *slots, int q_heads, int kv_heads,
@@ -417,12 +445,8 @@ __device__ void attention_prefill(const float *q, const float *kc, const float *
     for (int j0 = kbeg; j0 < kend; j0 += PF_KEYS) {
         int nk = min(PF_KEYS, kend - j0);
         __syncthreads();  // the previous tile's values and p are no longer read
-        for (int i = tid; i < PF_KEYS * (HD / 4); i += blockDim.x) {
-            int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (j < nk) v = *(const float4 *)(kc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
-            *(float4 *)(skv + j * S + c) = v;
-        }
+        gather_chunk<HD, PF_KEYS>(kc, slots + off + j0, nk, kvd, kvh * HD, tid,
+                                  [&](int j, int c, float4 v) { *(float4 *)(skv + j * S + c) = v; });
         __syncthreads();
         float s[4][8];
 #pragma unroll
@@ -484,12 +508,8 @@ __device__ void attention_prefill(const float *q, const float *kc, const float *
             for (int e = 0; e < CPT; e++) acc[i][e] *= corr;
         }
         __syncthreads();  // scores done with the keys; p written
-        for (int i = tid; i < PF_KEYS * (HD / 4); i += blockDim.x) {
-            int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (j < nk) v = *(const float4 *)(vc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
-            *(float4 *)(skv + j * S + c) = v;
-        }
+        gather_chunk<HD, PF_KEYS>(vc, slots + off + j0, nk, kvd, kvh * HD, tid,
+                                  [&](int j, int c, float4 v) { *(float4 *)(skv + j * S + c) = v; });
         __syncthreads();
         for (int j = 0; j < nk; j++) {
             float p[4], v[CPT];
@@ -822,6 +842,9 @@ __device__ void attention_tc(const float *q, const float *kc, const float *vc, f
                              const int *tiles, const u32 *slots, int q_heads, int kv_heads,
                              float mult, float cap, int splits, float *part_o, float *part_ml) {
     constexpr int KS = HD + 8, VS = TC_KEYS + 8;  // padded rows: fragment reads spread over banks
+    // float4s per thread per chunk of values, loaded TC_BATCH at a time (as gather_chunk).
+    constexpr int TC_LOADS = TC_KEYS * (HD / 4) / ATT_CHUNK_THREADS;
+    constexpr int TC_BATCH = TC_LOADS < 8 ? TC_LOADS : 8;
     __shared__ __align__(16) bf16 sk[TC_KEYS * KS];
     __shared__ __align__(16) bf16 svt[HD * VS];
     int tid = threadIdx.x, lane = tid % WARP, warp = tid / WARP;
@@ -868,21 +891,31 @@ __device__ void attention_tc(const float *q, const float *kc, const float *vc, f
         int nk = min(TC_KEYS, kend - j0);
         __syncthreads();  // the previous chunk's keys and values are no longer read
         // Keys with a row's columns across lanes; values with keys across lanes, so that
-        // the transposed stores of a warp fall in different banks.
-        for (int i = tid; i < TC_KEYS * (HD / 4); i += blockDim.x) {
-            int j = i / (HD / 4), c = (i % (HD / 4)) * 4;
-            float4 kv = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (j < nk) kv = *(const float4 *)(kc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
-            *(uint2 *)(sk + j * KS + c) = make_uint2(pack_bf16(kv.x, kv.y), pack_bf16(kv.z, kv.w));
-        }
-        for (int i = tid; i < TC_KEYS * (HD / 4); i += blockDim.x) {
-            int j = i % TC_KEYS, c = (i / TC_KEYS) * 4;
-            float4 vv = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (j < nk) vv = *(const float4 *)(vc + (u64)slots[off + j0 + j] * kvd + kvh * HD + c);
-            svt[(c + 0) * VS + j] = f2bf(vv.x);
-            svt[(c + 1) * VS + j] = f2bf(vv.y);
-            svt[(c + 2) * VS + j] = f2bf(vv.z);
-            svt[(c + 3) * VS + j] = f2bf(vv.w);
+        // the transposed stores of a warp fall in different banks (loads in batches, as
+        // gather_chunk's).
+        gather_chunk<HD, TC_KEYS>(kc, slots + off + j0, nk, kvd, kvh * HD, tid,
+                                  [&](int j, int c, float4 v) {
+                                      *(uint2 *)(sk + j * KS + c) =
+                                          make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+                                  });
+        int vj = tid % TC_KEYS;  // the same key in every value load of this thread
+        const float *vrow = vj < nk ? vc + (u64)slots[off + j0 + vj] * kvd + kvh * HD : nullptr;
+#pragma unroll
+        for (int b = 0; b < TC_LOADS; b += TC_BATCH) {
+            float4 vv[TC_BATCH];
+#pragma unroll
+            for (int u = 0; u < TC_BATCH; u++) {
+                int c = ((tid + ATT_CHUNK_THREADS * (b + u)) / TC_KEYS) * 4;
+                vv[u] = vrow ? *(const float4 *)(vrow + c) : make_float4(0.f, 0.f, 0.f, 0.f);
+            }
+#pragma unroll
+            for (int u = 0; u < TC_BATCH; u++) {
+                int c = ((tid + ATT_CHUNK_THREADS * (b + u)) / TC_KEYS) * 4;
+                svt[(c + 0) * VS + vj] = f2bf(vv[u].x);
+                svt[(c + 1) * VS + vj] = f2bf(vv[u].y);
+                svt[(c + 2) * VS + vj] = f2bf(vv[u].z);
+                svt[(c + 3) * VS + vj] = f2bf(vv[u].w);
+            }
         }
         __syncthreads();
         // Scores of my 16 rows against the 64 keys: 8 tiles of 8 keys.
