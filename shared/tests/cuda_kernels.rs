@@ -644,12 +644,7 @@ fn wgmma_expert_ffn_matches_the_unfused_products() {
     );
     g.qmatmul(xd.ptr(), m, &mats[0], a.ptr(), 1).unwrap();
     g.qmatmul(xd.ptr(), m, &mats[1], b.ptr(), 1).unwrap();
-    g.elems_launch(
-        "gelu_mul",
-        m * f,
-        &[Arg::P(a.ptr()), Arg::P(b.ptr()), Arg::N((m * f) as u64)],
-    )
-    .unwrap();
+    g.gelu_mul(a.ptr(), b.ptr(), m * f).unwrap();
     let apart = g.alloc::<f32>(m * d).unwrap();
     g.qmatmul(a.ptr(), m, &mats[2], apart.ptr(), 1).unwrap();
     let got = g.download_f32(fused.ptr(), m * d).unwrap();

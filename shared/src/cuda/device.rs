@@ -715,6 +715,16 @@ impl Gpu {
         self.launch(name, (n.div_ceil(256) as u32, 1), (256, 1), 0, args)
     }
 
+    /// One thread per four elements (kernels that move a float4 at a time).
+    fn quads_launch(&self, name: &str, n: usize, args: &[Arg]) -> Result<(), CudaError> {
+        self.elems_launch(name, n.div_ceil(4), args)
+    }
+
+    /// `a = gelu_tanh(a) * b` over `n` f32 at `a` and `b`.
+    pub fn gelu_mul(&self, a: u64, b: u64, n: usize) -> Result<(), CudaError> {
+        self.quads_launch("gelu_mul", n, &[Arg::P(a), Arg::P(b), Arg::N(n as u64)])
+    }
+
     /// Uploads an int8 matrix (tiled when its width allows).
     pub fn upload_q(&self, q: &crate::model::QMatrix) -> Result<DevQ, CudaError> {
         let tiled = q.n.is_multiple_of(16);
@@ -1191,7 +1201,7 @@ impl Gpu {
     /// A bf16 copy of `len` f32 values at `x` (rounded to nearest even).
     pub fn to_bf16(&self, x: u64, len: usize) -> Result<Buf<u16>, CudaError> {
         let xb = self.alloc::<u16>(len)?;
-        self.elems_launch(
+        self.quads_launch(
             "to_bf16",
             len,
             &[Arg::P(x), Arg::P(xb.ptr()), Arg::N(len as u64)],

@@ -1052,26 +1052,37 @@ extern "C" __global__ void attention_combine(const float *part_o, const float *p
     out[(u64)(row0 + tok) * q_heads * hd + h * hd + c] = o / l;
 }
 
+// Whether rows at a and b of n floats go a float4 at a time: a 4-byte float per thread keeps
+// too few bytes in flight to reach the memory's bandwidth (a row copy ran at about a third of
+// it), and the pointers decide it, so a row at any offset takes whichever path it can.
+__device__ __forceinline__ bool in_float4s(const void *a, const void *b, int n) {
+    return (n & 3) == 0 && (((u64)a | (u64)b) & 15) == 0;
+}
+
+// o[0..n) = s[0..n) by the block's threads.
+__device__ __forceinline__ void copy_row(float *o, const float *s, int n) {
+    if (in_float4s(o, s, n)) {
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x)
+            ((float4 *)o)[i] = ((const float4 *)s)[i];
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) o[i] = s[i];
+    }
+}
+
 // dst[r] = columns [c0, c0 + width) of src row r (rows of width n): one part of a product
 // whose columns are several outputs (a fused q, k, v projection).
 extern "C" __global__ void split_cols(const float *src, int n, int c0, float *dst, int width) {
-    const float *s = src + (u64)blockIdx.x * n + c0;
-    float *o = dst + (u64)blockIdx.x * width;
-    for (int i = threadIdx.x; i < width; i += blockDim.x) o[i] = s[i];
+    copy_row(dst + (u64)blockIdx.x * width, src + (u64)blockIdx.x * n + c0, width);
 }
 
 // dst[r] = src[idx[r]] (rows of width d): permutes tokens into expert order.
 extern "C" __global__ void gather_rows(const float *src, const u32 *idx, float *dst, int d) {
-    const float *s = src + (u64)idx[blockIdx.x] * d;
-    float *o = dst + (u64)blockIdx.x * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = s[i];
+    copy_row(dst + (u64)blockIdx.x * d, src + (u64)idx[blockIdx.x] * d, d);
 }
 
 // dst[idx[r]] = src[r]: the inverse permutation.
 extern "C" __global__ void scatter_rows(const float *src, const u32 *idx, float *dst, int d) {
-    const float *s = src + (u64)blockIdx.x * d;
-    float *o = dst + (u64)idx[blockIdx.x] * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = s[i];
+    copy_row(dst + (u64)idx[blockIdx.x] * d, src + (u64)blockIdx.x * d, d);
 }
 
 // y[t] = sum over entries e in [offsets[t], offsets[t+1]) of gates[e] * parts[rows[e]], in
@@ -1080,6 +1091,21 @@ extern "C" __global__ void combine(const float *parts, const u32 *offsets, const
                                    const float *gates, float *y, int d) {
     u32 b = offsets[blockIdx.x], e = offsets[blockIdx.x + 1];
     float *o = y + (u64)blockIdx.x * d;
+    if (in_float4s(o, parts, d)) {
+        for (int i = threadIdx.x; i < d / 4; i += blockDim.x) {
+            float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (u32 j = b; j < e; j++) {
+                float g = gates[j];
+                float4 p = ((const float4 *)(parts + (u64)rows[j] * d))[i];
+                a.x += g * p.x;
+                a.y += g * p.y;
+                a.z += g * p.z;
+                a.w += g * p.w;
+            }
+            ((float4 *)o)[i] = a;
+        }
+        return;
+    }
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
         float a = 0.f;
         for (u32 j = b; j < e; j++) a += gates[j] * parts[(u64)rows[j] * d + i];
@@ -1093,11 +1119,18 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(u));
 }
 
-// a = gelu_tanh(a) * b.
+// a = gelu_tanh(a) * b: 4 elements per thread (ceil(n / 4) threads), a float4 of each where
+// the pointers allow.
 extern "C" __global__ void gelu_mul(float *a, const float *b, u64 n) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 4;
     if (i >= n) return;
-    a[i] = gelu_tanh(a[i]) * b[i];
+    if (i + 4 <= n && in_float4s(a, b, 4)) {
+        float4 x = *(const float4 *)(a + i), y = *(const float4 *)(b + i);
+        *(float4 *)(a + i) = make_float4(gelu_tanh(x.x) * y.x, gelu_tanh(x.y) * y.y,
+                                         gelu_tanh(x.z) * y.z, gelu_tanh(x.w) * y.w);
+        return;
+    }
+    for (u64 j = i; j < n && j < i + 4; j++) a[j] = gelu_tanh(a[j]) * b[j];
 }
 
 // The decode matmul: y[m, n] = sum_k x[m, k] * w[k, n] * scales[k / gr, n] for up to MR rows,
@@ -2053,7 +2086,15 @@ extern "C" __global__ void dequant_bf16(const signed char *w, const float *scale
     }
 }
 
+// out = bf16(x): 4 elements per thread (ceil(n / 4) threads), one 16-byte load and one 8-byte
+// store where the pointers allow.
 extern "C" __global__ void to_bf16(const float *x, bf16 *out, u64 n) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = f2bf(x[i]);
+    u64 i = ((u64)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i >= n) return;
+    if (i + 4 <= n && ((u64)x & 15) == 0 && ((u64)out & 7) == 0) {
+        float4 v = *(const float4 *)(x + i);
+        *(uint2 *)(out + i) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+        return;
+    }
+    for (u64 j = i; j < n && j < i + 4; j++) out[j] = f2bf(x[j]);
 }

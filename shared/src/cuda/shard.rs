@@ -999,15 +999,7 @@ impl CudaShard {
         } else {
             g.qmatmul_experts(x.ptr(), picks, slots, k, m, &sets.gate_up, ab.ptr())?;
         }
-        g.elems_launch(
-            "gelu_mul",
-            slots * f,
-            &[
-                Arg::P(ab.ptr()),
-                Arg::P(ab.at(slots * f)),
-                Arg::N((slots * f) as u64),
-            ],
-        )?;
+        g.gelu_mul(ab.ptr(), ab.at(slots * f), slots * f)?;
         let ys = g.alloc::<f32>(slots * d)?;
         if bf16 {
             let hb = g.to_bf16(ab.ptr(), slots * f)?;
@@ -1052,11 +1044,7 @@ impl CudaShard {
         let b = g.alloc::<f32>(rows * f)?;
         self.mm(x, rows, &w.gate, a.ptr())?;
         self.mm(x, rows, &w.up, b.ptr())?;
-        g.elems_launch(
-            "gelu_mul",
-            rows * f,
-            &[Arg::P(a.ptr()), Arg::P(b.ptr()), Arg::N((rows * f) as u64)],
-        )?;
+        g.gelu_mul(a.ptr(), b.ptr(), rows * f)?;
         self.mm(a.ptr(), rows, &w.down, out)
     }
 

@@ -2,9 +2,9 @@
 // double-precision references: the decode attention (every head size and tile size, key
 // splits including empty ones, paged slots in random order), the prefill attention (f32, and
 // on the tensor cores to bf16 precision), the decode matmul and the device-routed experts,
-// the tensor-core int8 matmul and experts (the same bf16 operands) and the residual kernel (with the
-// experts' slot combine and the fused router). Built and run by cuda_emulated.rs; exits
-// non-zero if any check fails.
+// the tensor-core int8 matmul and experts (the same bf16 operands), the residual kernel (with the
+// experts' slot combine and the fused router) and the row kernels that move float4s (both
+// paths). Built and run by cuda_emulated.rs; exits non-zero if any check fails.
 #include "emu.h"
 #include "kernels_emu.cu"
 
@@ -613,6 +613,75 @@ static void residual_case(int rows, int d, int experts, int k, bool slots, bool 
     }
 }
 
+// The kernels that move rows or elements a float4 at a time where the pointers allow
+// (gather_rows, scatter_rows, split_cols, combine, to_bf16, gelu_mul), at widths and offsets
+// that take the float4 path and the scalar one: every element against a plain loop.
+static void row_kernels_case(int d, int shift, uint64_t seed) {
+    Rng rng{seed};
+    const int rows = 5, n = d + 8, k = 2;
+    const unsigned idx[rows] = {3, 0, 4, 1, 2};
+    std::vector<float> src((size_t)rows * n + 8), dst((size_t)rows * n + 8);
+    for (auto &v : src) v = rng.uni();
+    float *s = src.data() + shift, *o = dst.data() + shift;
+    double worst = 0;
+    auto differ = [&](float a, float b) { worst = std::max(worst, a == b ? 0.0 : 1e9); };
+    std::fill(dst.begin(), dst.end(), NAN);
+    emu_launch(gather_rows, dim3e{rows, 1, 1}, dim3e{1024, 1, 1}, 0, (const float *)s, idx, o, d);
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < d; i++) differ(o[r * d + i], s[idx[r] * d + i]);
+    std::fill(dst.begin(), dst.end(), NAN);
+    emu_launch(scatter_rows, dim3e{rows, 1, 1}, dim3e{1024, 1, 1}, 0, (const float *)s, idx, o, d);
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < d; i++) differ(o[idx[r] * d + i], s[r * d + i]);
+    for (int c0 : {4, 3}) {
+        std::fill(dst.begin(), dst.end(), NAN);
+        emu_launch(split_cols, dim3e{rows, 1, 1}, dim3e{1024, 1, 1}, 0, (const float *)s, n, c0,
+                   o, d);
+        for (int r = 0; r < rows; r++)
+            for (int i = 0; i < d; i++) differ(o[r * d + i], s[r * n + c0 + i]);
+    }
+    // combine: token t takes entries [offsets[t], offsets[t + 1]) (0, 1 or 2 of them).
+    const unsigned offsets[rows + 1] = {0, 2, 3, 3, 5, 7};
+    const unsigned prow[7] = {4, 1, 0, 2, 3, 1, 4};
+    float gates[7];
+    for (auto &g : gates) g = 0.5f + 0.5f * rng.uni();
+    std::fill(dst.begin(), dst.end(), NAN);
+    emu_launch(combine, dim3e{rows, 1, 1}, dim3e{1024, 1, 1}, 0, (const float *)s, offsets, prow,
+               (const float *)gates, o, d);
+    double comb = 0;
+    for (int t = 0; t < rows; t++)
+        for (int i = 0; i < d; i++) {
+            double a = 0;
+            for (unsigned e = offsets[t]; e < offsets[t + 1]; e++)
+                a += (double)gates[e] * s[prow[e] * d + i];
+            comb = std::max(comb, std::isfinite(o[t * d + i]) ? std::abs(o[t * d + i] - a) : 1e9);
+        }
+    // to_bf16 and gelu_mul over rows * d + 3 elements (a ragged tail of 4).
+    size_t len = (size_t)rows * d + 3;
+    std::vector<bf16> xb(len + 8, 0xffff);
+    bf16 *xo = xb.data() + shift;
+    unsigned threads = (unsigned)((len + 3) / 4);
+    emu_launch(to_bf16, dim3e{(threads + 255) / 256, 1, 1}, dim3e{256, 1, 1}, 0, (const float *)s,
+               xo, (u64)len);
+    for (size_t i = 0; i < len; i++) worst = std::max(worst, xo[i] == f2bf(s[i]) ? 0.0 : 1e9);
+    std::vector<float> a(src.begin(), src.begin() + len + shift), b(len + shift);
+    for (auto &v : b) v = rng.uni();
+    emu_launch(gelu_mul, dim3e{(threads + 255) / 256, 1, 1}, dim3e{256, 1, 1}, 0, a.data() + shift,
+               (const float *)b.data() + shift, (u64)len);
+    double gm = 0;
+    for (size_t i = 0; i < len; i++) {
+        double x = s[i], u = 0.7978845608 * (x + 0.044715 * x * x * x);
+        double want = 0.5 * x * (1 + std::tanh(u)) * b[i + shift];
+        gm = std::max(gm, std::isfinite(a[i + shift]) ? std::abs(a[i + shift] - want) : 1e9);
+    }
+    char what[160];
+    std::snprintf(what, sizeof what, "row kernels d=%d, offset %d: copies and to_bf16 exact", d,
+                  shift);
+    expect(worst == 0, what, worst, 0);
+    std::snprintf(what, sizeof what, "row kernels d=%d, offset %d: combine, gelu_mul", d, shift);
+    expect(comb < 1e-5 && gm < 1e-5, what, std::max(comb, gm), 1e-5);
+}
+
 int main() {
     decode_tests();
     prefill_tests();
@@ -637,6 +706,8 @@ int main() {
     residual_case(3, 640, 8, 2, true, true, false, 12);
     residual_case(2, 2048 + 96, 5, 2, true, true, true, 13);
     residual_case(4, 256, 8, 2, false, false, false, 14);
+    for (int shift : {0, 1})
+        for (int d : {640, 6, 643}) row_kernels_case(d, shift, 60 + d + shift);
     std::printf("%d failure(s)\n", failures);
     return failures ? 1 : 0;
 }
