@@ -898,7 +898,22 @@ impl CudaShard {
             index.push(entries.len() as u32);
         }
         let rows_at = index.len();
-        index.extend(entries.iter().map(|&(r, _)| r as u32));
+        if world == 1 {
+            // The combine reads each row's output where the experts left it (expert order),
+            // through the inverse of `order`: no scatter back to arrival order.
+            let at = inverse_permutation(&order).ok_or_else(|| ModelError::Peer {
+                rank: self.rank,
+                msg: format!("layer {l}: the experts' row order is not a permutation"),
+            })?;
+            for &(r, _) in &entries {
+                index.push(at.get(r).copied().ok_or_else(|| ModelError::Peer {
+                    rank: self.rank,
+                    msg: format!("layer {l}: combine row {r} of {total}"),
+                })?);
+            }
+        } else {
+            index.extend(entries.iter().map(|&(r, _)| r as u32));
+        }
         index.extend(entries.iter().map(|&(_, gate)| gate.to_bits()));
         let index_d = g.upload(&index)?;
 
@@ -923,22 +938,21 @@ impl CudaShard {
             self.expert_ffn(&lw.experts[j], xs.at(at * d), list.len(), ys.at(at * d))?;
             at += list.len();
         }
-        // Back to arrival order: replies[row] for every received row.
-        let replies = g.alloc::<f32>(total * d)?;
-        g.rows_launch(
-            "scatter_rows",
-            total,
-            &[
-                Arg::P(ys.ptr()),
-                Arg::P(index_d.at(total)),
-                Arg::P(replies.ptr()),
-                Arg::I(d as i32),
-            ],
-        )?;
-
         let parts = if world == 1 {
-            replies
+            ys
         } else {
+            // Back to arrival order (replies[row] for every received row), for the senders.
+            let replies = g.alloc::<f32>(total * d)?;
+            g.rows_launch(
+                "scatter_rows",
+                total,
+                &[
+                    Arg::P(ys.ptr()),
+                    Arg::P(index_d.at(total)),
+                    Arg::P(replies.ptr()),
+                    Arg::I(d as i32),
+                ],
+            )?;
             let host = g.download_f32(replies.ptr(), total * d)?;
             let back: Vec<Vec<f32>> = arrivals
                 .from
@@ -1132,9 +1146,30 @@ impl RankBackend for CudaShard {
     }
 }
 
+/// `at` with `at[order[i]] = i`, or `None` when `order` is not a permutation of `0..len`.
+fn inverse_permutation(order: &[u32]) -> Option<Vec<u32>> {
+    let mut at = vec![u32::MAX; order.len()];
+    for (i, &o) in order.iter().enumerate() {
+        let slot = at.get_mut(o as usize)?;
+        if *slot != u32::MAX {
+            return None;
+        }
+        *slot = i as u32;
+    }
+    Some(at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inverse_permutation_maps_back_and_rejects_what_is_not_one() {
+        assert_eq!(inverse_permutation(&[2, 0, 3, 1]), Some(vec![1, 3, 0, 2]));
+        assert_eq!(inverse_permutation(&[]), Some(vec![]));
+        assert_eq!(inverse_permutation(&[0, 0]), None, "a repeat");
+        assert_eq!(inverse_permutation(&[0, 2]), None, "out of range");
+    }
 
     #[test]
     fn key_splits_fill_the_gpu_in_whole_granules() {
