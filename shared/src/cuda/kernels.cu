@@ -411,7 +411,10 @@ __device__ void attention_prefill(const float *q, const float *kc, const float *
     int tid = threadIdx.x, rg = tid / 8, kg = tid % 8;
     int group = q_heads / kv_heads;
     int kvh = blockIdx.y / splits, split = blockIdx.y % splits;
-    const int *t = tiles + 4 * blockIdx.x;
+    // Tiles in reverse: a prompt's last tiles see the most keys, and started first they leave
+    // the short ones for the grid's tail.
+    int tile = gridDim.x - 1 - blockIdx.x;
+    const int *t = tiles + 4 * tile;
     int row0 = t[0], ntok = t[1], pos0 = t[2], off = t[3];
     int rows = ntok * group;
     int qd = q_heads * HD, kvd = kv_heads * HD;
@@ -544,7 +547,7 @@ __device__ void attention_prefill(const float *q, const float *kc, const float *
             for (int e = 0; e < CPT; e++)
                 out[(u64)(row0 + tok) * qd + h * HD + pf_col<HD>(kg, e)] = acc[i][e] / l_run[i];
         } else {
-            u64 part = ((u64)blockIdx.x * gridDim.y + blockIdx.y) * PF_R + r;
+            u64 part = ((u64)tile * gridDim.y + blockIdx.y) * PF_R + r;
 #pragma unroll
             for (int e = 0; e < CPT; e++) part_o[part * HD + pf_col<HD>(kg, e)] = acc[i][e];
             if (kg == 0) {
@@ -851,7 +854,8 @@ __device__ void attention_tc(const float *q, const float *kc, const float *vc, f
     int g = lane / 4, t = lane % 4;
     int group = q_heads / kv_heads;
     int kvh = blockIdx.y / splits, split = blockIdx.y % splits;
-    const int *tl = tiles + 4 * blockIdx.x;
+    int tile = gridDim.x - 1 - blockIdx.x;  // in reverse, as attention_prefill's
+    const int *tl = tiles + 4 * tile;
     int row0 = tl[0], ntok = tl[1], pos0 = tl[2], off = tl[3];
     int rows = ntok * group;
     int qd = q_heads * HD, kvd = kv_heads * HD;
@@ -998,7 +1002,7 @@ __device__ void attention_tc(const float *q, const float *kc, const float *vc, f
         int r = r2[i];
         if (r >= rows) continue;
         int tok = r / group, h = kvh * group + r % group;
-        u64 part = ((u64)blockIdx.x * gridDim.y + blockIdx.y) * 64 + r;
+        u64 part = ((u64)tile * gridDim.y + blockIdx.y) * 64 + r;
 #pragma unroll
         for (int nt = 0; nt < HD / 8; nt++) {
             int c = nt * 8 + 2 * t;
