@@ -1767,6 +1767,17 @@ mod tests {
 
     /// The host's sizes of `qgemm_wgmma` are the kernel's.
     #[test]
+    fn the_prefill_attention_chunks_assume_the_launchs_threads() {
+        // gather_chunk spreads a chunk over exactly this many threads.
+        let line = format!("#define ATT_CHUNK_THREADS {ATT_THREADS}\n");
+        assert!(
+            KERNELS.contains(&line),
+            "kernels.cu lacks `{}`",
+            line.trim()
+        );
+    }
+
+    #[test]
     fn the_wgmma_constants_match_the_kernel() {
         for (name, value) in [("WG_TOK", WG_TOK), ("WG_KC", WG_KC)] {
             let line = format!("#define {name} {value}\n");

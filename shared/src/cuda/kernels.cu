@@ -370,7 +370,7 @@ __device__ __forceinline__ int pf_col(int kg, int e) {
     return HD >= 32 ? (e / 4) * 32 + kg * 4 + e % 4 : kg * (HD / 8) + e;
 }
 
-// The prefill kernels' launch (ATT_THREADS in device.rs) and key chunk.
+// The prefill kernels' threads (ATT_THREADS in device.rs; a test there checks the two agree).
 #define ATT_CHUNK_THREADS 128
 // A chunk of KEYS pool rows (HD floats of each, at `col0` of the row that `slots` names; zeros
 // from row nk on), handed to store(row, column, value) a float4 at a time, rows across
