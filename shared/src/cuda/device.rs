@@ -1765,10 +1765,9 @@ mod tests {
         assert_eq!(wgmma_tile(65), 80);
     }
 
-    /// The host's sizes of `qgemm_wgmma` are the kernel's.
+    /// gather_chunk spreads a chunk of keys over exactly the launch's threads.
     #[test]
-    fn the_prefill_attention_chunks_assume_the_launchs_threads() {
-        // gather_chunk spreads a chunk over exactly this many threads.
+    fn the_prefill_attention_chunks_match_the_launch_threads() {
         let line = format!("#define ATT_CHUNK_THREADS {ATT_THREADS}\n");
         assert!(
             KERNELS.contains(&line),
@@ -1777,6 +1776,7 @@ mod tests {
         );
     }
 
+    /// The host's sizes of `qgemm_wgmma` are the kernel's.
     #[test]
     fn the_wgmma_constants_match_the_kernel() {
         for (name, value) in [("WG_TOK", WG_TOK), ("WG_KC", WG_KC)] {
