@@ -151,7 +151,8 @@ async fn a_dropped_receiver_frees_its_blocks() {
     let run = start_with(64, 16, SchedulerConfig::default());
     // Hang up on a request that is generating. The event channel is unbounded and the tiny
     // model fast, so on a loaded machine a request can be done before this task sees its first
-    // token: such a try is drained and made again.
+    // token (and the gauges are refreshed only after each step): a try that finds no blocks
+    // in use is drained and made again.
     let mut caught = false;
     for _ in 0..20 {
         let mut rx = run
