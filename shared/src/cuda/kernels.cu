@@ -902,7 +902,9 @@ __device__ void attention_tc(const float *q, const float *kc, const float *vc, f
                                       *(uint2 *)(sk + j * KS + c) =
                                           make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
                                   });
-        int vj = tid % TC_KEYS;  // the same key in every value load of this thread
+        // The same key in every value load of this thread: one slot lookup (gather_chunk's
+        // lookup per load, with keys across lanes, spills at head size 128).
+        int vj = tid % TC_KEYS;
         const float *vrow = vj < nk ? vc + (u64)slots[off + j0 + vj] * kvd + kvh * HD : nullptr;
 #pragma unroll
         for (int b = 0; b < TC_LOADS; b += TC_BATCH) {

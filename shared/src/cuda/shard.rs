@@ -881,15 +881,18 @@ impl CudaShard {
         };
 
         // Every index the rest of the layer needs, in one upload: the rows each local expert
-        // reads (grouped by expert), the arrival order they go back to, and per token its
-        // (row, gate) entries in the dispatch's combine order.
+        // reads (grouped by expert), the arrival order they go back to (only for the senders
+        // of a world of several), and per token its (row, gate) entries in the dispatch's
+        // combine order.
         let order = arrivals.expert_order();
         let total = order.len();
         let mut index: Vec<u32> = match &arrival_rows {
             Some(src) => order.iter().map(|&o| src[o as usize]).collect(),
             None => order.clone(),
         };
-        index.extend_from_slice(&order);
+        if world > 1 {
+            index.extend_from_slice(&order);
+        }
         let combine_at = index.len();
         index.push(0);
         let mut entries = Vec::new();
