@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod generate;
 pub mod logprobs;
+pub mod mismatch;
 pub mod model;
 pub mod parallel;
 pub mod sampling;

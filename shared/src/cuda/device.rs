@@ -469,24 +469,15 @@ impl Gpu {
             .iter()
             .fold(0f32, |a, w| a.max(w.abs()))
             .max(f32::MIN_POSITIVE);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| {
-                if g.is_finite() {
-                    (g - w).abs()
-                } else {
-                    f32::INFINITY
-                }
-            })
-            .fold(0f32, f32::max);
-        Ok((worst / scale > 1e-4).then(|| {
-            format!(
-                "on a [{m} x {k}] x [{k} x {n}] check it differs from dequantisation + cuBLAS \
-                 by {:.2e} of the largest output",
-                worst / scale
-            )
-        }))
+        // Where it differs, so that a layout error can be fixed from the log.
+        Ok(
+            crate::mismatch::describe(&got, &want, m, n, 1e-4 * scale).map(|map| {
+                format!(
+                    "on a [{m} x {k}] x [{k} x {n}] check it differs from dequantisation + \
+                     cuBLAS by more than 1e-4 of the largest output: {map}"
+                )
+            }),
+        )
     }
 
     /// Why `qgemm_wgmma` is off on a GPU that could run it (its start-up check failed).
