@@ -9,6 +9,10 @@
 //! `GROK_EMU_SANITIZE=1` builds the harness with AddressSanitizer and UndefinedBehaviorSanitizer
 //! (out-of-bounds and misaligned vector accesses, which a GPU would fault on; ~2 minutes on 2
 //! cores, so not in the default run).
+//!
+//! The second half runs the backend's host code too: `cuda_emu/driver.cpp` makes the emulator
+//! an emulated device behind the CUDA driver, NVRTC and cuBLAS calls, and GPU tests of
+//! cuda_fixture.rs and cuda_kernels.rs (compiled in here as modules) run on it unchanged.
 
 use std::path::Path;
 use std::process::Command;
@@ -32,13 +36,13 @@ fn emulable_source() -> String {
     out
 }
 
-#[test]
-fn attention_and_residual_kernels_match_references_on_the_cpu() {
+/// Compiles `cuda_emu/<main>` (which includes emu.h and kernels.cu) into `out` with `extra`
+/// flags; `GROK_EMU_SANITIZE=1` adds AddressSanitizer and UBSan. Returns whether it
+/// sanitizes.
+fn compile(dir: &Path, main: &str, extra: &[&str], out: &Path) -> bool {
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("kernels_emu.cu"), emulable_source()).expect("write");
+    std::fs::write(dir.join("kernels_emu.cu"), emulable_source()).expect("write");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let exe = dir.path().join("harness");
     let sanitize = std::env::var("GROK_EMU_SANITIZE").is_ok_and(|v| v == "1");
     let sanitizers: &[&str] = if sanitize {
         &[
@@ -52,22 +56,31 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
     };
     let built = Command::new(&cxx)
         .args(sanitizers)
+        .args(extra)
         .args(["-std=c++20", "-O1", "-w", "-I"])
-        .arg(dir.path())
+        .arg(dir)
         .arg("-I")
         .arg(&here)
-        .arg(here.join("harness.cpp"))
+        .arg(here.join(main))
         .arg("-o")
-        .arg(&exe)
+        .arg(out)
         .output()
         .unwrap_or_else(|e| {
             panic!("running the C++ compiler `{cxx}` (set CXX to a C++20 one): {e}")
         });
     assert!(
         built.status.success(),
-        "compiling kernels.cu for the CPU emulator with `{cxx}`:\n{}",
+        "compiling {main} with kernels.cu for the CPU emulator with `{cxx}`:\n{}",
         String::from_utf8_lossy(&built.stderr)
     );
+    sanitize
+}
+
+#[test]
+fn attention_and_residual_kernels_match_references_on_the_cpu() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let exe = dir.path().join("harness");
+    compile(dir.path(), "harness.cpp", &[], &exe);
     // The fibers switch stacks, which ASan's use-after-return detection cannot follow.
     let run = Command::new(&exe)
         .env("ASAN_OPTIONS", "detect_stack_use_after_return=0")
@@ -81,4 +94,126 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(report.contains("0 failure(s)"), "{report}");
+}
+
+/// The CUDA backend's host code (`Gpu`, `CudaShard`) on the emulated device: `driver.cpp`
+/// built as the CUDA driver, NVRTC and cuBLAS libraries cudarc loads, with the kernels run by
+/// the emulator. Builds it and runs the GPU tests `tests` in a process of their own that finds
+/// those libraries first (the loader reads `LD_LIBRARY_PATH` when a process starts).
+fn run_on_the_emulated_device(tests: &[&str]) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let names: String = grok_shared::cuda::device::kernel_names()
+        .iter()
+        .map(|n| format!("K({n})\n"))
+        .collect();
+    std::fs::write(dir.path().join("kernel_table.inc"), names).expect("write");
+    let lib = dir.path().join("libcuda.so");
+    let sanitize = compile(dir.path(), "driver.cpp", &["-shared", "-fPIC"], &lib);
+    for alias in ["libnvrtc.so", "libcublas.so"] {
+        std::os::unix::fs::symlink(&lib, dir.path().join(alias)).expect("symlink");
+    }
+    let mut child = Command::new(std::env::current_exe().expect("this test's executable"));
+    child
+        .args(["--ignored", "--test-threads", "1", "--nocapture", "--exact"])
+        .args(tests)
+        .env("LD_LIBRARY_PATH", dir.path())
+        .env(EMULATED, "1")
+        // Never the user's cache: the emulated "PTX" must not meet a real GPU.
+        .env("GROK_KERNEL_CACHE", dir.path().join("kernel-cache"))
+        .env("ASAN_OPTIONS", "detect_stack_use_after_return=0");
+    if sanitize {
+        // The library is sanitized, the test executable is not: the runtime goes first.
+        let rt = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
+            .arg("-print-file-name=libasan.so")
+            .output()
+            .expect("asking the compiler for libasan");
+        child.env("LD_PRELOAD", String::from_utf8_lossy(&rt.stdout).trim());
+    }
+    let run = child.output().expect("running the emulated-device checks");
+    let out = String::from_utf8_lossy(&run.stdout);
+    println!("{out}");
+    assert!(
+        run.status.success(),
+        "the CUDA backend on the emulated device:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let all = format!("test result: ok. {} passed", tests.len());
+    assert!(out.contains(&all), "not every check ran:\n{out}");
+}
+
+#[test]
+fn the_cuda_backend_runs_on_the_emulated_device() {
+    run_on_the_emulated_device(&ON_THE_EMULATOR);
+}
+
+#[test]
+#[ignore = "three minutes: cargo test -p grok-shared --test cuda_emulated -- --ignored more_gpu_tests"]
+fn more_gpu_tests_run_on_the_emulated_device() {
+    run_on_the_emulated_device(&ALSO_ON_THE_EMULATOR);
+}
+
+/// The GPU tests, as they are, some run on the emulated device by name ([`ON_THE_EMULATOR`]).
+#[path = "cuda_fixture.rs"]
+mod cuda_fixture;
+#[path = "cuda_kernels.rs"]
+mod cuda_kernels;
+
+/// The GPU tests the emulated device runs in the ordinary test run (about a minute of
+/// kernels on the CPU):
+/// - the start-up check of `qgemm_wgmma` against cuBLAS;
+/// - the fixture against the release on the int8 path, head size 16 (the generic attention);
+/// - head size 128, the decode steps of five sequences: the decode attention, the fused
+///   residual and router kernel, the device-routed experts, bit for bit against host routing;
+/// - head size 128, prompts of 150 and 70 tokens in chunks, q/k/v fused: the f32 prefill
+///   attention with key splits;
+/// - a 24-sequence step on the bf16 path: `qgemm_wgmma` (96 prompt rows), the tensor-core
+///   attention, `qmma` and the device-routed `qmma_experts_4`.
+const ON_THE_EMULATOR: [&str; 5] = [
+    "on_the_emulated_device::the_gpu_opens_with_every_kernel",
+    "cuda_fixture::gpu_int8_path_matches_the_f32_reference_and_greedy_tokens",
+    "cuda_kernels::decode_steps_at_grok_head_size_match_the_cpu_engine",
+    "cuda_kernels::long_prompts_with_fused_qkv_match_the_cpu_engine",
+    "cuda_kernels::bf16_path_device_routing_matches_host_routing",
+];
+
+/// And with `--ignored` (three more minutes): the fixture on the bf16 path, every parallel
+/// plan, separate q/k/v. Left to the GPU: NCCL and the kernel tests at Grok-1's matrix sizes.
+const ALSO_ON_THE_EMULATOR: [&str; 3] = [
+    "cuda_fixture::gpu_bf16_cublas_path_is_within_bf16_tolerance_and_greedy_tokens_match",
+    "cuda_fixture::every_plan_on_one_gpu_matches_the_world_of_one",
+    "cuda_kernels::long_prompts_at_grok_head_size_match_the_cpu_engine",
+];
+
+/// Set in the process that runs on the emulated device.
+const EMULATED: &str = "GROK_EMULATED_DEVICE";
+
+/// The checks run by `the_cuda_backend_runs_on_the_emulated_device`, each in that process
+/// only (ignored, and a no-op elsewhere: they need its libraries).
+mod on_the_emulated_device {
+    use super::EMULATED;
+    use grok_shared::cuda::device::Gpu;
+
+    fn here() -> bool {
+        let on = std::env::var(EMULATED).is_ok_and(|v| v == "1");
+        if !on {
+            println!("run by the_cuda_backend_runs_on_the_emulated_device");
+        }
+        on
+    }
+
+    #[test]
+    #[ignore = "run by the_cuda_backend_runs_on_the_emulated_device"]
+    fn the_gpu_opens_with_every_kernel() {
+        if !here() {
+            return;
+        }
+        let g = Gpu::open(0).unwrap();
+        println!(
+            "{}: wgmma {}, tensor cores {}",
+            g.name,
+            g.wgmma(),
+            g.bf16_tensor_cores()
+        );
+        assert!(g.wgmma(), "{:?}", g.wgmma_fault());
+    }
 }

@@ -1,7 +1,8 @@
 //! The CUDA backend against the release's outputs on `grok1-tiny-a`, and against itself
 //! across parallel plans (several ranks sharing one GPU, in-process collectives, NCCL with a
 //! world of one). Needs a GPU: `cargo test -p grok-shared --test cuda_fixture -- --ignored`.
-//! Without one, the only test that runs checks the backend fails politely.
+//! Without one, the only test that runs checks the backend fails politely. Some of them also
+//! run on the emulated device (cuda_emulated.rs).
 
 use grok_shared::checkpoint::open_model;
 use grok_shared::comm::local::LocalComm;

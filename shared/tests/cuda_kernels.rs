@@ -2,7 +2,8 @@
 //! (several column tiles, a narrow last tile, K split over many blocks, scale groups) against
 //! an f64 reference and across batch sizes, and long prompts (many key tiles, key splits,
 //! Grok-1's head size) through the GPU shard against the CPU engine. Needs a GPU:
-//! `cargo test -p grok-shared --test cuda_kernels -- --ignored`.
+//! `cargo test -p grok-shared --test cuda_kernels -- --ignored`. Some of them also run on the
+//! emulated device (cuda_emulated.rs), with shorter prompts there.
 
 use grok_shared::checkpoint::init::init_random;
 use grok_shared::checkpoint::{open_model, ModelDir};
@@ -160,6 +161,12 @@ fn a_split_product_gives_each_part_its_columns() {
     assert!(err.is_err(), "widths that do not add up are refused");
 }
 
+/// On the emulated device (`cuda_emulated.rs` runs some of these tests there, kernels on the
+/// CPU) the prompts are shorter.
+fn emulated() -> bool {
+    std::env::var("GROK_EMULATED_DEVICE").is_ok_and(|v| v == "1")
+}
+
 /// Largest |got - want| over the largest |want| (logits against the CPU engine's).
 fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
     let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
@@ -203,13 +210,18 @@ fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ff
     let cpu = CpuModel::new(load()).unwrap();
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
-    let a: Vec<u32> = (0..700u32).map(|i| (i * 37 + 11) % 4096).collect();
-    let b: Vec<u32> = (0..300u32).map(|i| (i * 101 + 5) % 4096).collect();
+    let (la, lb, split) = if emulated() {
+        (150, 70, 100)
+    } else {
+        (700, 300, 400)
+    };
+    let a: Vec<u32> = (0..la).map(|i| (i * 37 + 11) % 4096).collect();
+    let b: Vec<u32> = (0..lb).map(|i| (i * 101 + 5) % 4096).collect();
     let (next_a, next_b) = ([17u32], [4000u32]);
     let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..64).collect(), (64..128).collect());
-    let (a1, a2) = a.split_at(400);
-    // Step 1: all of b and the first 400 tokens of a; step 2: the rest of a; step 3: one
-    // token of each.
+    let (a1, a2) = a.split_at(split);
+    // Step 1: all of b and the first tokens of a; step 2: the rest of a; step 3: one token
+    // of each.
     let seq = |tokens, start, blocks, logits| SeqStep {
         tokens,
         start,
@@ -221,10 +233,10 @@ fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ff
             seq(a1, 0, &ta, LogitsMode::All),
             seq(&b, 0, &tb, LogitsMode::All),
         ],
-        vec![seq(a2, 400, &ta, LogitsMode::All)],
+        vec![seq(a2, split, &ta, LogitsMode::All)],
         vec![
-            seq(&next_a, 700, &ta, LogitsMode::Last),
-            seq(&next_b, 300, &tb, LogitsMode::Last),
+            seq(&next_a, la as usize, &ta, LogitsMode::Last),
+            seq(&next_b, lb as usize, &tb, LogitsMode::Last),
         ],
     ];
     let run = |device_routing: bool| -> Vec<Vec<Vec<f32>>> {
@@ -354,7 +366,11 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
         device_routed,
         "the 5-token steps keep the picks on the device unless that is switched off"
     );
-    let lens = [1usize, 7, 40, 300, 1100];
+    let lens = if emulated() {
+        [1usize, 7, 40, 70, 130]
+    } else {
+        [1usize, 7, 40, 300, 1100]
+    };
     let blocks: Vec<Vec<u32>> = (0..5u32)
         .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
         .collect();
@@ -697,11 +713,13 @@ fn bf16_path_device_routing_matches_host_routing() {
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
     let (seqs, per_seq) = (24usize, 4u32);
+    // Prompts of 96 rows in all on the emulated device: still past 64, so qgemm_wgmma.
+    let plen = if emulated() { 4 } else { 30 };
     let blocks: Vec<Vec<u32>> = (0..seqs as u32)
         .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
         .collect();
     let prompts: Vec<Vec<u32>> = (0..seqs)
-        .map(|s| (0..30).map(|i| ((s * 31 + i * 7) % 512) as u32).collect())
+        .map(|s| (0..plen).map(|i| ((s * 31 + i * 7) % 512) as u32).collect())
         .collect();
     let next: Vec<Vec<u32>> = (0..seqs).map(|s| vec![(s * 13 % 512) as u32]).collect();
     let run = |device_routing: bool| {
@@ -723,7 +741,7 @@ fn bf16_path_device_routing_matches_host_routing() {
             shard.step(&comm, &batch).unwrap().logits.unwrap()
         };
         step(&mut shard, &prompts, 0);
-        step(&mut shard, &next, 30)
+        step(&mut shard, &next, plen)
     };
     let (device, host) = (run(true), run(false));
     let worst = device

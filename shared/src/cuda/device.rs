@@ -1525,7 +1525,9 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<(), CudaError> {
     Ok(())
 }
 
-fn kernel_names() -> Vec<String> {
+/// Every kernel [`Gpu::open`] looks up in the compiled module (the emulated device's driver,
+/// in the tests, is built with exactly these).
+pub fn kernel_names() -> Vec<String> {
     let mut v: Vec<String> = [
         "embed",
         "rmsnorm",

@@ -12,6 +12,7 @@
 #include <functional>
 #include <cstdio>
 #include <cstdlib>
+#include <csetjmp>
 #include <ucontext.h>
 #include <vector>
 
@@ -119,7 +120,9 @@ struct EmuWgmma {
 };
 struct EmuFiber {
     ucontext_t ctx;
-    std::vector<char> stack;
+    std::jmp_buf jb;
+    bool started = false;
+    char *stack = nullptr;
     bool done = false;
     unsigned phase = 0;  // this lane's next slot set
     std::vector<EmuCopy> copies;
@@ -137,13 +140,37 @@ struct EmuBlock {
     std::vector<std::vector<const unsigned *>> wg_a;
     std::vector<EmuFiber> fibers;
     ucontext_t sched;
+    std::jmp_buf sched_jb;
     int cur = 0;
 };
 inline EmuBlock *emu_block = nullptr;
 
+// A fiber is entered the first time through its ucontext and after that by _longjmp, which
+// unlike swapcontext makes no system call (swapcontext saves and restores the signal mask:
+// most of the time of a run with many barriers). Under AddressSanitizer, which follows
+// swapcontext but not jumps between stacks, every switch is a swapcontext.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool EMU_JUMPS = false;
+#else
+constexpr bool EMU_JUMPS = true;
+#endif
 inline void emu_yield() {
     EmuBlock *b = emu_block;
-    swapcontext(&b->fibers[b->cur].ctx, &b->sched);
+    EmuFiber &f = b->fibers[b->cur];
+    if (!EMU_JUMPS)
+        swapcontext(&f.ctx, &b->sched);
+    else if (!_setjmp(f.jb))
+        _longjmp(b->sched_jb, 1);
+}
+inline void emu_resume(EmuBlock &b, int t) {
+    EmuFiber &f = b.fibers[t];
+    if (!EMU_JUMPS) {
+        swapcontext(&b.sched, &f.ctx);
+    } else if (!_setjmp(b.sched_jb)) {
+        if (f.started) _longjmp(f.jb, 1);
+        f.started = true;
+        swapcontext(&b.sched, &f.ctx);
+    }
 }
 inline void emu_wait(EmuBar &bar) {
     unsigned g = bar.gen;
@@ -341,11 +368,16 @@ inline void emu_fiber_main() {
     emu_leave(b->warp_bar[t / 32]);
     emu_leave(b->wg_bar[t / 128]);
     emu_leave(b->bar);
-    // Returning goes back to the scheduler (uc_link).
+    // Back to the scheduler: by uc_link on return, or by a jump to where it last resumed.
+    if (EMU_JUMPS) _longjmp(b->sched_jb, 1);
 }
 
 // Runs kernel k on the grid, a block at a time; a thread that returns leaves the block's
 // barriers (as an exited CUDA thread no longer holds a barrier up).
+// The fibers' stacks, kept from launch to launch (a 1024-thread block's are 64 MiB).
+constexpr size_t EMU_STACK = 64 * 1024;
+inline std::vector<std::unique_ptr<char[]>> emu_stacks;
+
 template <class F, class... A>
 void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
     gridDim = grid;
@@ -356,7 +388,8 @@ void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
     int n = block.x * block.y * block.z, warps = (n + 31) / 32;
     EmuBlock b;
     b.fibers.resize(n);
-    for (auto &f : b.fibers) f.stack.resize(64 * 1024);
+    while (emu_stacks.size() < (size_t)n) emu_stacks.emplace_back(new char[EMU_STACK]);
+    for (int i = 0; i < n; i++) b.fibers[i].stack = emu_stacks[i].get();
     emu_block = &b;
     emu_body = [&] { k(args...); };
     for (unsigned bz = 0; bz < grid.z; bz++)
@@ -373,14 +406,15 @@ void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
                 b.wg_a.assign(groups, {});
                 for (auto &f : b.fibers) {
                     f.done = false;
+                    f.started = false;
                     f.phase = 0;
                     f.copies.clear();
                     f.cp_groups = 0;
                     f.wgmmas.clear();
                     f.wg_seq = f.wg_groups = 0;
                     getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = f.stack.data();
-                    f.ctx.uc_stack.ss_size = f.stack.size();
+                    f.ctx.uc_stack.ss_sp = f.stack;
+                    f.ctx.uc_stack.ss_size = EMU_STACK;
                     f.ctx.uc_link = &b.sched;
                     makecontext(&f.ctx, emu_fiber_main, 0);
                 }
@@ -397,7 +431,7 @@ void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
                         running = true;
                         b.cur = emu_tid = t;
                         threadIdx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-                        swapcontext(&b.sched, &b.fibers[t].ctx);
+                        emu_resume(b, t);
                     }
                 }
             }
