@@ -12,6 +12,12 @@ pub fn reference_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
 }
 
+/// The CUDA emulator's sources (`shared/tests/cuda_emu`), for the tests of every crate that
+/// build it.
+pub fn cuda_emulator_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu")
+}
+
 /// The `grok1-tiny-a` fixture directory.
 pub fn tiny_a_dir() -> PathBuf {
     reference_dir().join("fixtures/grok1-tiny-a")

@@ -14,73 +14,18 @@
 //! an emulated device behind the CUDA driver, NVRTC and cuBLAS calls, and GPU tests of
 //! cuda_fixture.rs and cuda_kernels.rs (compiled in here as modules) run on it unchanged.
 
-use std::path::Path;
+#[path = "cuda_emu/builder.rs"]
+mod builder;
+
+use builder::{compile, EmulatedDevice, EMULATED};
 use std::process::Command;
-
-/// kernels.cu with each `extern __shared__` array (dynamic shared memory) pointed at the
-/// emulator's buffer, which `static` (what `__shared__` becomes) cannot express.
-fn emulable_source() -> String {
-    let src = grok_shared::cuda::device::KERNELS;
-    let mut out = String::with_capacity(src.len());
-    for line in src.lines() {
-        match line
-            .trim_start()
-            .strip_prefix("extern __shared__ float ")
-            .and_then(|rest| rest.strip_suffix("[];"))
-        {
-            Some(name) => out.push_str(&format!("    float *{name} = (float *)emu_dyn_smem;")),
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// Compiles `cuda_emu/<main>` (which includes emu.h and kernels.cu) into `out` with `extra`
-/// flags; `GROK_EMU_SANITIZE=1` adds AddressSanitizer and UBSan. Returns whether it
-/// sanitizes.
-fn compile(dir: &Path, main: &str, extra: &[&str], out: &Path) -> bool {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
-    std::fs::write(dir.join("kernels_emu.cu"), emulable_source()).expect("write");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let sanitize = std::env::var("GROK_EMU_SANITIZE").is_ok_and(|v| v == "1");
-    let sanitizers: &[&str] = if sanitize {
-        &[
-            "-g",
-            "-fsanitize=address,undefined",
-            "-fno-sanitize-recover=all",
-            "-fno-omit-frame-pointer",
-        ]
-    } else {
-        &[]
-    };
-    let built = Command::new(&cxx)
-        .args(sanitizers)
-        .args(extra)
-        .args(["-std=c++20", "-O1", "-w", "-I"])
-        .arg(dir)
-        .arg("-I")
-        .arg(&here)
-        .arg(here.join(main))
-        .arg("-o")
-        .arg(out)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("running the C++ compiler `{cxx}` (set CXX to a C++20 one): {e}")
-        });
-    assert!(
-        built.status.success(),
-        "compiling {main} with kernels.cu for the CPU emulator with `{cxx}`:\n{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    sanitize
-}
 
 #[test]
 fn attention_and_residual_kernels_match_references_on_the_cpu() {
     let dir = tempfile::tempdir().expect("temp dir");
     let exe = dir.path().join("harness");
-    compile(dir.path(), "harness.cpp", &[], &exe);
+    let sanitize = std::env::var("GROK_EMU_SANITIZE").is_ok_and(|v| v == "1");
+    compile(dir.path(), "harness.cpp", &[], &exe, sanitize);
     // The fibers switch stacks, which ASan's use-after-return detection cannot follow.
     let run = Command::new(&exe)
         .env("ASAN_OPTIONS", "detect_stack_use_after_return=0")
@@ -102,33 +47,11 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
 /// those libraries first (the loader reads `LD_LIBRARY_PATH` when a process starts).
 fn run_on_the_emulated_device(tests: &[&str]) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let names: String = grok_shared::cuda::device::kernel_names()
-        .iter()
-        .map(|n| format!("K({n})\n"))
-        .collect();
-    std::fs::write(dir.path().join("kernel_table.inc"), names).expect("write");
-    let lib = dir.path().join("libcuda.so");
-    let sanitize = compile(dir.path(), "driver.cpp", &["-shared", "-fPIC"], &lib);
-    for alias in ["libnvrtc.so", "libcublas.so"] {
-        std::os::unix::fs::symlink(&lib, dir.path().join(alias)).expect("symlink");
-    }
     let mut child = Command::new(std::env::current_exe().expect("this test's executable"));
-    child
+    EmulatedDevice::build(dir.path())
+        .setup(&mut child)
         .args(["--ignored", "--test-threads", "1", "--nocapture", "--exact"])
-        .args(tests)
-        .env("LD_LIBRARY_PATH", dir.path())
-        .env(EMULATED, "1")
-        // Never the user's cache: the emulated "PTX" must not meet a real GPU.
-        .env("GROK_KERNEL_CACHE", dir.path().join("kernel-cache"))
-        .env("ASAN_OPTIONS", "detect_stack_use_after_return=0");
-    if sanitize {
-        // The library is sanitized, the test executable is not: the runtime goes first.
-        let rt = Command::new(std::env::var("CXX").unwrap_or_else(|_| "c++".into()))
-            .arg("-print-file-name=libasan.so")
-            .output()
-            .expect("asking the compiler for libasan");
-        child.env("LD_PRELOAD", String::from_utf8_lossy(&rt.stdout).trim());
-    }
+        .args(tests);
     let run = child.output().expect("running the emulated-device checks");
     let out = String::from_utf8_lossy(&run.stdout);
     println!("{out}");
@@ -183,9 +106,6 @@ const ALSO_ON_THE_EMULATOR: [&str; 3] = [
     "cuda_fixture::every_plan_on_one_gpu_matches_the_world_of_one",
     "cuda_kernels::long_prompts_at_grok_head_size_match_the_cpu_engine",
 ];
-
-/// Set in the process that runs on the emulated device.
-const EMULATED: &str = "GROK_EMULATED_DEVICE";
 
 /// The checks run by `the_cuda_backend_runs_on_the_emulated_device`, each in that process
 /// only (ignored, and a no-op elsewhere: they need its libraries).

@@ -169,9 +169,10 @@ int cuLaunchKernel(const void *f, unsigned gx, unsigned gy, unsigned gz, unsigne
                    unsigned bz, unsigned smem, void *, void **params, void **extra) {
     if (extra) return 1;  // the backend passes its arguments as kernelParams
     const Kernel *k = (const Kernel *)f;
-    if (gx == 0 || gy == 0 || gz == 0 || bx * by * bz == 0 || bx * by * bz > 1024) {
-        std::fprintf(stderr, "emulated launch of %s: grid %ux%ux%u, block %ux%ux%u\n", k->name,
-                     gx, gy, gz, bx, by, bz);
+    if (gx == 0 || gy == 0 || gz == 0 || bx * by * bz == 0 || bx * by * bz > 1024 ||
+        smem > 227 * 1024 || gy > 65535 || gz > 65535) {
+        std::fprintf(stderr, "emulated launch of %s: grid %ux%ux%u, block %ux%ux%u, %u bytes\n",
+                     k->name, gx, gy, gz, bx, by, bz, smem);
         return 1;  // an invalid launch, as the driver refuses it
     }
     std::lock_guard<std::mutex> one_at_a_time(launching);
