@@ -10,7 +10,10 @@
 //!
 //! `cargo bench -p grok-shared --bench cuda_layer`; env: GROK_BENCH_LAYERS (default 1),
 //! GROK_BENCH_MODEL (a directory to reuse; default a fresh temporary one), GROK_BENCH_JSON
-//! (also write the results there). Prints a note and exits where there is no GPU.
+//! (also write the results there), GROK_BENCH_PRESET=tiny (every shape from the tiny preset,
+//! 64 positions of context and a 128-token prefill: a run of the bench's own code in
+//! seconds, as on the emulated device of shared/tests/cuda_emu). Prints a note and exits where
+//! there is no GPU.
 
 use grok_shared::checkpoint::init::init_random;
 use grok_shared::checkpoint::open_model;
@@ -22,7 +25,6 @@ use grok_shared::parallel::Plan;
 use grok_shared::test_support::random_qmatrix;
 use std::time::{Duration, Instant};
 
-const CTX: usize = 1024;
 const BS: usize = 16;
 const ITERS: usize = 10;
 
@@ -39,8 +41,22 @@ fn main() {
         return;
     }
     let layers = env_usize("GROK_BENCH_LAYERS", 1).max(1);
-    let mut cfg = ModelConfig::preset("grok-1").expect("grok-1 preset");
+    let preset = std::env::var("GROK_BENCH_PRESET").unwrap_or_else(|_| "grok-1".into());
+    let mut cfg = match ModelConfig::preset(&preset) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("cuda_layer: GROK_BENCH_PRESET: {e} (grok-1 or tiny)");
+            std::process::exit(2);
+        }
+    };
     cfg.num_hidden_layers = layers;
+    // Context of the decode steps, prefill tokens, and bytes of the copy-bandwidth buffers.
+    let (ctx, prompt_len, copy_bytes) = if preset == "tiny" {
+        (64usize, 128usize, 64usize << 20)
+    } else {
+        (1024, 2048, 2usize << 30)
+    };
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let tmp;
     // A model left by an earlier run is reused only if it has the layers asked for (the
     // figures are divided by that count).
@@ -60,7 +76,7 @@ fn main() {
             let t = Instant::now();
             init_random(&cfg, 0, &path, &mut |_| {}).expect("init");
             println!(
-                "init: {layers} layer(s) of Grok-1 in {:.1} s",
+                "init: {layers} layer(s) of {preset} in {:.1} s",
                 t.elapsed().as_secs_f64()
             );
             path
@@ -70,9 +86,9 @@ fn main() {
     let model = open_model(&dir).expect("open");
     let weights = ModelWeights::load(model.source.as_ref(), &model.config).expect("load");
     let plan = Plan::new(&model.config, 1, 1, 1).expect("plan");
-    // Room for 64 sequences of 1024 + 1 positions, and one of 2048.
-    let per_seq = (CTX + 1).div_ceil(BS);
-    let blocks = 64 * per_seq + 2048 / BS;
+    // Room for 64 sequences of ctx + 1 positions, and the prompt.
+    let per_seq = (ctx + 1).div_ceil(BS);
+    let blocks = 64 * per_seq + prompt_len.div_ceil(BS);
     let mut shard = CudaShard::new(weights, plan, 0, 0, blocks, BS).expect("shard");
     println!(
         "GPU: {} ({} SMs); weights {:.2} GB, KV pool {:.2} GB, loaded in {:.1} s; bf16 path \
@@ -111,14 +127,16 @@ fn main() {
     }
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
 
-    let copy_bw = copy_bandwidth(&shard);
+    let copy_bw = copy_bandwidth(&shard, copy_bytes);
     // The peak is cuBLAS on random operands (what it reaches on real data); on zeros the
-    // tensor cores draw less power and clock higher, which is printed beside it.
-    let (gemm_tflops, gemm_ms) = cublas_peak(&shard, true);
-    let (zeros_tflops, _) = cublas_peak(&shard, false);
+    // tensor cores draw less power and clock higher, which is printed beside it. The shape
+    // is the prefill's up projection of every token.
+    let (m, n, k) = (prompt_len, f, d);
+    let (gemm_tflops, gemm_ms) = cublas_peak(&shard, (m, n, k), true);
+    let (zeros_tflops, _) = cublas_peak(&shard, (m, n, k), false);
     println!("device copy: {:.2} TB/s (read + write)", copy_bw / 1e12);
     println!(
-        "cuBLAS bf16 [2048 x 6144] x [6144 x 32768], random operands: {gemm_ms:.3} ms, {:.0} \
+        "cuBLAS bf16 [{m} x {k}] x [{k} x {n}], random operands: {gemm_ms:.3} ms, {:.0} \
          TFLOP/s (on zeros: {zeros_tflops:.0} TFLOP/s)",
         gemm_tflops
     );
@@ -126,7 +144,7 @@ fn main() {
     // The decode matmul alone, one row, at the expert shapes: how close the kernel itself
     // streams to the copy bandwidth (the layer adds the small kernels and launch gaps).
     let mut alone = Vec::new();
-    for (k, n) in [(6144usize, 32768usize), (32768, 6144)] {
+    for (k, n) in [(d, f), (f, d)] {
         let (us, tb_s) = decode_matmul_alone(&shard, k, n);
         println!(
             "int8 decode matmul alone, 1 row, [{k} x {n}]: {us:.1} us, {tb_s:.2} TB/s of weights \
@@ -135,14 +153,17 @@ fn main() {
         );
         alone.push(format!("\"matmul_{k}x{n}_tb_s\": {tb_s:.3}"));
     }
-    // The prefill's int8 products alone, both ways: an expert's 512 tokens (2048 x top-2 / 8)
-    // through gate/up and down, and the q projection of 2048 tokens.
+    // The prefill's int8 products alone, both ways: an expert's share of the tokens (2048 x
+    // top-2 / 8 = 512 for Grok-1) through gate/up and down (8 scale groups where they divide
+    // it, as in the release's down projections), and the q projection of every token.
     let mut wg_json = Vec::new();
     if shard.gpu().wgmma() {
+        let share = prompt_len * cfg.num_experts_per_tok / cfg.num_local_experts;
+        let down_groups = if f % 8 == 0 { 8 } else { 1 };
         for (m, k, n, groups) in [
-            (512usize, 6144usize, 32768usize, 1usize),
-            (512, 32768, 6144, 8),
-            (2048, 6144, 6144, 1),
+            (share, d, f, 1usize),
+            (share, f, d, down_groups),
+            (prompt_len, d, cfg.q_dim(), 1),
         ] {
             let (wg_ms, cublas_ms) = prefill_matmul_alone(&shard, m, k, n, groups);
             let tf = |ms: f64| 2.0 * (m * k * n) as f64 / (ms / 1e3) / 1e12;
@@ -173,12 +194,14 @@ fn main() {
         let tables: Vec<Vec<u32>> = (0..b)
             .map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect())
             .collect();
-        let toks: Vec<Vec<u32>> = (0..b).map(|i| vec![(1000 + 7 * i) as u32]).collect();
-        // The cache holds 1024 positions (zeros: the arithmetic and bytes are the same).
+        let toks: Vec<Vec<u32>> = (0..b)
+            .map(|i| vec![((1000 + 7 * i) % cfg.vocab_size) as u32])
+            .collect();
+        // The cache holds ctx positions (zeros: the arithmetic and bytes are the same).
         let batch: Vec<SeqStep> = (0..b)
             .map(|i| SeqStep {
                 tokens: &toks[i],
-                start: CTX,
+                start: ctx,
                 blocks: &tables[i],
                 logits: LogitsMode::None,
             })
@@ -200,7 +223,9 @@ fn main() {
             ms / floor_ms
         ));
     }
-    let prompt: Vec<u32> = (0..2048u32).map(|i| (i * 37 + 11) % 131_000).collect();
+    let prompt: Vec<u32> = (0..prompt_len)
+        .map(|i| ((i * 37 + 11) % cfg.vocab_size) as u32)
+        .collect();
     let table: Vec<u32> = ((64 * per_seq) as u32..blocks as u32).collect();
     let batch = [SeqStep {
         tokens: &prompt,
@@ -226,7 +251,7 @@ fn main() {
         c.q_dim() as f64,
         c.kv_dim() as f64,
     );
-    let t = 2048f64;
+    let t = prompt_len as f64;
     // Projections, top-2 expert FFNs, and causal attention (scores and values, half the
     // square on average).
     let flops_layer = t * 2.0 * (d * (qd + 2.0 * kvd) + qd * d)
@@ -234,14 +259,14 @@ fn main() {
         + 2.0 * 2.0 * (t * t / 2.0) * qd;
     let tflops = flops_layer * layers as f64 / (ms / 1e3) / 1e12;
     println!(
-        "| prefill 2048 | {ms:.3} | {:.3} | | {tflops:.0} TFLOP/s | | {:.0}% of cuBLAS bf16 \
+        "| prefill {prompt_len} | {ms:.3} | {:.3} | | {tflops:.0} TFLOP/s | | {:.0}% of cuBLAS bf16 \
          ({:.0}% of its figure on zeros) |",
         ms / layers as f64,
         100.0 * tflops / gemm_tflops,
         100.0 * tflops / zeros_tflops
     );
     json.push(format!(
-        "\"prefill_2048\": {{\"ms_per_layer\": {:.4}, \"tflops\": {tflops:.1}, \
+        "\"prefill_{prompt_len}\": {{\"ms_per_layer\": {:.4}, \"tflops\": {tflops:.1}, \
          \"of_cublas\": {:.3}}}",
         ms / layers as f64,
         tflops / gemm_tflops
@@ -249,7 +274,7 @@ fn main() {
     if let Some(b) = baseline_ms {
         let bt = flops_layer * layers as f64 / (b / 1e3) / 1e12;
         println!(
-            "| prefill 2048, dequantise + cuBLAS | {b:.3} | {:.3} | | {bt:.0} TFLOP/s | | {:.0}% \
+            "| prefill {prompt_len}, dequantise + cuBLAS | {b:.3} | {:.3} | | {bt:.0} TFLOP/s | | {:.0}% \
              of cuBLAS bf16 |",
             b / layers as f64,
             100.0 * bt / gemm_tflops
@@ -259,7 +284,7 @@ fn main() {
             b / ms
         );
         json.push(format!(
-            "\"prefill_2048_dequant_cublas\": {{\"ms_per_layer\": {:.4}}}",
+            "\"prefill_{prompt_len}_dequant_cublas\": {{\"ms_per_layer\": {:.4}}}",
             b / layers as f64
         ));
     }
@@ -310,10 +335,9 @@ fn time_steps(
     (times[ITERS / 2], out.expect("ran"))
 }
 
-/// Device-to-device copy of 2 GiB, counted as bytes read plus bytes written per second.
-fn copy_bandwidth(shard: &CudaShard) -> f64 {
+/// Device-to-device copy of `n` bytes, counted as bytes read plus bytes written per second.
+fn copy_bandwidth(shard: &CudaShard, n: usize) -> f64 {
     let g = shard.gpu();
-    let n = 2usize << 30;
     let a = g.zeros::<u8>(n).expect("alloc");
     let b = g.zeros::<u8>(n).expect("alloc");
     for _ in 0..2 {
@@ -385,11 +409,9 @@ fn prefill_matmul_alone(
     (wgmma * 1e3, cublas * 1e3)
 }
 
-/// TFLOP/s and ms of a bf16 GEMM of the prefill's expert shape, on random operands or on
-/// zeros.
-fn cublas_peak(shard: &CudaShard, random: bool) -> (f64, f64) {
+/// TFLOP/s and ms of a bf16 GEMM `[m, k] x [k, n]`, on random operands or on zeros.
+fn cublas_peak(shard: &CudaShard, (m, n, k): (usize, usize, usize), random: bool) -> (f64, f64) {
     let g = shard.gpu();
-    let (m, n, k) = (2048usize, 32768usize, 6144usize);
     let operand = |len: usize, seed: u64| {
         if !random {
             return g.zeros::<u16>(len).expect("alloc");

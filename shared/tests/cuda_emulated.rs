@@ -70,7 +70,7 @@ fn the_cuda_backend_runs_on_the_emulated_device() {
 }
 
 #[test]
-#[ignore = "three minutes: cargo test -p grok-shared --test cuda_emulated -- --ignored more_gpu_tests"]
+#[ignore = "four minutes: cargo test -p grok-shared --test cuda_emulated -- --ignored more_gpu_tests"]
 fn more_gpu_tests_run_on_the_emulated_device() {
     run_on_the_emulated_device(&ALSO_ON_THE_EMULATOR);
 }
@@ -99,12 +99,18 @@ const ON_THE_EMULATOR: [&str; 5] = [
     "cuda_kernels::bf16_path_device_routing_matches_host_routing",
 ];
 
-/// And with `--ignored` (three more minutes): the fixture on the bf16 path, every parallel
-/// plan, separate q/k/v. Left to the GPU: NCCL and the kernel tests at Grok-1's matrix sizes.
-const ALSO_ON_THE_EMULATOR: [&str; 3] = [
+/// And with `--ignored more_gpu_tests` (about four minutes): the fixture on the bf16 path,
+/// every parallel plan, separate q/k/v, decode steps and prompts at head sizes 16 to 64, the
+/// split q/k/v product and the tiled decode matmul against f64. Left to the GPU: NCCL and the
+/// kernel tests at Grok-1's matrix sizes.
+const ALSO_ON_THE_EMULATOR: [&str; 7] = [
     "cuda_fixture::gpu_bf16_cublas_path_is_within_bf16_tolerance_and_greedy_tokens_match",
     "cuda_fixture::every_plan_on_one_gpu_matches_the_world_of_one",
     "cuda_kernels::long_prompts_at_grok_head_size_match_the_cpu_engine",
+    "cuda_kernels::decode_steps_at_small_head_sizes_match_the_cpu_engine",
+    "cuda_kernels::long_prompts_at_the_tiny_head_size_match_the_cpu_engine",
+    "cuda_kernels::a_split_product_gives_each_part_its_columns",
+    "cuda_kernels::tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch",
 ];
 
 /// The checks run by `the_cuda_backend_runs_on_the_emulated_device`, each in that process
