@@ -774,11 +774,14 @@ impl CudaShard {
         } else {
             // Prefill tiles take the register-tiled kernel where it is built for the head size;
             // on the bf16 path (this step's projections ran with bf16 operands) its tensor-core
-            // twin, which rounds q, k, v and the weights to bf16 as the release does.
+            // twin, which rounds q, k, v and the weights to bf16 as the release does. Both lay
+            // out their key splits' partial outputs for 64-row tiles: decode tiles (the decode
+            // kernel switched off) take the generic kernel of their size.
             let bf16_path = n >= self.gemm_min_rows && g.bf16_tensor_cores();
-            let (kernel, smem) = if ATT_HEAD_DIMS.contains(&hd) && bf16_path {
+            let prefill_kernels = rows == ATT_ROWS[1] && ATT_HEAD_DIMS.contains(&hd);
+            let (kernel, smem) = if prefill_kernels && bf16_path {
                 (format!("attention_tc_{hd}"), 0)
-            } else if ATT_HEAD_DIMS.contains(&hd) {
+            } else if prefill_kernels {
                 (
                     format!("attention_prefill_{hd}"),
                     Gpu::prefill_smem_bytes(hd),
