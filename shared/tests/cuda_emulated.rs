@@ -45,10 +45,9 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
 /// built as the CUDA driver, NVRTC and cuBLAS libraries cudarc loads, with the kernels run by
 /// the emulator. Builds it and runs the GPU tests `tests` in a process of their own that finds
 /// those libraries first (the loader reads `LD_LIBRARY_PATH` when a process starts).
-fn run_on_the_emulated_device(tests: &[&str], env: &[(&str, &str)]) {
-    let dir = tempfile::tempdir().expect("temp dir");
+fn run_on_the_emulated_device(device: &EmulatedDevice, tests: &[&str], env: &[(&str, &str)]) {
     let mut child = Command::new(std::env::current_exe().expect("this test's executable"));
-    EmulatedDevice::build(dir.path())
+    device
         .setup(&mut child)
         .args(["--ignored", "--test-threads", "1", "--nocapture", "--exact"])
         .args(tests)
@@ -67,15 +66,14 @@ fn run_on_the_emulated_device(tests: &[&str], env: &[(&str, &str)]) {
 
 #[test]
 fn the_cuda_backend_runs_on_the_emulated_device() {
-    run_on_the_emulated_device(&ON_THE_EMULATOR, &[]);
-}
-
-/// The way around the decode attention kernel that the device check takes when its canary
-/// fails (the generic attention and a separate combine of its key splits): decode tiles once
-/// went to the prefill kernel there, whose partial outputs overran their buffer.
-#[test]
-fn decode_steps_without_the_decode_kernel_run_on_the_emulated_device() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let device = EmulatedDevice::build(dir.path());
+    run_on_the_emulated_device(&device, &ON_THE_EMULATOR, &[]);
+    // The way around the decode attention kernel that the device check takes when its
+    // canary fails (the generic attention and a separate combine of its key splits): decode
+    // tiles once went to the prefill kernel there, whose partial outputs overran their buffer.
     run_on_the_emulated_device(
+        &device,
         &["cuda_kernels::decode_steps_at_grok_head_size_match_the_cpu_engine"],
         &[("GROK_CUDA_DECODE_ATTENTION", "0")],
     );
@@ -84,12 +82,14 @@ fn decode_steps_without_the_decode_kernel_run_on_the_emulated_device() {
 #[test]
 #[ignore = "five minutes: cargo test -p grok-shared --test cuda_emulated -- --ignored more_gpu_tests"]
 fn more_gpu_tests_run_on_the_emulated_device() {
-    run_on_the_emulated_device(&ALSO_ON_THE_EMULATOR, &[]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let device = EmulatedDevice::build(dir.path());
+    run_on_the_emulated_device(&device, &ALSO_ON_THE_EMULATOR, &[]);
     // The device check's other ways around kernels: the bf16 path without qgemm_wgmma, and
     // without its tensor-core kernels at all.
     let bf16_step = ["cuda_kernels::bf16_path_device_routing_matches_host_routing"];
-    run_on_the_emulated_device(&bf16_step, &[("GROK_CUDA_WGMMA", "0")]);
-    run_on_the_emulated_device(&bf16_step, &[("GROK_CUDA_TENSOR_CORES", "0")]);
+    run_on_the_emulated_device(&device, &bf16_step, &[("GROK_CUDA_WGMMA", "0")]);
+    run_on_the_emulated_device(&device, &bf16_step, &[("GROK_CUDA_TENSOR_CORES", "0")]);
 }
 
 /// The GPU tests, as they are, some run on the emulated device by name ([`ON_THE_EMULATOR`]).
@@ -98,33 +98,32 @@ mod cuda_fixture;
 #[path = "cuda_kernels.rs"]
 mod cuda_kernels;
 
-/// The GPU tests the emulated device runs in the ordinary test run (about a minute of
-/// kernels on the CPU):
+/// The GPU tests the emulated device runs in the ordinary test run (with the decode steps
+/// again without the decode kernel, about a minute and a half of kernels on the CPU):
 /// - the start-up check of `qgemm_wgmma` against cuBLAS;
 /// - the fixture against the release on the int8 path, head size 16 (the generic attention);
 /// - head size 128, the decode steps of five sequences: the decode attention, the fused
 ///   residual and router kernel, the device-routed experts, bit for bit against host routing;
-/// - head size 128, prompts of 150 and 70 tokens in chunks, q/k/v fused: the f32 prefill
-///   attention with key splits;
 /// - a 24-sequence step on the bf16 path: `qgemm_wgmma` (96 prompt rows), the tensor-core
 ///   attention, `qmma` and the device-routed `qmma_experts_4`.
-const ON_THE_EMULATOR: [&str; 5] = [
+const ON_THE_EMULATOR: [&str; 4] = [
     "on_the_emulated_device::the_gpu_opens_with_every_kernel",
     "cuda_fixture::gpu_int8_path_matches_the_f32_reference_and_greedy_tokens",
     "cuda_kernels::decode_steps_at_grok_head_size_match_the_cpu_engine",
-    "cuda_kernels::long_prompts_with_fused_qkv_match_the_cpu_engine",
     "cuda_kernels::bf16_path_device_routing_matches_host_routing",
 ];
 
 /// And with `--ignored more_gpu_tests` (about five minutes): the fixture on the bf16 path,
-/// every parallel plan, separate q/k/v, decode steps and prompts at head sizes 16 to 64, the
+/// every parallel plan, prompts of 150 and 70 tokens in chunks at head size 128 (the f32
+/// prefill attention with key splits; q/k/v separate and fused), decode steps and prompts at head sizes 16 to 64, the
 /// split q/k/v product and the tiled decode matmul against f64; then the bf16-path step
 /// without `qgemm_wgmma` and without tensor cores. Left to the GPU: NCCL and the kernel tests
 /// at Grok-1's matrix sizes.
-const ALSO_ON_THE_EMULATOR: [&str; 7] = [
+const ALSO_ON_THE_EMULATOR: [&str; 8] = [
     "cuda_fixture::gpu_bf16_cublas_path_is_within_bf16_tolerance_and_greedy_tokens_match",
     "cuda_fixture::every_plan_on_one_gpu_matches_the_world_of_one",
     "cuda_kernels::long_prompts_at_grok_head_size_match_the_cpu_engine",
+    "cuda_kernels::long_prompts_with_fused_qkv_match_the_cpu_engine",
     "cuda_kernels::decode_steps_at_small_head_sizes_match_the_cpu_engine",
     "cuda_kernels::long_prompts_at_the_tiny_head_size_match_the_cpu_engine",
     "cuda_kernels::a_split_product_gives_each_part_its_columns",

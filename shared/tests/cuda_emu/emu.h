@@ -372,12 +372,12 @@ inline void emu_fiber_main() {
     if (EMU_JUMPS) _longjmp(b->sched_jb, 1);
 }
 
-// Runs kernel k on the grid, a block at a time; a thread that returns leaves the block's
-// barriers (as an exited CUDA thread no longer holds a barrier up).
 // The fibers' stacks, kept from launch to launch (a 1024-thread block's are 64 MiB).
 constexpr size_t EMU_STACK = 64 * 1024;
 inline std::vector<std::unique_ptr<char[]>> emu_stacks;
 
+// Runs kernel k on the grid, a block at a time; a thread that returns leaves the block's
+// barriers (as an exited CUDA thread no longer holds a barrier up).
 template <class F, class... A>
 void emu_launch(F k, dim3e grid, dim3e block, size_t dyn_smem, A... args) {
     gridDim = grid;
