@@ -43,8 +43,9 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
 
 /// The CUDA backend's host code (`Gpu`, `CudaShard`) on the emulated device: `driver.cpp`
 /// built as the CUDA driver, NVRTC and cuBLAS libraries cudarc loads, with the kernels run by
-/// the emulator. Builds it and runs the GPU tests `tests` in a process of their own that finds
-/// those libraries first (the loader reads `LD_LIBRARY_PATH` when a process starts).
+/// the emulator. Runs the GPU tests `tests` (by exact name, with `env` set) in a process of
+/// their own that finds those libraries first (the loader reads `LD_LIBRARY_PATH` when a
+/// process starts).
 fn run_on_the_emulated_device(device: &EmulatedDevice, tests: &[&str], env: &[(&str, &str)]) {
     let mut child = Command::new(std::env::current_exe().expect("this test's executable"));
     device
