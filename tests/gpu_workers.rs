@@ -37,6 +37,7 @@ fn gpu_worker_processes_on_the_emulated_device_continue_the_fixture_greedily() {
             .args(flags);
         cmd.output().expect("running grok")
     };
+    let want: Vec<String> = e.greedy[e.t..tg].iter().map(u32::to_string).collect();
     for flags in [
         &["--workers", "2", "--tp", "2", "--ep", "2"][..],
         &["--workers", "2", "--tp", "1", "--ep", "2"],
@@ -45,7 +46,6 @@ fn gpu_worker_processes_on_the_emulated_device_continue_the_fixture_greedily() {
         let out = generate(flags);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{flags:?}: {err}");
-        let want: Vec<String> = e.greedy[e.t..tg].iter().map(u32::to_string).collect();
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
             want.join(" "),

@@ -20,6 +20,22 @@ mod builder;
 use builder::{compile, EmulatedDevice, EMULATED};
 use std::process::Command;
 
+/// Runs `cmd`, prints its output and returns it; fails with `what`, its output and its
+/// errors when it does not succeed.
+fn run_printed(cmd: &mut Command, what: &str) -> String {
+    let run = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
+    println!("{out}");
+    assert!(
+        run.status.success(),
+        "{what}:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out
+}
+
 #[test]
 fn attention_and_residual_kernels_match_references_on_the_cpu() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -27,16 +43,9 @@ fn attention_and_residual_kernels_match_references_on_the_cpu() {
     let sanitize = std::env::var("GROK_EMU_SANITIZE").is_ok_and(|v| v == "1");
     compile(dir.path(), "harness.cpp", &[], &exe, sanitize);
     // The fibers switch stacks, which ASan's use-after-return detection cannot follow.
-    let run = Command::new(&exe)
-        .env("ASAN_OPTIONS", "detect_stack_use_after_return=0")
-        .output()
-        .expect("running the harness");
-    let report = String::from_utf8_lossy(&run.stdout);
-    println!("{report}");
-    assert!(
-        run.status.success(),
-        "kernels differ from the references:\n{report}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+    let report = run_printed(
+        Command::new(&exe).env("ASAN_OPTIONS", "detect_stack_use_after_return=0"),
+        "the kernel harness (kernels differ from the references)",
     );
     assert!(report.contains("0 failure(s)"), "{report}");
 }
@@ -53,13 +62,9 @@ fn run_on_the_emulated_device(device: &EmulatedDevice, tests: &[&str], env: &[(&
         .args(["--ignored", "--test-threads", "1", "--nocapture", "--exact"])
         .args(tests)
         .envs(env.iter().copied());
-    let run = child.output().expect("running the emulated-device checks");
-    let out = String::from_utf8_lossy(&run.stdout);
-    println!("{out}");
-    assert!(
-        run.status.success(),
-        "the CUDA backend on the emulated device ({env:?}):\n{out}\n{}",
-        String::from_utf8_lossy(&run.stderr)
+    let out = run_printed(
+        &mut child,
+        &format!("the CUDA backend on the emulated device ({env:?})"),
     );
     let all = format!("test result: ok. {} passed", tests.len());
     assert!(out.contains(&all), "not every check ran:\n{out}");
