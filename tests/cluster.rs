@@ -4,7 +4,7 @@
 
 use grok_coordinator::cluster::{Cluster, ClusterError, ClusterOptions, SeqWork};
 use grok_shared::model::{blocks_for, BlockAllocator, LogitsMode};
-use grok_shared::test_support::{read_logits_file, write_token_rows, TinyAExpected};
+use grok_shared::test_support::{max_abs_diff, read_logits_file, write_token_rows, TinyAExpected};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -95,11 +95,7 @@ fn every_issue_plan_through_worker_processes_equals_one_process() {
             .concat(),
         );
         let got = read_logits(&out);
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&got, &want);
         assert!(worst <= 1e-4, "W={w} tp={tp} ep={ep}: max diff {worst}");
         let greedy = grok(
             &[

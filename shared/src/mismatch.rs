@@ -14,7 +14,8 @@ const REACH_ROWS: usize = 128;
 const MAX_RANGES: usize = 6;
 
 /// `None` when every `got` is finite and within `tol` (absolute) of `want`, both
-/// `[rows, cols]` row-major; else what is wrong and where, in one line.
+/// `[rows, cols]` row-major (a `want` that is not finite matches nothing); else what is
+/// wrong and where, in one line.
 pub fn describe(got: &[f32], want: &[f32], rows: usize, cols: usize, tol: f32) -> Option<String> {
     let n = rows.checked_mul(cols);
     if n != Some(got.len()) || n != Some(want.len()) {
@@ -27,7 +28,7 @@ pub fn describe(got: &[f32], want: &[f32], rows: usize, cols: usize, tol: f32) -
     let bad: Vec<bool> = got
         .iter()
         .zip(want)
-        .map(|(g, w)| !g.is_finite() || (g - w).abs() > tol)
+        .map(|(g, w)| !g.is_finite() || !w.is_finite() || (g - w).abs() > tol)
         .collect();
     let count = bad.iter().filter(|&&b| b).count();
     if count == 0 {
@@ -226,6 +227,13 @@ mod tests {
             !s.contains("sampled"),
             "no offset explains added noise: {s}"
         );
+    }
+
+    #[test]
+    fn a_wanted_value_that_is_not_a_number_matches_nothing() {
+        let want: Vec<f32> = vec![1.0, f32::NAN, 3.0, 4.0];
+        let s = describe(&want, &want, 2, 2, 1e-4).unwrap();
+        assert!(s.starts_with("1 of 4 "), "{s}");
     }
 
     #[test]

@@ -98,13 +98,27 @@ impl TinyAExpected {
     }
 }
 
-/// Largest absolute elementwise difference (panics on different lengths).
+/// The largest of `diffs` (0 for none), infinite if any is NaN: `f64::max` returns the other
+/// operand when one is NaN, so a plain fold would pass outputs that nobody wrote (NaN on the
+/// emulated device) or that are not numbers.
+pub fn worst(diffs: impl IntoIterator<Item = f64>) -> f64 {
+    diffs.into_iter().fold(
+        0.0,
+        |a, d| {
+            if d.is_nan() {
+                f64::INFINITY
+            } else {
+                a.max(d)
+            }
+        },
+    )
+}
+
+/// Largest absolute elementwise difference, infinite where either side is not finite
+/// (panics on different lengths).
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "comparing tensors of different sizes");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
+    worst(a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs()))) as f32
 }
 
 /// Writes `ids` (`b` rows of `t` tokens) as the `tokens` file `grok logits --input` reads.
@@ -173,4 +187,22 @@ pub fn qmatmul_reference(x: &[f32], m: usize, w: &crate::model::QMatrix) -> Vec<
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_difference_that_is_not_a_number_is_the_worst() {
+        assert_eq!(max_abs_diff(&[1.0, 2.0], &[1.5, 2.0]), 0.5);
+        assert_eq!(max_abs_diff(&[1.0, f32::NAN], &[1.0, 2.0]), f32::INFINITY);
+        assert_eq!(max_abs_diff(&[f32::NAN, 1.0], &[2.0, 1.0]), f32::INFINITY);
+        assert_eq!(
+            max_abs_diff(&[1.0, 2.0], &[1.0, f32::INFINITY]),
+            f32::INFINITY
+        );
+        assert_eq!(worst([0.5, f64::NAN, 0.25]), f64::INFINITY);
+        assert_eq!(worst([]), 0.0);
+    }
 }

@@ -119,13 +119,15 @@ const ON_THE_EMULATOR: [&str; 4] = [
     "cuda_kernels::bf16_path_device_routing_matches_host_routing",
 ];
 
-/// And with `--ignored more_gpu_tests` (about five minutes): the fixture on the bf16 path,
+/// And with `--ignored more_gpu_tests` (about six minutes): the fixture on the bf16 path,
 /// every parallel plan, prompts of 150 and 70 tokens in chunks at head size 128 (the f32
-/// prefill attention with key splits; q/k/v separate and fused), decode steps and prompts at head sizes 16 to 64, the
-/// split q/k/v product and the tiled decode matmul against f64; then the bf16-path step
-/// without `qgemm_wgmma` and without tensor cores. Left to the GPU: NCCL and the kernel tests
-/// at Grok-1's matrix sizes.
-const ALSO_ON_THE_EMULATOR: [&str; 8] = [
+/// prefill attention with key splits; q/k/v separate and fused), decode steps and prompts at
+/// head sizes 16 to 64, the split q/k/v product and the tiled decode matmul against f64; the
+/// device check's canaries (`qmma`, `qgemm_wgmma` alone and with the GELU epilogue, and
+/// `attention_tc` against the f32 attention, at smaller matrices than on a GPU); then the
+/// bf16-path step without `qgemm_wgmma` and without tensor cores. Left to the GPU: NCCL and
+/// the kernel tests at Grok-1's matrix sizes.
+const ALSO_ON_THE_EMULATOR: [&str; 12] = [
     "cuda_fixture::gpu_bf16_cublas_path_is_within_bf16_tolerance_and_greedy_tokens_match",
     "cuda_fixture::every_plan_on_one_gpu_matches_the_world_of_one",
     "cuda_kernels::long_prompts_at_grok_head_size_match_the_cpu_engine",
@@ -134,6 +136,10 @@ const ALSO_ON_THE_EMULATOR: [&str; 8] = [
     "cuda_kernels::long_prompts_at_the_tiny_head_size_match_the_cpu_engine",
     "cuda_kernels::a_split_product_gives_each_part_its_columns",
     "cuda_kernels::tiled_decode_matmul_matches_the_reference_and_does_not_depend_on_the_batch",
+    "cuda_kernels::tensor_core_int8_matmul_matches_dequantised_cublas",
+    "cuda_kernels::wgmma_int8_matmul_matches_dequantised_cublas",
+    "cuda_kernels::wgmma_expert_ffn_matches_the_unfused_products",
+    "cuda_kernels::tensor_core_prefill_attention_is_within_bf16_of_the_f32_kernel",
 ];
 
 /// The checks run by `the_cuda_backend_runs_on_the_emulated_device`, each in that process

@@ -15,7 +15,7 @@ use grok_shared::cuda::CudaShard;
 use grok_shared::mismatch;
 use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqKv, SeqStep};
 use grok_shared::parallel::Plan;
-use grok_shared::test_support::{lcg, qmatmul_reference, random_qmatrix};
+use grok_shared::test_support::{lcg, max_abs_diff, qmatmul_reference, random_qmatrix, worst};
 use std::time::Duration;
 
 fn run(g: &Gpu, dq: &DevQ, x: &[f32], m: usize, min_rows: usize) -> Vec<f32> {
@@ -25,14 +25,11 @@ fn run(g: &Gpu, dq: &DevQ, x: &[f32], m: usize, min_rows: usize) -> Vec<f32> {
     g.download_f32(out.ptr(), m * dq.n).unwrap()
 }
 
-/// Largest |got - want| over the largest |want|.
+/// Largest |got - want| over the largest |want| (infinite where got is not a number).
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f64, |a, w| a.max(w.abs()));
-    let worst = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |a, (&g, w)| a.max((g as f64 - w).abs()));
-    worst / scale
+    worst(got.iter().zip(want).map(|(&g, w)| (g as f64 - w).abs())) / scale
 }
 
 /// For a failure message: where `got` (`[rows, cols]`) is off `want` by more than `rel` of
@@ -167,14 +164,11 @@ fn emulated() -> bool {
     std::env::var("GROK_EMULATED_DEVICE").is_ok_and(|v| v == "1")
 }
 
-/// Largest |got - want| over the largest |want| (logits against the CPU engine's).
+/// Largest |got - want| over the largest |want| (logits against the CPU engine's; infinite
+/// where got is not a number).
 fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
     let scale = want.iter().fold(0f32, |a, w| a.max(w.abs())) as f64;
-    let worst = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |a, (&g, &w)| a.max((g - w).abs() as f64));
-    worst / scale
+    max_abs_diff(got, want) as f64 / scale
 }
 
 /// The tiny preset with two layers, these attention heads and this vocabulary.
@@ -476,8 +470,10 @@ fn tensor_core_prefill_attention_is_within_bf16_of_the_f32_kernel() {
             .map(|_| (lcg(seed) % 20001) as f32 / 10000.0 - 1.0)
             .collect()
     };
-    for (hd, heads, kvh) in [(128usize, 48usize, 8usize), (64, 8, 8)] {
-        let (group, n) = (heads / kvh, 700usize);
+    // On the emulated device, a 200-token prompt and a quarter of the heads (still group 6).
+    let (n, quarter) = if emulated() { (200, 4) } else { (700usize, 1) };
+    for (hd, heads, kvh) in [(128usize, 48 / quarter, 8 / quarter), (64, 8, 8)] {
+        let group = heads / kvh;
         let (qd, kvd) = (heads * hd, kvh * hd);
         let per_tile = (64 / group).max(1);
         let q = g.upload(&uni(n * qd, &mut seed)).unwrap();
@@ -542,10 +538,7 @@ fn tensor_core_prefill_attention_is_within_bf16_of_the_f32_kernel() {
                 Gpu::prefill_smem_bytes(hd),
             );
             let tc = run(&format!("attention_tc_{hd}"), 0);
-            let worst = exact
-                .iter()
-                .zip(&tc)
-                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            let worst = max_abs_diff(&exact, &tc);
             println!(
                 "attention_tc_{hd}: group {group}, {splits} split(s): within {worst:.2e} of the \
                  f32 kernel"
@@ -569,18 +562,23 @@ fn tensor_core_int8_matmul_matches_dequantised_cublas() {
         println!("{}: no bf16 tensor cores; qmma does not run here", g.name);
         return;
     }
-    // Grok-1's expert shapes (G = 8 where the release has it), a narrow last tile.
+    // Grok-1's expert shapes (G = 8 where the release has it), a narrow last tile. On the
+    // emulated device, smaller matrices with the same features (several tiles, 8 scale groups).
     let rows = &[9usize, 20, 64][..];
-    bf16_path_matches_cublas(
-        &g,
-        "qmma",
+    let shapes: &[(usize, usize, usize, &[usize])] = if emulated() {
+        &[
+            (1024, 2560, 1, &[9, 64]),
+            (4096, 1024, 8, &[20]),
+            (256, 1040, 2, rows),
+        ]
+    } else {
         &[
             (6144, 32768, 1, rows),
             (32768, 6144, 8, rows),
             (256, 1040, 2, rows),
-        ],
-        77,
-    );
+        ]
+    };
+    bf16_path_matches_cublas(&g, "qmma", shapes, 77);
 }
 
 /// For each (k, n, scale groups, row counts): `Gpu::qmatmul` on the bf16 path against
@@ -631,18 +629,25 @@ fn wgmma_int8_matmul_matches_dequantised_cublas() {
         println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
         return;
     }
-    bf16_path_matches_cublas(
-        &g,
-        "wgmma",
+    // On the emulated device, smaller matrices with the same features (several weight tiles,
+    // token tiles of 112 and 128, a K split with 8 scale groups); no 2048-token prompt.
+    let shapes: &[(usize, usize, usize, &[usize])] = if emulated() {
+        &[
+            (1024, 2048, 1, &[65, 200]),
+            (4096, 1024, 8, &[100]),
+            (256, 1040, 2, &[300, 270]),
+            (704, 272, 11, &[129]),
+        ]
+    } else {
         &[
             (6144, 32768, 1, &[65, 512]),
             (32768, 6144, 8, &[512, 100]),
             (6144, 6144, 1, &[2048]),
             (256, 1040, 2, &[300, 270]),
             (704, 272, 11, &[129]),
-        ],
-        91,
-    );
+        ]
+    };
+    bf16_path_matches_cublas(&g, "wgmma", shapes, 91);
 }
 
 /// An expert's FFN on `qgemm_wgmma` with the GELU product in the up projection's epilogue
@@ -656,7 +661,11 @@ fn wgmma_expert_ffn_matches_the_unfused_products() {
         println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
         return;
     }
-    let (d, f, m) = (1024, 4096, 300);
+    let (d, f, m) = if emulated() {
+        (256, 1024, 100)
+    } else {
+        (1024, 4096, 300)
+    };
     let mats: Vec<DevQ> = [(d, f, 1), (d, f, 2), (f, d, 4)]
         .iter()
         .enumerate()
@@ -744,11 +753,7 @@ fn bf16_path_device_routing_matches_host_routing() {
         step(&mut shard, &next, plen)
     };
     let (device, host) = (run(true), run(false));
-    let worst = device
-        .iter()
-        .zip(&host)
-        .map(|(d, h)| rel_diff(d, h))
-        .fold(0f64, f64::max);
+    let worst = worst(device.iter().zip(&host).map(|(d, h)| rel_diff(d, h)));
     println!("bf16 path, 24-token decode step: device routing within {worst:.2e} of host routing");
     assert!(worst < 5e-2, "relative difference {worst}");
 }

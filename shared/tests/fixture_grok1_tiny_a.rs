@@ -8,7 +8,7 @@ use grok_shared::model::{
     blocks_for, BlockAllocator, Forward, LogitsMode, ModelWeights, PagedKv, SeqKv, SeqStep,
 };
 use grok_shared::sampling::{Sampler, SamplingParams};
-use grok_shared::test_support::{tiny_a_dir, TinyAExpected};
+use grok_shared::test_support::{max_abs_diff, tiny_a_dir, TinyAExpected};
 
 const BLOCK: usize = 16;
 
@@ -52,9 +52,7 @@ pub fn check_model_against_fixture(model: &dyn Forward) {
             }
             let ours = &row_logits[t * v..(t + 1) * v];
             let want = &e.logits_f32[(b * tg + t) * v..(b * tg + t + 1) * v];
-            for (a, w) in ours.iter().zip(want) {
-                worst = worst.max((a - w).abs());
-            }
+            worst = worst.max(max_abs_diff(ours, want));
         }
         // The release's bf16 logits over the prompt: close on average.
         let mut sum = 0f64;
@@ -115,9 +113,7 @@ fn incremental_decoding_equals_full_forward() {
     while pos < tg {
         let end = (pos + chunk).min(tg);
         let out = cache.step(&model, &row[pos..end], LogitsMode::All).unwrap();
-        for (a, b) in out.iter().zip(&full[pos * v..end * v]) {
-            worst = worst.max((a - b).abs());
-        }
+        worst = worst.max(max_abs_diff(&out, &full[pos * v..end * v]));
         pos = end;
         chunk = if chunk == 1 { 3 } else { 1 };
     }
@@ -154,11 +150,7 @@ fn batch_of_unequal_sequences_equals_each_alone() {
     let together = model.forward(&mut kv, &batch).unwrap();
     for (a, b) in together.iter().zip(&alone) {
         assert_eq!(a.len(), b.len());
-        let worst = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(a, b);
         assert!(worst <= 1e-4, "batched vs alone: {worst}");
     }
     // Then a batched decode step of one token each continues each cache correctly.
@@ -179,11 +171,7 @@ fn batch_of_unequal_sequences_equals_each_alone() {
         let mut full: Vec<u32> = s.to_vec();
         full.push(next[i]);
         let want = forward_fresh(&model, &[&full], LogitsMode::Last);
-        let worst = step[i]
-            .iter()
-            .zip(&want[0])
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let worst = max_abs_diff(&step[i], &want[0]);
         assert!(worst <= 1e-4, "batched decode vs alone: {worst}");
     }
 }

@@ -10,7 +10,7 @@ use grok_shared::model::{
     blocks_for, BlockAllocator, LogitsMode, ModelWeights, SeqKv, SeqStep, Slices,
 };
 use grok_shared::parallel::Plan;
-use grok_shared::test_support::tiny_a_dir;
+use grok_shared::test_support::{max_abs_diff, tiny_a_dir};
 use std::time::Duration;
 
 /// Prompts of unequal lengths, and one next token for each.
@@ -151,14 +151,6 @@ fn cluster(world: usize, tp: usize, ep: usize) -> (Outputs, Vec<u64>) {
     (out, routed)
 }
 
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn argmax_rows(v: &[f32], vocab: usize) -> Vec<usize> {
     v.chunks_exact(vocab)
         .map(|r| grok_shared::sampling::argmax(r).unwrap())
@@ -183,7 +175,7 @@ fn every_issue_plan_equals_one_process() {
             );
         }
         for (i, ((ga, gb), (wa, wb))) in got.iter().zip(&want).enumerate() {
-            let (da, db) = (max_diff(ga, wa), max_diff(gb, wb));
+            let (da, db) = (max_abs_diff(ga, wa), max_abs_diff(gb, wb));
             assert!(
                 da <= 1e-4 && db <= 1e-4,
                 "W={w} tp={tp} ep={ep} seq {i}: prefill {da}, decode {db}"

@@ -6,7 +6,7 @@ use grok_proto::worker::v1 as pb;
 use grok_shared::checkpoint::open_model;
 use grok_shared::cpu::CpuModel;
 use grok_shared::model::{LogitsMode, ModelWeights, SeqKv};
-use grok_shared::test_support::tiny_a_dir;
+use grok_shared::test_support::{max_abs_diff, tiny_a_dir};
 use grok_worker::engine::{self, Command, EngineError, Loaded};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -215,12 +215,7 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
         .unwrap();
     let mut got = Vec::new();
     grok_shared::bytes::extend_f32_le(&mut got, &r.logits[0].logits_f32);
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert_eq!(got.len(), want.len());
+    let worst = max_abs_diff(&got, &want);
     assert!(worst <= 1e-4, "engine vs one process: {worst}");
 
     // Sampling on the worker: a greedy LAST step returns the argmax and its logprobs, no logits.

@@ -25,6 +25,9 @@ struct Rng {
 };
 
 static int failures = 0;
+// |got - want|, or 1e9 where got is not finite (std::max keeps its first operand against a
+// NaN, so a plain maximum would pass outputs the emulator left as NaN).
+static double off(double got, double want) { return std::isfinite(got) ? std::abs(got - want) : 1e9; }
 static void expect(bool ok, const char *what, double got, double limit) {
     std::printf("%-72s %s (%.2e, limit %.0e)\n", what, ok ? "ok" : "FAILED", got, limit);
     if (!ok) failures++;
@@ -49,7 +52,7 @@ static double attention_row_error(const float *q, const float *got, const std::v
     for (int c = 0; c < hd; c++) {
         double o = 0;
         for (int j = 0; j <= p; j++) o += sc[j] * vc[(size_t)slots[j] * kvd + kvh * hd + c];
-        worst = std::max(worst, std::isfinite(got[c]) ? std::abs(got[c] - o / sum) : 1e9);
+        worst = std::max(worst, off(got[c], o / sum));
     }
     return worst;
 }
@@ -315,7 +318,7 @@ static void qmma_case(MmaKernel kern, const char *name, int m, int k, int n, int
         for (int c = 0; c < n; c++) {
             double scale, want = q.reference(r, c, scale);
             double got = out[(size_t)r * n + c];
-            worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+            worst = std::max(worst, off(got, want) / scale);
         }
     for (u32 c : counters)
         if (c != 0) worst = 1e9;
@@ -373,7 +376,7 @@ static void wgmma_case(int m, int k, int n, int groups, int per_block, bool spli
                 want *= gg;
                 scale = scale * std::abs(gg) + 1e-30;
             }
-            worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+            worst = std::max(worst, off(got, want) / scale);
         }
     for (u32 c : counters)
         if (c != 0) worst = 1e9;
@@ -423,7 +426,7 @@ static void tiled_case(uint64_t seed) {
             int o = c < widths[0] ? 0 : c < widths[0] + widths[1] ? 1 : 2;
             int oc = c - (o > 0 ? widths[0] : 0) - (o > 1 ? widths[1] : 0);
             double got = outs[o][(size_t)r * widths[o] + oc];
-            worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+            worst = std::max(worst, off(got, want) / scale);
         }
     for (u32 c : counters)
         if (c != 0) worst = 1e9;
@@ -488,7 +491,7 @@ static void experts_case(uint64_t seed) {
                     scale += std::abs(p);
                 }
                 double got = out[(size_t)(kind * slots + s) * n + c];
-                worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+                worst = std::max(worst, off(got, want) / scale);
             }
         }
     for (u32 c : counters)
@@ -529,7 +532,7 @@ static void mma_experts_case(uint64_t seed) {
                     scale += std::abs(p);
                 }
                 double got = out[(size_t)(kind * slots + s) * n + c];
-                worst = std::max(worst, std::isfinite(got) ? std::abs(got - want) / scale : 1e9);
+                worst = std::max(worst, off(got, want) / scale);
             }
         }
     for (u32 c : counters)
@@ -575,13 +578,13 @@ static void residual_case(int rows, int d, int experts, int k, bool slots, bool 
         for (int i = 0; i < d; i++) {
             hh[i] = h0[(size_t)t * d + i] + w[i] * u[i] * inv;
             ss2 += hh[i] * hh[i];
-            eh = std::max(eh, std::abs(hh[i] - h[(size_t)t * d + i]));
+            eh = std::max(eh, off(h[(size_t)t * d + i], hh[i]));
         }
         if (!norm) continue;
         double inv2 = 1 / std::sqrt(ss2 / d + eps);
         for (int i = 0; i < d; i++) {
             o[i] = w2[i] * hh[i] * inv2 * post;
-            eo = std::max(eo, std::abs(o[i] - out[(size_t)t * d + i]));
+            eo = std::max(eo, off(out[(size_t)t * d + i], o[i]));
         }
         if (!route) continue;
         std::vector<double> lg(experts);
@@ -596,7 +599,7 @@ static void residual_case(int rows, int d, int experts, int k, bool slots, bool 
         std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return lg[a] > lg[b]; });
         for (int j = 0; j < k; j++) {
             picks_ok &= picks[t * k + j] == order[j];
-            eg = std::max(eg, std::abs(lg[order[j]] / sum - pg[t * k + j]));
+            eg = std::max(eg, off(pg[t * k + j], lg[order[j]] / sum));
         }
     }
     char what[160];
@@ -654,7 +657,7 @@ static void row_kernels_case(int d, int shift, uint64_t seed) {
             double a = 0;
             for (unsigned e = offsets[t]; e < offsets[t + 1]; e++)
                 a += (double)gates[e] * s[prow[e] * d + i];
-            comb = std::max(comb, std::isfinite(o[t * d + i]) ? std::abs(o[t * d + i] - a) : 1e9);
+            comb = std::max(comb, off(o[t * d + i], a));
         }
     // to_bf16 and gelu_mul over rows * d + 3 elements (a ragged tail of 4).
     size_t len = (size_t)rows * d + 3;
@@ -672,7 +675,7 @@ static void row_kernels_case(int d, int shift, uint64_t seed) {
     for (size_t i = 0; i < len; i++) {
         double x = s[i], u = 0.7978845608 * (x + 0.044715 * x * x * x);
         double want = 0.5 * x * (1 + std::tanh(u)) * b[i + shift];
-        gm = std::max(gm, std::isfinite(a[i + shift]) ? std::abs(a[i + shift] - want) : 1e9);
+        gm = std::max(gm, off(a[i + shift], want));
     }
     char what[160];
     std::snprintf(what, sizeof what, "row kernels d=%d, offset %d: copies and to_bf16 exact", d,
