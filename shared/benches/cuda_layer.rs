@@ -58,15 +58,22 @@ fn main() {
     };
     let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
     let tmp;
-    // A model left by an earlier run is reused only if it has the layers asked for (the
-    // figures are divided by that count).
-    let reusable = |d: &std::ffi::OsStr| {
-        open_model(std::path::Path::new(d)).is_ok_and(|m| m.config.num_hidden_layers == layers)
-    };
+    // A model left by an earlier run is reused only if it is the one asked for: the preset's
+    // shapes and the layers (the figures are divided by that count).
+    let reusable =
+        |d: &std::ffi::OsStr| open_model(std::path::Path::new(d)).is_ok_and(|m| m.config == cfg);
     let dir = match std::env::var_os("GROK_BENCH_MODEL") {
         Some(d) if reusable(&d) => d.into(),
         other => {
             let path = match other {
+                Some(d) if std::path::Path::new(&d).exists() => {
+                    eprintln!(
+                        "cuda_layer: GROK_BENCH_MODEL={} holds another model than {layers} \
+                         layer(s) of {preset}: remove it or name another directory",
+                        std::path::Path::new(&d).display()
+                    );
+                    std::process::exit(2);
+                }
                 Some(d) => std::path::PathBuf::from(d),
                 None => {
                     tmp = tempfile::tempdir().expect("temp dir");

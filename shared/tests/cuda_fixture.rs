@@ -204,6 +204,7 @@ fn every_plan_on_one_gpu_matches_the_world_of_one() {
     for (w, tp, ep) in TINY_A_PLANS {
         let shards = (0..w).map(|r| shard(w, tp, ep, r)).collect();
         let got = run_world(shards, local(w), &steps).remove(0);
+        assert_eq!(got.len(), reference.len(), "W={w} tp={tp} ep={ep}: rows");
         let worst = got
             .iter()
             .zip(&reference)
@@ -223,9 +224,7 @@ fn nccl_world_of_one_gives_the_same_logits() {
     let boot = local(1).remove(0);
     let nccl = NcclComm::start(boot.as_ref(), 0, Duration::from_secs(30)).unwrap();
     let got = run_world(vec![shard(1, 1, 1, 0)], vec![Box::new(nccl)], &steps).remove(0);
-    for (a, b) in got.iter().zip(&reference) {
-        assert_eq!(a, b);
-    }
+    assert_eq!(got, reference);
 }
 
 #[test]

@@ -174,6 +174,7 @@ fn every_issue_plan_equals_one_process() {
                 "W={w} tp={tp} ep={ep} layer {l}: tokens x top-k"
             );
         }
+        assert_eq!(got.len(), want.len(), "W={w} tp={tp} ep={ep}: sequences");
         for (i, ((ga, gb), (wa, wb))) in got.iter().zip(&want).enumerate() {
             let (da, db) = (max_abs_diff(ga, wa), max_abs_diff(gb, wb));
             assert!(

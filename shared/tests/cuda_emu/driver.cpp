@@ -4,13 +4,15 @@
 // arguments and grids, the order of kernels) run unchanged with the kernels of kernels.cu
 // executed by emu.h on the CPU. It reports a Hopper (compute capability 9.0, 132 SMs) so that
 // every path runs: tensor cores, wgmma, device routing. Memory is host memory; every call
-// completes before it returns, so streams and events only need to exist. New allocations are
-// filled with NaN bits: a kernel reading what nobody wrote shows in the results, as it may on
-// a GPU. cuBLAS is a plain loop (bf16 operands, f32 sums). Built by cuda_emulated_device.rs;
-// kernel_table.inc (written there) lists the kernels the backend looks up.
+// completes before it returns, so streams only need to exist and events read the host's
+// clock. New allocations are filled with NaN bits: a kernel reading what nobody wrote shows
+// in the results, as it may on a GPU. cuBLAS is a plain loop (bf16 operands, f32 sums).
+// Built by cuda_emu/builder.rs, which writes kernel_table.inc (the kernels the backend looks
+// up).
 #include "emu.h"
 #include "kernels_emu.cu"
 
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -116,13 +118,19 @@ int cuStreamCreateWithPriority(void **s, unsigned, int) { return *s = &dummy_str
 int cuStreamSynchronize(void *) { return 0; }
 int cuStreamDestroy_v2(void *) { return 0; }
 int cuStreamWaitEvent(void *, void *, unsigned) { return 0; }
-int cuEventCreate(void **e, unsigned) { return *e = new int(0), 0; }
-int cuEventRecord(void *, void *) { return 0; }
+// An event holds the host's clock when recorded: every call completes before it returns, so
+// the time between two events is the emulated kernels' (GROK_CUDA_PROFILE has figures to add).
+using Clock = std::chrono::steady_clock;
+int cuEventCreate(void **e, unsigned) { return *e = new Clock::time_point(Clock::now()), 0; }
+int cuEventRecord(void *e, void *) { return *(Clock::time_point *)e = Clock::now(), 0; }
 int cuEventSynchronize(void *) { return 0; }
 int cuEventQuery(void *) { return 0; }
-int cuEventElapsedTime(float *ms, void *, void *) { return *ms = 0.f, 0; }
-int cuEventElapsedTime_v2(float *ms, void *, void *) { return *ms = 0.f, 0; }
-int cuEventDestroy_v2(void *e) { return delete (int *)e, 0; }
+int cuEventElapsedTime(float *ms, void *a, void *b) {
+    auto d = *(Clock::time_point *)b - *(Clock::time_point *)a;
+    return *ms = std::chrono::duration<float, std::milli>(d).count(), 0;
+}
+int cuEventElapsedTime_v2(float *ms, void *a, void *b) { return cuEventElapsedTime(ms, a, b); }
+int cuEventDestroy_v2(void *e) { return delete (Clock::time_point *)e, 0; }
 int cuDeviceGetDefaultMemPool(void **p, int) { return *p = &dummy_pool, 0; }
 int cuMemPoolSetAttribute(void *, int, void *) { return 0; }
 
