@@ -30,12 +30,20 @@ step() { echo "== $1 ($(date +%T))"; }
 step "GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
+step "warm-up: kernels.cu through NVRTC and the driver's JIT into the caches, once"
+# So that no canary's time limit pays for the compile (tens of seconds): a canary cut short
+# would switch its kernels off for the rest. A test of kernels a GPU has run, qgemm_wgmma's
+# start-up check off.
+t0=$(date +%s)
+GROK_CUDA_WGMMA=0 timeout $(lim 300) "$B/cuda_kernels" --ignored --test-threads 1 --exact \
+  a_split_product_gives_each_part_its_columns >"$OUT/warmup.txt" 2>&1
+echo "warm-up rc=$? in $(($(date +%s) - t0)) s" | tee -a "$OUT/warmup.txt"
+
 step "canaries: the kernels no GPU has run yet, each set in a process of its own"
 # A kernel fault ends the process that ran it (the context is unusable) and the wgmma
 # start-up check runs in every process that opens the GPU: a kernel that fails here is
 # switched off for every later part, so that one bad kernel still leaves the other figures.
 canary() {
-  # The first one also compiles the kernels (NVRTC, then the driver's JIT).
   timeout $(lim 120) "$B/cuda_kernels" --ignored --test-threads 1 --nocapture "$@" >>"$OUT/canaries.txt" 2>&1
   local rc=$? offs
   offs=$(env | grep -E '^GROK_CUDA_[A-Z_]+=0$' | sort | tr '\n' ' ')
@@ -135,8 +143,8 @@ step "gRPC all-to-all vs plain TCP on this machine's cores (4 ranks, up to 16 MB
 timeout $(lim 60) "$B/collectives" 16 2>&1 | tee "$OUT/collectives.txt"
 
 step "summary (the run's last lines are what its caller sees first)"
-grep -hE "^(canary |for the rest|cuda_fixture rc|nccl collectives rc|cuda_kernels rc|cluster rc)" \
-  "$OUT"/canaries.txt "$OUT"/fixture.txt "$OUT"/kernels.txt "$OUT"/cluster.txt 2>/dev/null
+grep -hE "^(warm-up rc|canary |for the rest|cuda_fixture rc|nccl collectives rc|cuda_kernels rc|cluster rc)" \
+  "$OUT"/warmup.txt "$OUT"/canaries.txt "$OUT"/fixture.txt "$OUT"/kernels.txt "$OUT"/cluster.txt 2>/dev/null
 grep -hE "^(GPU:|decode attention|decode MoE routing|bf16 path|device copy|cuBLAS|int8 |\| (decode|prefill)|qgemm_wgmma prefill)" \
   "$OUT"/cuda_layer.txt 2>/dev/null
 step "done"
