@@ -631,10 +631,10 @@ fn wgmma_int8_matmul_matches_dequantised_cublas() {
         return;
     }
     // On the emulated device, smaller matrices with the same features (several weight tiles,
-    // token tiles of 112 and 128, a K split with 8 scale groups); no 2048-token prompt.
+    // every token tile, a K split with 8 scale groups); no 2048-token prompt.
     let shapes: &[(usize, usize, usize, &[usize])] = if emulated() {
         &[
-            (1024, 2048, 1, &[65, 200]),
+            (1024, 2048, 1, &[65, 256]),
             (4096, 1024, 8, &[100]),
             (256, 1040, 2, &[300, 270]),
             (704, 272, 11, &[129]),
