@@ -9,7 +9,7 @@
 # parts may run past their limits on 2 cores. What it shows is that the script, the bundle
 # and the host code run their whole course. About 20 minutes on 2 cores.
 #   deploy/gpu/rehearse.sh [REFERENCE_DIR]   (REHEARSE_BUNDLE=keep: use target/gpu-bundle as is)
-# Results under target/rehearsal (or $OUT).
+# Results under target/rehearsal (cleared first).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${REHEARSE_BUNDLE:-build}" != keep ]; then
@@ -18,7 +18,7 @@ fi
 DEV="$PWD/target/emulated-device"
 rm -rf "$DEV"
 EMU_ENV=$(cargo run -q -p grok-shared --example emulated_device -- "$DEV")
-OUT=${OUT:-$PWD/target/rehearsal}
+OUT="$PWD/target/rehearsal"
 rm -rf "$OUT" && mkdir -p "$OUT"
 # Its own bench model and caches: nothing of the emulated device's may reach a real GPU's.
 # shellcheck disable=SC2086 # EMU_ENV is NAME=VALUE words
