@@ -18,6 +18,15 @@ pub fn cuda_emulator_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu")
 }
 
+/// Set to 1 in a process that runs on the emulated device (shared/tests/cuda_emu).
+pub const EMULATED_DEVICE: &str = "GROK_EMULATED_DEVICE";
+
+/// Whether this process runs on the emulated device, kernels on the CPU (GPU tests then
+/// take smaller shapes).
+pub fn on_emulated_device() -> bool {
+    std::env::var(EMULATED_DEVICE).is_ok_and(|v| v == "1")
+}
+
 /// The `grok1-tiny-a` fixture directory.
 pub fn tiny_a_dir() -> PathBuf {
     reference_dir().join("fixtures/grok1-tiny-a")

@@ -17,7 +17,7 @@
 #[path = "cuda_emu/builder.rs"]
 mod builder;
 
-use builder::{compile, EmulatedDevice, EMULATED};
+use builder::{compile, EmulatedDevice};
 use std::process::Command;
 
 /// Runs `cmd`, prints its output and returns it; fails with `what`, its output and its
@@ -86,7 +86,7 @@ fn the_cuda_backend_runs_on_the_emulated_device() {
 }
 
 #[test]
-#[ignore = "five minutes: cargo test -p grok-shared --test cuda_emulated -- --ignored more_gpu_tests"]
+#[ignore = "six minutes: cargo test -p grok-shared --test cuda_emulated -- --ignored more_gpu_tests"]
 fn more_gpu_tests_run_on_the_emulated_device() {
     let dir = tempfile::tempdir().expect("temp dir");
     let device = EmulatedDevice::build(dir.path());
@@ -145,11 +145,11 @@ const ALSO_ON_THE_EMULATOR: [&str; 12] = [
 /// The checks run by `the_cuda_backend_runs_on_the_emulated_device`, each in that process
 /// only (ignored, and a no-op elsewhere: they need its libraries).
 mod on_the_emulated_device {
-    use super::EMULATED;
     use grok_shared::cuda::device::Gpu;
+    use grok_shared::test_support::on_emulated_device;
 
     fn here() -> bool {
-        let on = std::env::var(EMULATED).is_ok_and(|v| v == "1");
+        let on = on_emulated_device();
         if !on {
             println!("run by the_cuda_backend_runs_on_the_emulated_device");
         }

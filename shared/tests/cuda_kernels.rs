@@ -15,7 +15,9 @@ use grok_shared::cuda::CudaShard;
 use grok_shared::mismatch;
 use grok_shared::model::{LogitsMode, ModelWeights, RankBackend, SeqKv, SeqStep};
 use grok_shared::parallel::Plan;
-use grok_shared::test_support::{lcg, max_abs_diff, qmatmul_reference, random_qmatrix, worst};
+use grok_shared::test_support::{
+    lcg, max_abs_diff, on_emulated_device, qmatmul_reference, random_qmatrix, worst,
+};
 use std::time::Duration;
 
 fn run(g: &Gpu, dq: &DevQ, x: &[f32], m: usize, min_rows: usize) -> Vec<f32> {
@@ -158,12 +160,6 @@ fn a_split_product_gives_each_part_its_columns() {
     assert!(err.is_err(), "widths that do not add up are refused");
 }
 
-/// On the emulated device (`cuda_emulated.rs` runs some of these tests there, kernels on the
-/// CPU) the prompts are shorter.
-fn emulated() -> bool {
-    std::env::var("GROK_EMULATED_DEVICE").is_ok_and(|v| v == "1")
-}
-
 /// Largest |got - want| over the largest |want| (logits against the CPU engine's; infinite
 /// where got is not a number).
 fn rel_diff(got: &[f32], want: &[f32]) -> f64 {
@@ -204,7 +200,7 @@ fn long_prompts_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize, ff
     let cpu = CpuModel::new(load()).unwrap();
     let plan = Plan::new(&model.config, 1, 1, 1).unwrap();
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
-    let (la, lb, split) = if emulated() {
+    let (la, lb, split) = if on_emulated_device() {
         (150, 70, 100)
     } else {
         (700, 300, 400)
@@ -363,7 +359,7 @@ fn decode_steps_match_the_cpu(head_dim: usize, heads: usize, kv_heads: usize) {
         device_routed,
         "the 5-token steps keep the picks on the device unless that is switched off"
     );
-    let lens = if emulated() {
+    let lens = if on_emulated_device() {
         [1usize, 7, 40, 70, 130]
     } else {
         [1usize, 7, 40, 300, 1100]
@@ -472,7 +468,11 @@ fn tensor_core_prefill_attention_is_within_bf16_of_the_f32_kernel() {
             .collect()
     };
     // On the emulated device, a 200-token prompt and a quarter of the heads (still group 6).
-    let (n, quarter) = if emulated() { (200, 4) } else { (700usize, 1) };
+    let (n, quarter) = if on_emulated_device() {
+        (200, 4)
+    } else {
+        (700usize, 1)
+    };
     for (hd, heads, kvh) in [(128usize, 48 / quarter, 8 / quarter), (64, 8, 8)] {
         let group = heads / kvh;
         let (qd, kvd) = (heads * hd, kvh * hd);
@@ -566,7 +566,7 @@ fn tensor_core_int8_matmul_matches_dequantised_cublas() {
     // Grok-1's expert shapes (G = 8 where the release has it), a narrow last tile. On the
     // emulated device, smaller matrices with the same features (several tiles, 8 scale groups).
     let rows = &[9usize, 20, 64][..];
-    let shapes: &[(usize, usize, usize, &[usize])] = if emulated() {
+    let shapes: &[(usize, usize, usize, &[usize])] = if on_emulated_device() {
         &[
             (1024, 2560, 1, &[9, 64]),
             (4096, 1024, 8, &[20]),
@@ -632,7 +632,7 @@ fn wgmma_int8_matmul_matches_dequantised_cublas() {
     }
     // On the emulated device, smaller matrices with the same features (several weight tiles,
     // every token tile, a K split with 8 scale groups); no 2048-token prompt.
-    let shapes: &[(usize, usize, usize, &[usize])] = if emulated() {
+    let shapes: &[(usize, usize, usize, &[usize])] = if on_emulated_device() {
         &[
             (1024, 2048, 1, &[65, 256]),
             (4096, 1024, 8, &[100]),
@@ -662,7 +662,7 @@ fn wgmma_expert_ffn_matches_the_unfused_products() {
         println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
         return;
     }
-    let (d, f, m) = if emulated() {
+    let (d, f, m) = if on_emulated_device() {
         (256, 1024, 100)
     } else {
         (1024, 4096, 300)
@@ -724,7 +724,7 @@ fn bf16_path_device_routing_matches_host_routing() {
     let comm = LocalComm::group(1, Duration::from_secs(60)).remove(0);
     let (seqs, per_seq) = (24usize, 4u32);
     // Prompts of 96 rows in all on the emulated device: still past 64, so qgemm_wgmma.
-    let plen = if emulated() { 4 } else { 30 };
+    let plen = if on_emulated_device() { 4 } else { 30 };
     let blocks: Vec<Vec<u32>> = (0..seqs as u32)
         .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
         .collect();

@@ -2,11 +2,9 @@
 //! the emulated device (driver.cpp as the CUDA driver, NVRTC and cuBLAS libraries). Shared by
 //! the tests that use them (`#[path]` from shared/tests/cuda_emulated.rs and tests/).
 
+use grok_shared::test_support::EMULATED_DEVICE;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-/// Set in a process that runs on the emulated device.
-pub const EMULATED: &str = "GROK_EMULATED_DEVICE";
 
 /// kernels.cu with each `extern __shared__` array (dynamic shared memory) pointed at the
 /// emulator's buffer, which `static` (what `__shared__` becomes) cannot express.
@@ -95,7 +93,7 @@ impl EmulatedDevice {
     /// meet a real GPU). Processes `cmd` starts inherit all of it.
     pub fn setup<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         cmd.env("LD_LIBRARY_PATH", &self.dir)
-            .env(EMULATED, "1")
+            .env(EMULATED_DEVICE, "1")
             .env("GROK_KERNEL_CACHE", self.dir.join("kernel-cache"))
     }
 }
