@@ -189,6 +189,32 @@ fn stop_strings_logprobs_and_echo() {
         assert_eq!(lp["tokens"].as_array().unwrap().len(), n, "{lp}");
         assert!(lp["token_logprobs"][0].is_null());
         assert!(lp["token_logprobs"][1].as_f64().unwrap() <= 0.0);
+        let prompt_and_two = v["choices"][0]["text"].as_str().unwrap().to_string();
+
+        // No new tokens: the prompt's pass ends the request (it used to loop on failing steps
+        // while the client waited). With `echo`, the text is the prompt.
+        let mut b = body.clone();
+        b["max_tokens"] = json!(0);
+        let (status, v) = complete(&c, &s, b.clone()).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], "", "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 0, "{v}");
+        assert_eq!(v["usage"]["prompt_tokens"], prompt(1).len(), "{v}");
+        let (streamed, finish, usage) = stream_text(&c, &s, b.clone()).await;
+        assert_eq!((streamed.as_str(), finish.as_str()), ("", "length"));
+        assert_eq!(usage["completion_tokens"], 0, "{usage}");
+        b["echo"] = json!(true);
+        let (status, echoed) = complete(&c, &s, b).await;
+        assert_eq!(status, 200, "{echoed}");
+        let echoed = echoed["choices"][0]["text"].as_str().unwrap_or_default();
+        // The prompt alone: what the echo of 2 more tokens starts with.
+        assert!(
+            !echoed.is_empty()
+                && prompt_and_two.starts_with(echoed)
+                && echoed.len() < prompt_and_two.len(),
+            "{echoed:?} vs {prompt_and_two:?}"
+        );
     });
 }
 

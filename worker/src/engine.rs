@@ -196,7 +196,8 @@ impl Engine {
         let slices = Slices::for_rank(&plan, &dir.config, rank);
         let (blocks, bs) = (req.kv_blocks as usize, req.block_size as usize);
         let kv_dim = slices.kv_heads.len() * dir.config.head_dim;
-        // The allocation itself cannot fail politely, so refuse sizes that overflow first.
+        // The allocation itself cannot fail politely (it aborts the process), so refuse sizes
+        // that overflow, and on the CPU pools larger than the memory the machine has free.
         let kv_bytes = PagedKv::bytes_for(dir.config.num_hidden_layers, kv_dim, bs, blocks)
             .filter(|&b| b <= isize::MAX as usize)
             .ok_or_else(|| {
@@ -204,6 +205,16 @@ impl Engine {
                     "a KV pool of {blocks} blocks of {bs} positions does not fit in memory"
                 ))
             })?;
+        if let (Device::Cpu, Some(free)) = (self.device, available_memory()) {
+            if kv_bytes as u64 > free {
+                return Err(EngineError::BadRequest(format!(
+                    "a KV pool of {} MiB ({blocks} blocks of {bs} positions) is more than this \
+                     machine's available memory ({} MiB): lower --kv-cache-mb",
+                    kv_bytes >> 20,
+                    free >> 20
+                )));
+            }
+        }
         let mut report = |done: usize| {
             let _ = progress.blocking_send(pb::LoadProgress {
                 layers_done: done as u32,
@@ -428,4 +439,13 @@ fn logits_mode(s: &pb::SeqInput) -> Result<LogitsMode, EngineError> {
             s.seq_id, s.logits
         ))),
     }
+}
+
+/// Bytes of memory the kernel says are available for new allocations (`MemAvailable`), where
+/// it says (Linux).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }

@@ -108,6 +108,9 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
     ));
     bad(h.load(0, 16), "kv_blocks (0)");
     bad(h.load(8, 0), "block_size (0)");
+    // A pool larger than the machine's memory is refused before it is allocated (the
+    // allocation would abort the worker); ~54 PB here.
+    bad(h.load(u32::MAX, 4096), "lower --kv-cache-mb");
     let loaded = h.load(8, 16).unwrap();
     assert!(loaded.weight_bytes > 0);
     // 3 layers × (8 kv heads × 16) × 16 positions × keys and values × f32, 8 blocks.

@@ -188,6 +188,9 @@ struct Scheduler<B> {
     failures: usize,
 }
 
+/// Failed steps a request may be part of before it fails on its own.
+const MAX_FAILED_STEPS: u32 = 3;
+
 impl<B: StepBackend> Scheduler<B> {
     fn new(
         backend: B,
@@ -460,7 +463,27 @@ impl<B: StepBackend> Scheduler<B> {
             Err(e) => {
                 tracing::warn!("step failed: {e}");
                 self.failures += 1;
+                for s in &mut self.running {
+                    if work.iter().any(|w| w.seq_id == s.id) {
+                        s.failed_steps += 1;
+                    }
+                }
                 let recovered = self.recover().await;
+                // A request that keeps failing its steps fails alone, even when the steps in
+                // between succeed: recovery must not turn a step that cannot run into a loop.
+                let mut i = 0;
+                while i < self.running.len() {
+                    if self.running[i].failed_steps >= MAX_FAILED_STEPS {
+                        let mut s = self.running.remove(i);
+                        self.release(&mut s);
+                        s.fail(format!(
+                            "the cluster failed on {MAX_FAILED_STEPS} steps with this request: {e}"
+                        ));
+                        self.observe_end(&s);
+                    } else {
+                        i += 1;
+                    }
+                }
                 if !recovered || self.failures >= 2 {
                     let msg = format!("the cluster failed: {e}");
                     for mut s in std::mem::take(&mut self.running) {
@@ -480,9 +503,6 @@ impl<B: StepBackend> Scheduler<B> {
         for (i, w) in plan {
             let s = &mut self.running[i];
             s.computed = w.start + w.tokens.len();
-            if w.logits == LogitsMode::None {
-                continue;
-            }
             if w.logits == LogitsMode::All {
                 match out.logits.remove(&w.seq_id) {
                     Some(rows) => {

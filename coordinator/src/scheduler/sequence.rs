@@ -34,6 +34,8 @@ pub(super) struct Sequence {
     pub last_token: Option<Instant>,
     /// `last_token` before the latest one (inter-token latency).
     prev_token: Option<Instant>,
+    /// Failed steps this sequence was part of.
+    pub failed_steps: u32,
 }
 
 /// What happened to a sequence after it got its logits.
@@ -62,6 +64,7 @@ impl Sequence {
             last_token: None,
             req: sub.request,
             prev_token: None,
+            failed_steps: 0,
         }
     }
 

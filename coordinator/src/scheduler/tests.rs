@@ -3,6 +3,7 @@
 //! their blocks; the queue is bounded.
 
 use super::*;
+use crate::cluster::ClusterError;
 use crate::request::TokenLogprob;
 use grok_shared::checkpoint::open_model;
 use grok_shared::model::ModelWeights;
@@ -328,4 +329,106 @@ async fn echo_with_no_new_tokens_returns_just_the_prompt() {
         e => panic!("{e:?}"),
     }
     run.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_new_tokens_and_no_prompt_logprobs_ends_after_the_prompt() {
+    // With nothing to sample and no logits wanted, the prompt's pass is the last one: it used
+    // to leave the sequence running with no tokens to compute, a step the cluster refuses,
+    // again and again.
+    for echo in [false, true] {
+        let run = start_with(64, 16, SchedulerConfig::default());
+        let mut req = request(vec![5, 6, 7, 8], 0, 0.0, 0);
+        req.echo = echo;
+        let rx = run.handle.submit(req).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut rx = rx;
+            let mut prompt = None;
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Prompt { text, .. } => prompt = Some(text),
+                    end => return (prompt, end),
+                }
+            }
+            panic!("events ended without Done");
+        })
+        .await
+        .expect("a request with max_tokens 0 ends");
+        match got {
+            (prompt, Event::Done { finish, usage }) => {
+                assert_eq!(finish, FinishReason::Length);
+                assert_eq!(usage.completion_tokens, 0);
+                let want = tokenizer().decode(&[5, 6, 7, 8]).expect("decodes");
+                assert_eq!(prompt, echo.then_some(want), "echo {echo}");
+            }
+            e => panic!("echo {echo}: {e:?}"),
+        }
+        run.end().await;
+    }
+}
+
+/// The in-process backend, except that every step holding a decode (work past position 0)
+/// fails, as a step that a request makes impossible would; recovery then succeeds.
+struct FailingDecodes(LocalBackend);
+
+impl StepBackend for FailingDecodes {
+    fn config(&self) -> &grok_shared::config::ModelConfig {
+        self.0.config()
+    }
+    fn groups(&self) -> usize {
+        self.0.groups()
+    }
+    fn blocks_per_group(&self) -> usize {
+        self.0.blocks_per_group()
+    }
+    fn block_size(&self) -> usize {
+        self.0.block_size()
+    }
+    async fn step(&mut self, work: &[SeqWork]) -> Result<StepOutput, ClusterError> {
+        if work.iter().any(|w| w.start > 0) {
+            return Err(ClusterError::InvalidWork("injected failure".into()));
+        }
+        self.0.step(work).await
+    }
+    async fn check_health(&mut self) -> Result<(), ClusterError> {
+        self.0.check_health().await
+    }
+    async fn recover(&mut self) -> Result<(), ClusterError> {
+        self.0.recover().await
+    }
+    async fn shutdown(self) {
+        self.0.shutdown().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_steps_keep_failing_fails_even_between_successes() {
+    // Recovery recomputes the sequence from position 0, which succeeds (and samples a token),
+    // so failures never come twice in a row; the request must still end, with the error.
+    let (stop, stop_rx) = watch::channel(false);
+    let (handle, task) = start(
+        FailingDecodes(backend(64, 16)),
+        SchedulerConfig::default(),
+        tokenizer(),
+        Metrics::new(),
+        stop_rx,
+    );
+    let rx = handle
+        .submit(request(vec![5, 6, 7, 8], 50, 0.0, 0))
+        .unwrap();
+    let (ids, _, end) = tokio::time::timeout(Duration::from_secs(60), collect(rx))
+        .await
+        .expect("the request ends");
+    match end {
+        Event::Error(msg) => {
+            assert!(
+                msg.contains("3 steps") && msg.contains("injected failure"),
+                "{msg}"
+            );
+        }
+        e => panic!("{e:?}"),
+    }
+    assert!(ids.len() < 50, "{} tokens", ids.len());
+    let _ = stop.send(true);
+    let _ = task.await;
 }
