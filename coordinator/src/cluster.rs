@@ -16,6 +16,7 @@ use grok_shared::model::{blocks_for, check_steps, LogitsMode, SeqStep};
 use grok_shared::parallel::Plan;
 use grok_shared::sampling::{SampleSpec, Sampled};
 use grok_worker::auth::AddToken;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
@@ -265,6 +266,27 @@ async fn spawn_worker(
     Ok((child, addr))
 }
 
+/// Where the other ranks reach a worker's collectives: the address it reports, except that a
+/// worker listening on every interface (`0.0.0.0`, `::`, as in a container or on a node of
+/// several networks) reports no address a peer can dial; the port is then taken at the address
+/// this coordinator reached the worker at (`control`, resolved here so that peers need no DNS;
+/// an IPv4 address for `0.0.0.0`, which takes no IPv6 connections).
+async fn peer_address(reported: &str, control: &str) -> Result<String, String> {
+    let peer: SocketAddr = reported
+        .parse()
+        .map_err(|_| format!("reported peer address '{reported}' is not IP:port"))?;
+    if !peer.ip().is_unspecified() {
+        return Ok(peer.to_string());
+    }
+    let found = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(control))
+        .await
+        .map_err(|_| format!("resolving {control}: no answer within 5 s"))?
+        .map_err(|e| format!("resolving {control}: {e}"))?
+        .find(|a| peer.is_ipv6() || a.is_ipv4())
+        .ok_or_else(|| format!("resolving {control}: no address a peer could dial"))?;
+    Ok(SocketAddr::new(found.ip(), peer.port()).to_string())
+}
+
 async fn connect(addr: &str, token: &str, rank: usize) -> Result<Client, ClusterError> {
     let err = rank_err(rank);
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
@@ -369,11 +391,14 @@ impl Cluster {
         .map_err(|_| rank_err(rank)(format!("{addr}: no answer to Describe within 10 s")))?
         .map_err(|s| rank_err(rank)(format!("{addr}: {}", s.message())))?
         .into_inner();
+        let peer_addr = peer_address(&info.peer_addr, &addr)
+            .await
+            .map_err(rank_err(rank))?;
         Ok(Rank {
             addr,
             client,
             child,
-            peer_addr: info.peer_addr,
+            peer_addr,
             weight_bytes: 0,
             kv_bytes: 0,
             steps: None,
@@ -811,5 +836,32 @@ impl Cluster {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::peer_address;
+
+    #[tokio::test]
+    async fn a_worker_on_every_interface_is_reached_where_the_coordinator_reached_it() {
+        // A specific address is kept as reported.
+        let kept = peer_address("10.0.0.7:5000", "10.0.0.9:50051").await;
+        assert_eq!(kept.as_deref(), Ok("10.0.0.7:5000"));
+        // 0.0.0.0 and :: take the control address's IP (resolved when it is a name).
+        let by_ip = peer_address("0.0.0.0:5000", "10.1.2.3:50051").await;
+        assert_eq!(by_ip.as_deref(), Ok("10.1.2.3:5000"));
+        let v6 = peer_address("[::]:5000", "[fd00::2]:50051").await;
+        assert_eq!(v6.as_deref(), Ok("[fd00::2]:5000"));
+        let by_name = peer_address("0.0.0.0:5000", "localhost:50051").await;
+        assert_eq!(by_name.as_deref(), Ok("127.0.0.1:5000"));
+        // A worker on 0.0.0.0 takes no IPv6 connections.
+        let v4_only = peer_address("0.0.0.0:5000", "[fd00::2]:50051").await;
+        assert!(v4_only.is_err_and(|e| e.contains("no address")));
+        // What a peer could not dial is an error naming it.
+        let bad = peer_address("peer-host:5000", "10.1.2.3:50051").await;
+        assert!(bad.is_err_and(|e| e.contains("'peer-host:5000'")));
+        let unknown = peer_address("0.0.0.0:5000", "no-such-host.invalid:50051").await;
+        assert!(unknown.is_err_and(|e| e.contains("no-such-host.invalid")));
     }
 }
