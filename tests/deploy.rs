@@ -1,7 +1,10 @@
 //! The deploy files run as they are. The Slurm script runs here with stand-ins for `srun`
 //! and `scontrol` (no Slurm on this machine) that start its tasks as local processes: the
 //! script's own logic (worker addresses, token, waiting for the workers, the command it runs,
-//! shutting the workers down) and the real `grok` and `grok-worker` do the rest.
+//! shutting the workers down) and the real `grok` and `grok-worker` do the rest. The
+//! Kubernetes manifest is checked for what must agree across its documents (names, ports,
+//! addresses, the secret, a plan and KV cache that suit Grok-1), and its containers' commands
+//! and settings are run as processes that must make a serving cluster.
 
 use grok_shared::test_support::tiny_a_dir;
 use serde_json::{json, Value};
@@ -9,6 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use yaml_rust2::{Yaml, YamlLoader};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -281,4 +285,282 @@ fn the_slurm_script_refuses_what_it_cannot_run_and_says_how_to_fix_it() {
         );
         assert!(started.elapsed() < Duration::from_secs(30), "{what}");
     }
+}
+
+/// The documents of the Kubernetes manifest, by `kind/name`.
+fn manifest() -> std::collections::HashMap<String, Yaml> {
+    let text = std::fs::read_to_string(repo().join("deploy/kubernetes/grok.yaml")).unwrap();
+    let docs = YamlLoader::load_from_str(&text).expect("the manifest is YAML");
+    let mut out = std::collections::HashMap::new();
+    for d in docs {
+        let key = format!(
+            "{}/{}",
+            d["kind"].as_str().expect("every document has a kind"),
+            d["metadata"]["name"].as_str().expect("and a name")
+        );
+        assert!(out.insert(key.clone(), d).is_none(), "{key} twice");
+    }
+    out
+}
+
+fn strings(y: &Yaml) -> Vec<String> {
+    y.as_vec()
+        .unwrap_or_else(|| panic!("not a list: {y:?}"))
+        .iter()
+        .map(|s| s.as_str().expect("a string").to_string())
+        .collect()
+}
+
+/// The value of `flag` in a command line.
+fn flag<'a>(cmd: &'a [String], flag: &str) -> &'a str {
+    let i = cmd
+        .iter()
+        .position(|a| a == flag)
+        .unwrap_or_else(|| panic!("{flag} in {cmd:?}"));
+    &cmd[i + 1]
+}
+
+/// The cluster token's secret a container's env reads.
+fn token_secret(container: &Yaml) -> (String, String) {
+    let env = container["env"].as_vec().expect("env");
+    let e = env
+        .iter()
+        .find(|e| e["name"].as_str() == Some("GROK_CLUSTER_TOKEN"))
+        .expect("GROK_CLUSTER_TOKEN in env");
+    let r = &e["valueFrom"]["secretKeyRef"];
+    (
+        r["name"].as_str().unwrap().to_string(),
+        r["key"].as_str().unwrap().to_string(),
+    )
+}
+
+fn env_value(container: &Yaml, name: &str) -> Option<String> {
+    container["env"]
+        .as_vec()?
+        .iter()
+        .find(|e| e["name"].as_str() == Some(name))
+        .and_then(|e| e["value"].as_str().map(String::from))
+}
+
+#[test]
+fn the_kubernetes_manifest_is_consistent_and_its_commands_make_a_cluster() {
+    use grok_coordinator::cluster::{kv_block_bytes, kv_blocks_within};
+    use grok_shared::config::ModelConfig;
+    use grok_shared::model::blocks_for;
+    use grok_shared::parallel::Plan;
+    use std::io::{BufRead, BufReader};
+
+    let m = manifest();
+    let config = &m["ConfigMap/grok-config"]["data"];
+    let sts = &m["StatefulSet/grok-worker"];
+    let svc = &m["Service/grok-worker"];
+    let coord = &m["Deployment/grok"]["spec"]["template"]["spec"];
+    let worker = &sts["spec"]["template"]["spec"]["containers"][0];
+    let server = &coord["containers"][0];
+
+    // Workers: stable names through the headless Service, dialled at their control port.
+    assert_eq!(sts["spec"]["serviceName"].as_str(), Some("grok-worker"));
+    assert_eq!(svc["spec"]["clusterIP"].as_str(), Some("None"));
+    let replicas = sts["spec"]["replicas"].as_i64().unwrap() as usize;
+    let worker_cmd = strings(&worker["command"]);
+    let listen = flag(&worker_cmd, "--listen");
+    assert!(listen.starts_with("0.0.0.0:"), "{listen}");
+    let port = &listen["0.0.0.0:".len()..];
+    assert_eq!(
+        svc["spec"]["ports"][0]["port"]
+            .as_i64()
+            .unwrap()
+            .to_string(),
+        port
+    );
+    let addrs: Vec<String> = config["GROK_WORKER_ADDRS"]
+        .as_str()
+        .unwrap()
+        .split(',')
+        .map(String::from)
+        .collect();
+    let want: Vec<String> = (0..replicas)
+        .map(|i| format!("grok-worker-{i}.grok-worker:{port}"))
+        .collect();
+    assert_eq!(addrs, want, "GROK_WORKER_ADDRS against the StatefulSet");
+    assert_eq!(token_secret(worker), token_secret(server));
+
+    // The plan and the KV cache suit Grok-1 on that many workers.
+    let (tp, ep): (usize, usize) = (
+        config["GROK_TP"].as_str().unwrap().parse().unwrap(),
+        config["GROK_EP"].as_str().unwrap().parse().unwrap(),
+    );
+    let grok1 = ModelConfig::grok1();
+    let plan = Plan::new(&grok1, replicas, tp, ep).expect("a valid plan for Grok-1");
+    let mb: usize = config["GROK_KV_CACHE_MB"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let blocks = kv_blocks_within(&grok1, &plan, 16, mb << 20);
+    assert!(
+        blocks >= blocks_for(grok1.max_seq_len, 16),
+        "{mb} MiB holds {blocks} blocks of 16 ({} bytes each)",
+        kv_block_bytes(&grok1, &plan, 16)
+    );
+
+    // The coordinator's probes and Service reach its port.
+    let http = env_value(server, "GROK_PORT").unwrap();
+    assert_eq!(
+        server["ports"][0]["containerPort"]
+            .as_i64()
+            .unwrap()
+            .to_string(),
+        http
+    );
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        let path = server[probe]["httpGet"]["path"].as_str().unwrap();
+        assert!(["/health", "/ready"].contains(&path), "{probe} {path}");
+        assert_eq!(server[probe]["httpGet"]["port"].as_str(), Some("http"));
+    }
+    assert_eq!(
+        m["Service/grok"]["spec"]["ports"][0]["targetPort"].as_str(),
+        Some("http")
+    );
+
+    // The containers' commands, run here: the workers on free ports (the CPU for `cuda`), the
+    // init container's wait, then the coordinator with the manifest's settings (the fixture's
+    // model, a KV cache its size, any free HTTP port).
+    let token = "k8s-test-token";
+    let mut workers = Vec::new();
+    let mut local = Vec::new();
+    for _ in 0..replicas {
+        let mut cmd = worker_cmd.clone();
+        for a in cmd.iter_mut() {
+            match a.as_str() {
+                a_ if a_ == listen => *a = "0.0.0.0:0".into(),
+                "0.0.0.0:50052" => *a = "0.0.0.0:0".into(),
+                "cuda" => *a = "cpu".into(),
+                _ => {}
+            }
+        }
+        let mut child = Command::new(bin_dir().join(&cmd[0]))
+            .args(&cmd[1..])
+            .arg("--exit-with-stdin")
+            .env("GROK_CLUSTER_TOKEN", token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting a worker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().rsplit(':').next().unwrap().to_string();
+        local.push(format!("127.0.0.1:{port}"));
+        workers.push(child);
+    }
+    let local_addrs = local.join(",");
+    let init = strings(&coord["initContainers"][0]["command"]);
+    let waited = Command::new(&init[0])
+        .args(&init[1..])
+        .env("GROK_WORKER_ADDRS", &local_addrs)
+        .output()
+        .unwrap();
+    assert!(waited.status.success(), "{}", text(&waited));
+
+    let server_cmd = strings(&server["command"]);
+    let mut run = Command::new(bin_dir().join(&server_cmd[0]));
+    run.args(&server_cmd[1..]);
+    for (k, v) in config.as_hash().unwrap() {
+        run.env(k.as_str().unwrap(), v.as_str().unwrap());
+    }
+    for e in server["env"].as_vec().unwrap() {
+        if let Some(v) = e["value"].as_str() {
+            run.env(e["name"].as_str().unwrap(), v);
+        }
+    }
+    let mut child = run
+        .env("GROK_CLUSTER_TOKEN", token)
+        .env("GROK_WORKER_ADDRS", &local_addrs)
+        .env("GROK_MODEL", tiny_a_dir())
+        .env("GROK_KV_CACHE_MB", "16")
+        .env("GROK_PORT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting grok serve");
+    let mut log = String::new();
+    let mut ready = false;
+    for line in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        log += &(line.clone() + "\n");
+        if line.contains("ready:") {
+            ready = line.contains(&format!("{replicas} worker(s), tp={tp} ep={ep}"));
+            break;
+        }
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    for mut w in workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    assert!(
+        ready,
+        "the coordinator did not serve the manifest's plan: {log}"
+    );
+}
+
+#[test]
+fn the_images_binaries_and_command_are_the_ones_built_here() {
+    use std::io::{BufRead, BufReader};
+    let file = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
+    let build = file
+        .lines()
+        .find(|l| l.starts_with("RUN cargo build"))
+        .expect("a cargo build step");
+    let words: Vec<&str> = build.split_whitespace().collect();
+    let bins: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[0] == "--bin")
+        .map(|w| w[1])
+        .collect();
+    assert_eq!(bins, ["grok", "grok-worker"], "{build}");
+    let copy = file
+        .lines()
+        .find(|l| l.starts_with("COPY --from=build"))
+        .expect("the binaries' copy");
+    for b in &bins {
+        assert!(
+            bin_dir().join(b).is_file(),
+            "{b} is not a binary of this workspace"
+        );
+        assert!(
+            copy.contains(&format!("/src/target/release/{b} ")),
+            "{copy}"
+        );
+    }
+    // The image's default command serves (here on a free port).
+    let cmd_line = file.lines().find(|l| l.starts_with("CMD ")).expect("a CMD");
+    let cmd: Vec<String> = serde_json::from_str(&cmd_line["CMD ".len()..]).expect("CMD as JSON");
+    let mut child = Command::new(bin_dir().join(&cmd[0]))
+        .args(&cmd[1..])
+        .env("GROK_PORT", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running the image's command");
+    let mut log = String::new();
+    let ready = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| {
+            log += &(l.clone() + "\n");
+            l.contains("ready: 2 worker(s)") && l.contains("at http://0.0.0.0:")
+        });
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    assert!(ready, "{log}");
 }
