@@ -84,6 +84,7 @@ fn sbatch_command(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Command 
         .env("SLURM_JOB_NODELIST", "127.0.0.1")
         .env("SLURM_NTASKS", "2")
         .env("SLURM_NTASKS_PER_NODE", "2")
+        .env("SLURM_CPUS_PER_TASK", "1")
         .env("GROK_BIN_DIR", bin_dir())
         .env("GROK_WORKER_DEVICE", "cpu")
         .env("GROK_WORKER_WAIT", "60")
