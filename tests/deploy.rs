@@ -6,8 +6,12 @@
 //! addresses, the secret, a plan and KV cache that suit Grok-1), and its containers' commands
 //! and settings are run as processes that must make a serving cluster.
 
+mod common;
+
+use common::text;
 use grok_shared::test_support::tiny_a_dir;
 use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -115,13 +119,27 @@ fn sbatch(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Output {
     child.wait_with_output().unwrap()
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// Spawns `cmd` (a `grok serve`), reads its log until it reports ready, stops it with SIGINT,
+/// and returns the ready line (`None` if it ended first) and the log.
+fn ready_line(cmd: &mut Command) -> (Option<String>, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting grok serve");
+    let mut log = String::new();
+    let ready = BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| {
+            log += &(l.clone() + "\n");
+            l.contains("ready:")
+        });
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    (ready, log)
 }
 
 #[test]
@@ -183,7 +201,6 @@ fn the_slurm_script_runs_a_batch_job_on_its_workers_and_stops_them() {
 
 #[test]
 fn a_served_job_stops_its_workers_when_slurm_ends_it() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let port = two_free_ports();
     let env = [
@@ -349,7 +366,6 @@ fn the_kubernetes_manifest_is_consistent_and_its_commands_make_a_cluster() {
     use grok_shared::config::ModelConfig;
     use grok_shared::model::blocks_for;
     use grok_shared::parallel::Plan;
-    use std::io::{BufRead, BufReader};
 
     let m = manifest();
     let config = &m["ConfigMap/grok-config"]["data"];
@@ -476,45 +492,26 @@ fn the_kubernetes_manifest_is_consistent_and_its_commands_make_a_cluster() {
             run.env(e["name"].as_str().unwrap(), v);
         }
     }
-    let mut child = run
-        .env("GROK_CLUSTER_TOKEN", token)
-        .env("GROK_WORKER_ADDRS", &local_addrs)
-        .env("GROK_MODEL", tiny_a_dir())
-        .env("GROK_KV_CACHE_MB", "16")
-        .env("GROK_PORT", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting grok serve");
-    let mut log = String::new();
-    let mut ready = false;
-    for line in BufReader::new(child.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-    {
-        log += &(line.clone() + "\n");
-        if line.contains("ready:") {
-            ready = line.contains(&format!("{replicas} worker(s), tp={tp} ep={ep}"));
-            break;
-        }
-    }
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    let (ready, log) = ready_line(
+        run.env("GROK_CLUSTER_TOKEN", token)
+            .env("GROK_WORKER_ADDRS", &local_addrs)
+            .env("GROK_MODEL", tiny_a_dir())
+            .env("GROK_KV_CACHE_MB", "16")
+            .env("GROK_PORT", "0"),
+    );
     for mut w in workers {
         let _ = w.kill();
         let _ = w.wait();
     }
+    let plan = format!("ready: {replicas} worker(s), tp={tp} ep={ep}");
     assert!(
-        ready,
+        ready.is_some_and(|l| l.contains(&plan)),
         "the coordinator did not serve the manifest's plan: {log}"
     );
 }
 
 #[test]
 fn the_images_binaries_and_command_are_the_ones_built_here() {
-    use std::io::{BufRead, BufReader};
     let file = std::fs::read_to_string(repo().join("deploy/Dockerfile")).unwrap();
     let build = file
         .lines()
@@ -544,24 +541,13 @@ fn the_images_binaries_and_command_are_the_ones_built_here() {
     // The image's default command serves (here on a free port).
     let cmd_line = file.lines().find(|l| l.starts_with("CMD ")).expect("a CMD");
     let cmd: Vec<String> = serde_json::from_str(&cmd_line["CMD ".len()..]).expect("CMD as JSON");
-    let mut child = Command::new(bin_dir().join(&cmd[0]))
-        .args(&cmd[1..])
-        .env("GROK_PORT", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running the image's command");
-    let mut log = String::new();
-    let ready = BufReader::new(child.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| {
-            log += &(l.clone() + "\n");
-            l.contains("ready: 2 worker(s)") && l.contains("at http://0.0.0.0:")
-        });
-    let _ = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-    assert!(ready, "{log}");
+    let (ready, log) = ready_line(
+        Command::new(bin_dir().join(&cmd[0]))
+            .args(&cmd[1..])
+            .env("GROK_PORT", "0"),
+    );
+    assert!(
+        ready.is_some_and(|l| l.contains("ready: 2 worker(s)") && l.contains("at http://0.0.0.0:")),
+        "{log}"
+    );
 }

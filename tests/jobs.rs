@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{metric, Server};
+use common::{metric, text, Server};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,15 +19,6 @@ fn grok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .args(args)
         .output()
         .expect("running grok")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn get_text(url: &str) -> String {
