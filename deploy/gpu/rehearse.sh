@@ -10,6 +10,8 @@
 # parts may run past their limits on 2 cores. What it shows is that the script, the bundle
 # and the host code run their whole course. About 17 minutes on 2 cores.
 #   deploy/gpu/rehearse.sh [REFERENCE_DIR]   (REHEARSE_BUNDLE=keep: use target/gpu-bundle as is)
+# GROK_EMU_BROKEN=attention_decode_ (kernel-name prefixes, comma-separated) makes those
+# kernels write nothing, so that their canaries fail and the check's ways around them run.
 # Results under target/rehearsal (cleared first).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
