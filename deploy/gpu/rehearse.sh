@@ -2,8 +2,8 @@
 # The device check rehearsed without a GPU, before device time is spent: builds the bundle
 # (deploy/gpu/bundle.sh) and the emulated device (shared/tests/cuda_emu: the CUDA driver,
 # NVRTC and cuBLAS over host memory, every kernel run on the CPU), then runs
-# deploy/gpu/check.sh here against it, as the device would: the canaries (which pass here,
-# so their ways around do not run), the GPU tests (at smaller matrices, as on the emulated
+# deploy/gpu/check.sh here against it, as the device would: the canaries (which pass here
+# unless GROK_EMU_BROKEN breaks one), the GPU tests (at smaller matrices, as on the emulated
 # device), the layer bench at the tiny preset's shapes, the worker processes. Every time
 # limit is 3 times the device's.
 # Its figures mean nothing; NCCL (not emulated) and nvidia-smi fail as they should, and some

@@ -615,6 +615,16 @@ fn bf16_path_matches_cublas(
     }
 }
 
+/// Whether `qgemm_wgmma` runs on `g`: no on a GPU before Hopper (a skip); a failure where its
+/// start-up check switched it off.
+fn wgmma_runs(g: &Gpu) -> bool {
+    assert!(g.wgmma_fault().is_none(), "{:?}", g.wgmma_fault());
+    if !g.wgmma() {
+        println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
+    }
+    g.wgmma()
+}
+
 /// The prefill's int8 matmul on Hopper (`qgemm_wgmma`, the bf16 path past 64 rows) gives the
 /// numbers of dequantisation + cuBLAS: the same bf16 operands, only the order of the f32 sums
 /// differs. Grok-1's shapes at an expert's share of a prefill and at a whole prompt (K split
@@ -624,10 +634,7 @@ fn bf16_path_matches_cublas(
 #[ignore = "needs a GPU"]
 fn wgmma_int8_matmul_matches_dequantised_cublas() {
     let g = Gpu::open(0).unwrap();
-    // Off after its start-up check is a failure here, not a skip.
-    assert!(g.wgmma_fault().is_none(), "{:?}", g.wgmma_fault());
-    if !g.wgmma() {
-        println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
+    if !wgmma_runs(&g) {
         return;
     }
     // On the emulated device, smaller matrices with the same features (several weight tiles,
@@ -658,8 +665,7 @@ fn wgmma_int8_matmul_matches_dequantised_cublas() {
 #[ignore = "needs a GPU"]
 fn wgmma_expert_ffn_matches_the_unfused_products() {
     let g = Gpu::open(0).unwrap();
-    if !g.wgmma() {
-        println!("{}: qgemm_wgmma does not run here (Hopper only)", g.name);
+    if !wgmma_runs(&g) {
         return;
     }
     let (d, f, m) = if on_emulated_device() {
