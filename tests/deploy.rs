@@ -103,19 +103,30 @@ fn sbatch_command(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Command 
     cmd
 }
 
-/// Runs the Slurm script to its end (as [`sbatch_command`]).
+/// Kills process `pid` unless `done` receives (or is dropped) within `secs`: no test waits
+/// forever on a process that hangs.
+fn watchdog(pid: u32, secs: u64) -> std::sync::mpsc::Sender<()> {
+    let (done, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            rx.recv_timeout(Duration::from_secs(secs))
+        {
+            eprintln!("process {pid} ran past {secs} s: killed");
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    });
+    done
+}
+
+/// Runs the Slurm script to its end (as [`sbatch_command`]), within 240 s.
 fn sbatch(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Output {
-    let mut child = sbatch_command(dir, env, args)
+    let child = sbatch_command(dir, env, args)
         .spawn()
         .expect("running bash");
-    let deadline = Instant::now() + Duration::from_secs(240);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("grok.sbatch ran past 240 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let _done = watchdog(child.id(), 240);
+    // Read while it runs: a full pipe would stop it.
     child.wait_with_output().unwrap()
 }
 
@@ -127,6 +138,7 @@ fn ready_line(cmd: &mut Command) -> (Option<String>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting grok serve");
+    let _done = watchdog(child.id(), 120);
     let mut log = String::new();
     let ready = BufReader::new(child.stderr.take().unwrap())
         .lines()
