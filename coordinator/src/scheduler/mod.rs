@@ -290,18 +290,27 @@ impl<B: StepBackend> Scheduler<B> {
         }
     }
 
-    /// A client that went away frees its blocks now.
-    fn drop_cancelled(&mut self) {
+    /// Ends the running sequences `ends` picks: frees their blocks and, with `error`, fails
+    /// them with it.
+    fn end_running(&mut self, ends: impl Fn(&Sequence) -> bool, error: Option<&str>) {
         let mut i = 0;
         while i < self.running.len() {
-            if self.running[i].cancelled() {
+            if ends(&self.running[i]) {
                 let mut s = self.running.remove(i);
                 self.release(&mut s);
+                if let Some(msg) = error {
+                    s.fail(msg.to_string());
+                }
                 self.observe_end(&s);
             } else {
                 i += 1;
             }
         }
+    }
+
+    /// A client that went away frees its blocks now.
+    fn drop_cancelled(&mut self) {
+        self.end_running(Sequence::cancelled, None);
         let mut kept = VecDeque::with_capacity(self.waiting.len());
         while let Some(mut s) = self.waiting.pop_front() {
             if s.cancelled() {
@@ -463,34 +472,19 @@ impl<B: StepBackend> Scheduler<B> {
             Err(e) => {
                 tracing::warn!("step failed: {e}");
                 self.failures += 1;
-                for s in &mut self.running {
-                    if work.iter().any(|w| w.seq_id == s.id) {
-                        s.failed_steps += 1;
-                    }
+                for &(i, _) in &plan {
+                    self.running[i].failed_steps += 1;
                 }
                 let recovered = self.recover().await;
                 // A request that keeps failing its steps fails alone, even when the steps in
                 // between succeed: recovery must not turn a step that cannot run into a loop.
-                let mut i = 0;
-                while i < self.running.len() {
-                    if self.running[i].failed_steps >= MAX_FAILED_STEPS {
-                        let mut s = self.running.remove(i);
-                        self.release(&mut s);
-                        s.fail(format!(
-                            "the cluster failed on {MAX_FAILED_STEPS} steps with this request: {e}"
-                        ));
-                        self.observe_end(&s);
-                    } else {
-                        i += 1;
-                    }
-                }
+                let alone = format!(
+                    "the cluster failed on {MAX_FAILED_STEPS} steps with this request: {e}"
+                );
+                self.end_running(|s| s.failed_steps >= MAX_FAILED_STEPS, Some(&alone));
                 if !recovered || self.failures >= 2 {
                     let msg = format!("the cluster failed: {e}");
-                    for mut s in std::mem::take(&mut self.running) {
-                        self.release(&mut s);
-                        s.fail(msg.clone());
-                        self.observe_end(&s);
-                    }
+                    self.end_running(|_| true, Some(&msg));
                     self.failures = 0;
                 }
                 return;
