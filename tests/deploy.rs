@@ -130,6 +130,19 @@ fn sbatch(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// The first line of `out` that contains `want` (`None` if it ends first), each line read
+/// added to `log`; the rest is read on another thread, so that the writer never meets a
+/// closed pipe.
+fn first_line(out: std::process::ChildStderr, log: &mut String, want: &str) -> Option<String> {
+    let mut lines = BufReader::new(out).lines();
+    let found = lines.by_ref().map_while(Result::ok).find(|l| {
+        *log += &(l.clone() + "\n");
+        l.contains(want)
+    });
+    std::thread::spawn(move || lines.for_each(drop));
+    found
+}
+
 /// Spawns `cmd` (a `grok serve`), reads its log until it reports ready, stops it with SIGINT,
 /// and returns the ready line (`None` if it ended first) and the log.
 fn ready_line(cmd: &mut Command) -> (Option<String>, String) {
@@ -140,13 +153,7 @@ fn ready_line(cmd: &mut Command) -> (Option<String>, String) {
         .expect("starting grok serve");
     let _done = watchdog(child.id(), 120);
     let mut log = String::new();
-    let ready = BufReader::new(child.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| {
-            log += &(l.clone() + "\n");
-            l.contains("ready:")
-        });
+    let ready = first_line(child.stderr.take().unwrap(), &mut log, "ready:");
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
@@ -225,43 +232,24 @@ fn a_served_job_stops_its_workers_when_slurm_ends_it() {
     let mut child = sbatch_command(dir.path(), &env, &["serve", "--port", "0"])
         .spawn()
         .expect("running bash");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut log = String::new();
-    while !log.contains("ready: 2 worker(s), tp=2") {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => log += &(line + "\n"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("the served job did not get ready: {log}");
-            }
-        }
-    }
-    // What scancel and the time limit send first.
     let pid = child.id().to_string();
+    let getting_ready = watchdog(child.id(), 120);
+    let mut log = String::new();
+    let ready = first_line(
+        child.stderr.take().unwrap(),
+        &mut log,
+        "ready: 2 worker(s), tp=2",
+    );
+    drop(getting_ready);
+    assert!(ready.is_some(), "the served job did not get ready: {log}");
+    // What scancel and the time limit send first; killed if it has not ended 20 s later.
+    let _ending = watchdog(child.id(), 20);
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the job did not end within 20 s of SIGTERM: {log}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143), "{log}");
     for p in [port, port + 1] {
         assert!(
