@@ -364,8 +364,17 @@ fn common(
     stop: Option<&Value>,
     ignore_eos: Option<bool>,
 ) -> Result<Common, ApiError> {
+    let stream = stream.unwrap_or(false);
+    if stream_options.is_some() && !stream {
+        // OpenAI refuses this too; accepting it would let a client believe it asked for a
+        // usage chunk that a non-streamed answer never sends.
+        return Err(ApiError::field(
+            "stream_options",
+            "stream_options is only allowed when stream is true",
+        ));
+    }
     Ok(Common {
-        stream: stream.unwrap_or(false),
+        stream,
         include_usage: stream_options.and_then(|o| o.include_usage).unwrap_or(true),
         sampling: sampling(sampling_fields)?,
         stop: stops(stop)?,

@@ -617,6 +617,23 @@ async fn malformed_bodies_get_their_status_and_param() {
             None,
         ),
         (
+            "stream options without streaming",
+            c,
+            json!({"model":"grok-1","prompt":"a","stream_options":{"include_usage":true}}),
+            400,
+            Some("stream_options"),
+            None,
+        ),
+        (
+            "chat: stream options with stream false",
+            chat,
+            json!({"model":"grok-1","messages":[{"role":"user","content":"hi"}],
+                   "stream":false,"stream_options":{"include_usage":false}}),
+            400,
+            Some("stream_options"),
+            None,
+        ),
+        (
             "chat: top_logprobs without logprobs",
             chat,
             json!({"model":"grok-1","messages":[{"role":"user","content":"hi"}],"top_logprobs":2}),
