@@ -184,12 +184,21 @@ struct Scheduler<B> {
     /// Preempted sequences first, then new arrivals, in order.
     waiting: VecDeque<Sequence>,
     next_id: u64,
-    /// Steps that failed in a row; the running requests fail after two.
-    failures: usize,
+    /// Steps that failed in a row.
+    failures: u32,
+    /// The sequence that was alone in the last step, if that step failed: when the next lone
+    /// sequence fails too, the cluster is at fault, not the requests.
+    last_lone_failure: Option<u64>,
 }
 
-/// Failed steps a request may be part of before it fails on its own.
-const MAX_FAILED_STEPS: u32 = 3;
+/// Steps a request may fail alone before it fails.
+const MAX_FAILED_ALONE: u32 = 3;
+/// Failed steps a request may be part of before it fails, even if it never fails alone (a
+/// failure that only batches show must not loop forever).
+const MAX_FAILED_STEPS: u32 = 6;
+/// Failed steps in a row after which every running request fails, whatever the cause: one
+/// request failing alone accounts for its batch's failure plus `MAX_FAILED_ALONE`.
+const MAX_FAILURES_IN_A_ROW: u32 = MAX_FAILED_ALONE + 2;
 
 impl<B: StepBackend> Scheduler<B> {
     fn new(
@@ -222,6 +231,7 @@ impl<B: StepBackend> Scheduler<B> {
             waiting: VecDeque::new(),
             next_id: 0,
             failures: 0,
+            last_lone_failure: None,
         }
     }
 
@@ -359,10 +369,84 @@ impl<B: StepBackend> Scheduler<B> {
         self.waiting.insert(at, s);
     }
 
-    /// Chooses this step's work: running sequences first (oldest first; a decode is one
-    /// token, a prefill a chunk within the budget), preempting the youngest when a group runs
-    /// out of blocks; then admits waiting sequences while blocks and budget allow.
+    /// Chooses this step's work: a suspect alone if there is one ([`Self::plan_probe`]), else
+    /// a batch ([`Self::plan_batch`]).
     fn plan_step(&mut self) -> Vec<(usize, SeqWork)> {
+        let chosen = match self.probe() {
+            Some(p) => self.plan_probe(p),
+            None => self.plan_batch(),
+        };
+        chosen
+            .into_iter()
+            .map(|(i, n)| {
+                let s = &self.running[i];
+                let from = s.computed;
+                // The step that completes the sequence's tokens chooses the next one, unless
+                // no more are wanted (`max_tokens` 0 with `echo`).
+                let sample = from + n == s.len() && s.generated.len() < s.req.max_tokens;
+                let logits = if s.wants_prompt_logprobs() && from < s.req.prompt.len() {
+                    LogitsMode::All
+                } else if sample {
+                    LogitsMode::Last
+                } else {
+                    LogitsMode::None
+                };
+                let work = SeqWork {
+                    seq_id: s.id,
+                    group: s.group,
+                    start: from,
+                    tokens: (from..from + n).map(|p| s.token(p)).collect(),
+                    blocks: s.blocks.clone(),
+                    logits,
+                    sample: sample.then(|| s.sample_spec()),
+                };
+                (i, work)
+            })
+            .collect()
+    }
+
+    /// The suspect to run alone next: the one that failed alone the fewest times, oldest
+    /// first, so that two lone failures in a row come from two sequences where there are two.
+    fn probe(&self) -> Option<usize> {
+        (0..self.running.len())
+            .filter(|&i| self.running[i].suspect_until.is_some())
+            .min_by_key(|&i| (self.running[i].failed_alone, i))
+    }
+
+    /// `running[p]` alone (a chunk within the budget), preempting the youngest other
+    /// sequences of its group for blocks, or `p` itself when it has no one else to take from.
+    fn plan_probe(&mut self, mut p: usize) -> Vec<(usize, usize)> {
+        loop {
+            let s = &self.running[p];
+            let n = s.pending().min(self.cfg.max_step_tokens);
+            let need = blocks_for(s.computed + n, self.block_size).saturating_sub(s.blocks.len());
+            let g = s.group;
+            if let Some(b) = self.pools[g].alloc(need) {
+                self.running[p].blocks.extend(b);
+                return vec![(p, n)];
+            }
+            match (0..self.running.len())
+                .rev()
+                .find(|&j| j != p && self.running[j].group == g)
+            {
+                Some(j) => {
+                    self.preempt(j);
+                    if j < p {
+                        p -= 1;
+                    }
+                }
+                None => {
+                    self.preempt(p);
+                    return Vec::new();
+                }
+            }
+        }
+    }
+
+    /// Running sequences first (oldest first; a decode is one token, a prefill a chunk within
+    /// the budget), preempting the youngest when a group runs out of blocks; then admits
+    /// waiting sequences while blocks and budget allow.
+    fn plan_batch(&mut self) -> Vec<(usize, usize)> {
         let bs = self.block_size;
         let mut budget = self.cfg.max_step_tokens;
         let mut chosen: Vec<(usize, usize)> = Vec::new(); // (index in running, tokens)
@@ -419,38 +503,17 @@ impl<B: StepBackend> Scheduler<B> {
             s.group = g;
             s.blocks = blocks;
             s.computed = 0;
+            if s.suspect_until.is_some() {
+                // Preempted while it was to run alone: it runs alone next step.
+                self.running.push(s);
+                break;
+            }
             let n = s.pending().min(budget);
             self.running.push(s);
             chosen.push((self.running.len() - 1, n));
             budget -= n;
         }
         chosen
-            .into_iter()
-            .map(|(i, n)| {
-                let s = &self.running[i];
-                let from = s.computed;
-                // The step that completes the sequence's tokens chooses the next one, unless
-                // no more are wanted (`max_tokens` 0 with `echo`).
-                let sample = from + n == s.len() && s.generated.len() < s.req.max_tokens;
-                let logits = if s.wants_prompt_logprobs() && from < s.req.prompt.len() {
-                    LogitsMode::All
-                } else if sample {
-                    LogitsMode::Last
-                } else {
-                    LogitsMode::None
-                };
-                let work = SeqWork {
-                    seq_id: s.id,
-                    group: s.group,
-                    start: from,
-                    tokens: (from..from + n).map(|p| s.token(p)).collect(),
-                    blocks: s.blocks.clone(),
-                    logits,
-                    sample: sample.then(|| s.sample_spec()),
-                };
-                (i, work)
-            })
-            .collect()
     }
 
     async fn step(&mut self) {
@@ -467,25 +530,54 @@ impl<B: StepBackend> Scheduler<B> {
         let out = match result {
             Ok(out) => {
                 self.failures = 0;
+                self.last_lone_failure = None;
+                for (i, w) in &plan {
+                    let s = &mut self.running[*i];
+                    if s.suspect_until
+                        .is_some_and(|u| u <= w.start + w.tokens.len())
+                    {
+                        s.suspect_until = None;
+                    }
+                }
                 out
             }
             Err(e) => {
                 tracing::warn!("step failed: {e}");
                 self.failures += 1;
-                for &(i, _) in &plan {
-                    self.running[i].failed_steps += 1;
+                // A failed batch does not say which request broke it (a worker that crashes
+                // on one request's input takes the whole step down): its sequences then run
+                // one per step, up to where the batch failed, so that the others go on and
+                // the cause fails alone.
+                for (i, w) in &plan {
+                    let s = &mut self.running[*i];
+                    s.failed_steps += 1;
+                    s.suspect_until = s.suspect_until.max(Some(w.start + w.tokens.len()));
+                }
+                let mut cluster_at_fault = false;
+                if let [(i, _)] = plan[..] {
+                    let s = &mut self.running[i];
+                    s.failed_alone += 1;
+                    cluster_at_fault = self.last_lone_failure.is_some_and(|id| id != s.id);
+                    // One that fails for good below says nothing about the next one.
+                    self.last_lone_failure = (s.failed_alone < MAX_FAILED_ALONE).then_some(s.id);
                 }
                 let recovered = self.recover().await;
-                // A request that keeps failing its steps fails alone, even when the steps in
-                // between succeed: recovery must not turn a step that cannot run into a loop.
+                // A request that keeps failing fails, even when the steps in between succeed:
+                // recovery must not turn a step that cannot run into a loop.
                 let alone = format!(
-                    "the cluster failed on {MAX_FAILED_STEPS} steps with this request: {e}"
+                    "the cluster failed on {MAX_FAILED_ALONE} steps with this request alone: {e}"
                 );
-                self.end_running(|s| s.failed_steps >= MAX_FAILED_STEPS, Some(&alone));
-                if !recovered || self.failures >= 2 {
+                self.end_running(|s| s.failed_alone >= MAX_FAILED_ALONE, Some(&alone));
+                let batched = format!(
+                    "the cluster failed on {MAX_FAILED_STEPS} steps with this request \
+                     (never alone): {e}"
+                );
+                self.end_running(|s| s.failed_steps >= MAX_FAILED_STEPS, Some(&batched));
+                if !recovered || cluster_at_fault || self.failures >= MAX_FAILURES_IN_A_ROW {
                     let msg = format!("the cluster failed: {e}");
                     self.end_running(|_| true, Some(&msg));
                     self.failures = 0;
+                    self.last_lone_failure = None;
                 }
                 return;
             }

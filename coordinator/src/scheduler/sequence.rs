@@ -34,8 +34,13 @@ pub(super) struct Sequence {
     pub last_token: Option<Instant>,
     /// `last_token` before the latest one (inter-token latency).
     prev_token: Option<Instant>,
-    /// Failed steps this sequence was part of.
+    /// Failed steps this sequence was part of, and those it was alone in.
     pub failed_steps: u32,
+    pub failed_alone: u32,
+    /// Set when a step with this sequence failed: the position that step would have computed
+    /// to. Until a step reaches it, the scheduler runs the sequence alone, to learn whether
+    /// it is the cause.
+    pub suspect_until: Option<usize>,
 }
 
 /// What happened to a sequence after it got its logits.
@@ -65,6 +70,8 @@ impl Sequence {
             req: sub.request,
             prev_token: None,
             failed_steps: 0,
+            failed_alone: 0,
+            suspect_until: None,
         }
     }
 

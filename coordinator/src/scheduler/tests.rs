@@ -367,68 +367,176 @@ async fn no_new_tokens_and_no_prompt_logprobs_ends_after_the_prompt() {
     }
 }
 
-/// The in-process backend, except that every step holding a decode (work past position 0)
-/// fails, as a step that a request makes impossible would; recovery then succeeds.
-struct FailingDecodes(LocalBackend);
+/// The in-process backend, except that a step fails when `fails` says so of its work, as a
+/// step that a request (or a broken cluster) makes impossible would; recovery then succeeds.
+struct Failing<F> {
+    inner: LocalBackend,
+    fails: F,
+    /// Steps failed so far.
+    failed: Arc<AtomicUsize>,
+}
 
-impl StepBackend for FailingDecodes {
+impl<F: Fn(&[SeqWork]) -> bool + Send + 'static> StepBackend for Failing<F> {
     fn config(&self) -> &grok_shared::config::ModelConfig {
-        self.0.config()
+        self.inner.config()
     }
     fn groups(&self) -> usize {
-        self.0.groups()
+        self.inner.groups()
     }
     fn blocks_per_group(&self) -> usize {
-        self.0.blocks_per_group()
+        self.inner.blocks_per_group()
     }
     fn block_size(&self) -> usize {
-        self.0.block_size()
+        self.inner.block_size()
     }
     async fn step(&mut self, work: &[SeqWork]) -> Result<StepOutput, ClusterError> {
-        if work.iter().any(|w| w.start > 0) {
+        if (self.fails)(work) {
+            self.failed.fetch_add(1, Ordering::Relaxed);
             return Err(ClusterError::InvalidWork("injected failure".into()));
         }
-        self.0.step(work).await
+        self.inner.step(work).await
     }
     async fn check_health(&mut self) -> Result<(), ClusterError> {
-        self.0.check_health().await
+        self.inner.check_health().await
     }
     async fn recover(&mut self) -> Result<(), ClusterError> {
-        self.0.recover().await
+        self.inner.recover().await
     }
     async fn shutdown(self) {
-        self.0.shutdown().await
+        self.inner.shutdown().await
+    }
+}
+
+/// Runs `requests` (submitted in order: the first gets sequence id 1) on a [`Failing`]
+/// backend and returns how each ended, and how many steps failed.
+async fn run_failing(
+    fails: impl Fn(&[SeqWork]) -> bool + Send + 'static,
+    cfg: SchedulerConfig,
+    requests: Vec<GenerationRequest>,
+) -> (Vec<(Vec<u32>, String, Event)>, usize) {
+    let failed = Arc::new(AtomicUsize::new(0));
+    let backend = Failing {
+        inner: backend(64, 16),
+        fails,
+        failed: failed.clone(),
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let (handle, task) = start(backend, cfg, tokenizer(), Metrics::new(), stop_rx);
+    let rxs: Vec<_> = requests
+        .into_iter()
+        .map(|r| handle.submit(r).expect("queued"))
+        .collect();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(120),
+        futures_util::future::join_all(rxs.into_iter().map(collect)),
+    )
+    .await
+    .expect("every request ends");
+    let _ = stop.send(true);
+    let _ = task.await;
+    (ended, failed.load(Ordering::Relaxed))
+}
+
+fn error_of(end: &Event) -> &str {
+    match end {
+        Event::Error(msg) => msg,
+        e => panic!("expected an error, got {e:?}"),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_steps_keep_failing_fails_even_between_successes() {
-    // Recovery recomputes the sequence from position 0, which succeeds (and samples a token),
-    // so failures never come twice in a row; the request must still end, with the error.
-    let (stop, stop_rx) = watch::channel(false);
-    let (handle, task) = start(
-        FailingDecodes(backend(64, 16)),
+    // Every decode fails; recovery recomputes the sequence from position 0, which succeeds
+    // (and samples a token), so failures never come twice in a row; the request must still
+    // end, with the error.
+    let (ended, _) = run_failing(
+        |work| work.iter().any(|w| w.start > 0),
         SchedulerConfig::default(),
-        tokenizer(),
-        Metrics::new(),
-        stop_rx,
+        vec![request(vec![5, 6, 7, 8], 50, 0.0, 0)],
+    )
+    .await;
+    let (ids, _, end) = &ended[0];
+    let msg = error_of(end);
+    assert!(
+        msg.contains("3 steps with this request alone") && msg.contains("injected failure"),
+        "{msg}"
     );
-    let rx = handle
-        .submit(request(vec![5, 6, 7, 8], 50, 0.0, 0))
-        .unwrap();
-    let (ids, _, end) = tokio::time::timeout(Duration::from_secs(60), collect(rx))
-        .await
-        .expect("the request ends");
-    match end {
-        Event::Error(msg) => {
-            assert!(
-                msg.contains("3 steps") && msg.contains("injected failure"),
-                "{msg}"
-            );
-        }
-        e => panic!("{e:?}"),
-    }
     assert!(ids.len() < 50, "{} tokens", ids.len());
-    let _ = stop.send(true);
-    let _ = task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_breaks_its_batches_fails_alone_and_the_others_finish() {
+    // Sequence 3 makes every step that takes it past position 32 fail: mid-generation, in a
+    // batch with the others. A small token budget chunks the long prompts, so the sequences
+    // recompute alone in several steps, and the first of sequence 3's succeeds: it must stay
+    // alone until it has passed the position its batch failed at.
+    let ps = prompts();
+    let mut want = Vec::new();
+    for (i, p) in ps.iter().enumerate().take(4) {
+        want.push(alone(p, 16, 0.7, i as u64).await);
+    }
+    let cfg = SchedulerConfig {
+        max_step_tokens: 24,
+        ..SchedulerConfig::default()
+    };
+    let mut requests: Vec<_> = (0..4)
+        .map(|i| request(ps[i].clone(), 16, 0.7, i as u64))
+        .collect();
+    let poison = (0..30).map(|j| j * 13 + 5).collect();
+    requests.insert(2, request(poison, 16, 0.7, 9));
+    let (mut ended, failed) = run_failing(
+        |work| {
+            work.iter()
+                .any(|w| w.seq_id == 3 && w.start + w.tokens.len() > 32)
+        },
+        cfg,
+        requests,
+    )
+    .await;
+    let (ids, _, end) = ended.remove(2);
+    let msg = error_of(&end);
+    assert!(msg.contains("this request alone"), "{msg}");
+    assert!(ids.len() <= 3, "{ids:?}");
+    for (i, (ids, _, end)) in ended.into_iter().enumerate() {
+        assert!(matches!(end, Event::Done { .. }), "request {i}: {end:?}");
+        assert_eq!(ids, want[i], "request {i}");
+    }
+    // Its batch, then three times alone.
+    assert!(failed >= 4, "{failed} failed steps");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_that_only_batches_show_ends_the_requests_it_keeps_failing() {
+    // Each request runs alone without a fault; the scheduler must not alternate between
+    // failed batches and lone recomputes forever.
+    let requests = (0..3)
+        .map(|i| request(vec![5, 6, 7 + i], 50, 0.0, 0))
+        .collect();
+    let (ended, _) = run_failing(|work| work.len() > 1, SchedulerConfig::default(), requests).await;
+    let mut errors = 0;
+    for (i, (ids, _, end)) in ended.iter().enumerate() {
+        if let Event::Error(msg) = end {
+            assert!(msg.contains("never alone"), "request {i}: {msg}");
+            errors += 1;
+        }
+        assert!(ids.len() < 50, "request {i}: {} tokens", ids.len());
+    }
+    assert!(errors >= 2, "{ended:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_fails_every_step_fails_every_request_within_a_few_steps() {
+    let requests = (0..4)
+        .map(|i| request(vec![5, 6, 7 + i], 20, 0.0, 0))
+        .collect();
+    let (ended, failed) = run_failing(|_| true, SchedulerConfig::default(), requests).await;
+    for (i, (ids, _, end)) in ended.iter().enumerate() {
+        let msg = error_of(end);
+        assert!(msg.contains("injected failure"), "request {i}: {msg}");
+        assert!(ids.is_empty(), "request {i}: {ids:?}");
+    }
+    // Two lone failures of two requests in a row condemn the cluster, not the requests: at
+    // worst one request fails alone first (its three steps), then the others' batch and one
+    // of them alone.
+    assert!(failed <= 6, "{failed} failed steps");
 }
