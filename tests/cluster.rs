@@ -394,3 +394,92 @@ fn plans_that_do_not_divide_the_model_are_refused_with_the_valid_ones() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A `grok-worker` started by hand, as on another machine: collectives on `0.0.0.0:port`,
+/// told to its peers as `--advertise-peer advertised`. It exits when dropped (its stdin closes).
+struct HandWorker {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl HandWorker {
+    fn start(token: &str, port: u16, advertised: &str) -> HandWorker {
+        use std::io::BufRead;
+        let mut child =
+            Command::new(Path::new(env!("CARGO_BIN_EXE_grok")).with_file_name("grok-worker"))
+                .args([
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--cluster-token",
+                    token,
+                    "--exit-with-stdin",
+                ])
+                .args(["--peer-listen", &format!("0.0.0.0:{port}")])
+                .args(["--advertise-peer", advertised])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting grok-worker");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("its ready line");
+        let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+        HandWorker { child, addr }
+    }
+}
+
+impl Drop for HandWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn peers_dial_the_address_a_worker_advertises() {
+    let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 1024).collect();
+    let (p0, p1) = (free_port(), free_port());
+    runtime().block_on(async {
+        let one = Cluster::start(&fixture(), options(1, 1, 1, "t0ken"), &mut |_, _, _| {})
+            .await
+            .unwrap();
+        let mut one = one;
+        let want = one.step(&[work(1, 0, 0, &prompt, &[0])]).await.unwrap();
+        one.shutdown().await;
+
+        // Advertised as they are reached: the cluster runs and computes what one process does.
+        let a = HandWorker::start("t0ken", p0, &format!("127.0.0.1:{p0}"));
+        let b = HandWorker::start("t0ken", p1, &format!("localhost:{p1}"));
+        let mut opts = options(2, 2, 2, "t0ken");
+        opts.worker_addrs = vec![a.addr.clone(), b.addr.clone()];
+        let mut cluster = Cluster::start(&fixture(), opts, &mut |_, _, _| {})
+            .await
+            .unwrap();
+        let got = cluster.step(&[work(1, 0, 0, &prompt, &[0])]).await.unwrap();
+        let d = max_abs_diff(&got.logits[&1], &want.logits[&1]);
+        assert!(d < 1e-4, "{d}");
+        cluster.shutdown().await;
+        drop((a, b));
+
+        // A worker that advertises where nothing listens cannot be reached: the start fails,
+        // within the collectives' deadline, instead of hanging.
+        let closed = free_port();
+        let a = HandWorker::start("t0ken", p0, &format!("127.0.0.1:{p0}"));
+        let b = HandWorker::start("t0ken", p1, &format!("127.0.0.1:{closed}"));
+        let mut opts = options(2, 2, 2, "t0ken");
+        opts.worker_addrs = vec![a.addr.clone(), b.addr.clone()];
+        let t = Instant::now();
+        let err = Cluster::start(&fixture(), opts, &mut |_, _, _| {})
+            .await
+            .err()
+            .expect("an unreachable peer must fail the start");
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        assert!(err.to_string().contains(&closed.to_string()), "{err}");
+    });
+}

@@ -266,25 +266,32 @@ async fn spawn_worker(
     Ok((child, addr))
 }
 
-/// Where the other ranks reach a worker's collectives: the address it reports, except that a
-/// worker listening on every interface (`0.0.0.0`, `::`, as in a container or on a node of
-/// several networks) reports no address a peer can dial; the port is then taken at the address
-/// this coordinator reached the worker at (`control`, resolved here so that peers need no DNS;
-/// an IPv4 address for `0.0.0.0`, which takes no IPv6 connections).
+/// Where the other ranks reach a worker's collectives: the address it reports, resolved here
+/// when it is a name (`--advertise-peer node7:50052`: peers need no DNS), except that a worker
+/// listening on every interface (`0.0.0.0`, `::`, as in a container or on a node of several
+/// networks) reports no address a peer can dial; the port is then taken at the address this
+/// coordinator reached the worker at (`control`; an IPv4 address for `0.0.0.0`, which takes no
+/// IPv6 connections).
 async fn peer_address(reported: &str, control: &str) -> Result<String, String> {
-    let peer: SocketAddr = reported
-        .parse()
-        .map_err(|_| format!("reported peer address '{reported}' is not IP:port"))?;
-    if !peer.ip().is_unspecified() {
-        return Ok(peer.to_string());
-    }
-    let found = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(control))
+    let (host, port, v4_only) = match reported.parse::<SocketAddr>() {
+        Ok(peer) if !peer.ip().is_unspecified() => return Ok(peer.to_string()),
+        Ok(peer) => (control, peer.port(), peer.is_ipv4()),
+        Err(_) => match reported.rsplit_once(':').map(|(_, p)| p.parse::<u16>()) {
+            Some(Ok(port)) if port > 0 => (reported, port, false),
+            _ => {
+                return Err(format!(
+                    "reported peer address '{reported}' is not HOST:PORT"
+                ))
+            }
+        },
+    };
+    let found = tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(host))
         .await
-        .map_err(|_| format!("resolving {control}: no answer within 5 s"))?
-        .map_err(|e| format!("resolving {control}: {e}"))?
-        .find(|a| peer.is_ipv6() || a.is_ipv4())
-        .ok_or_else(|| format!("resolving {control}: no address a peer could dial"))?;
-    Ok(SocketAddr::new(found.ip(), peer.port()).to_string())
+        .map_err(|_| format!("resolving {host}: no answer within 5 s"))?
+        .map_err(|e| format!("resolving {host}: {e}"))?
+        .find(|a| !v4_only || a.is_ipv4())
+        .ok_or_else(|| format!("resolving {host}: no address a peer could dial"))?;
+    Ok(SocketAddr::new(found.ip(), port).to_string())
 }
 
 async fn connect(addr: &str, token: &str, rank: usize) -> Result<Client, ClusterError> {
@@ -858,9 +865,19 @@ mod tests {
         // A worker on 0.0.0.0 takes no IPv6 connections.
         let v4_only = peer_address("0.0.0.0:5000", "[fd00::2]:50051").await;
         assert!(v4_only.is_err_and(|e| e.contains("no address")));
+        // A name (`--advertise-peer`) is resolved, with its own port.
+        let advertised = peer_address("localhost:5001", "10.1.2.3:50051").await;
+        assert!(
+            matches!(advertised.as_deref(), Ok("127.0.0.1:5001" | "[::1]:5001")),
+            "{advertised:?}"
+        );
         // What a peer could not dial is an error naming it.
-        let bad = peer_address("peer-host:5000", "10.1.2.3:50051").await;
-        assert!(bad.is_err_and(|e| e.contains("'peer-host:5000'")));
+        let bad = peer_address("peer-host", "10.1.2.3:50051").await;
+        assert!(bad.is_err_and(|e| e.contains("'peer-host'")));
+        let no_port = peer_address("peer-host:0", "10.1.2.3:50051").await;
+        assert!(no_port.is_err_and(|e| e.contains("'peer-host:0'")));
+        let unresolved = peer_address("no-such-host.invalid:5000", "10.1.2.3:50051").await;
+        assert!(unresolved.is_err_and(|e| e.contains("resolving no-such-host.invalid:5000")));
         let unknown = peer_address("0.0.0.0:5000", "no-such-host.invalid:50051").await;
         assert!(unknown.is_err_and(|e| e.contains("no-such-host.invalid")));
     }

@@ -15,6 +15,12 @@ struct Args {
     /// Address for the peers' collectives (default: the --listen host, a free port).
     #[arg(long, env = "GROK_WORKER_PEER_LISTEN")]
     peer_listen: Option<SocketAddr>,
+    /// The address the peers dial for this worker's collectives, where it is not the one
+    /// --peer-listen binds (NAT, port forwarding): HOST:PORT, HOST an IP or a name the
+    /// coordinator resolves. Default: the address bound, or for 0.0.0.0 / [::] the IP the
+    /// coordinator reached this worker at.
+    #[arg(long, env = "GROK_WORKER_ADVERTISE_PEER", value_parser = grok_worker::parse_advertised)]
+    advertise_peer: Option<String>,
     /// Shared secret: callers without it are refused.
     #[arg(long, env = "GROK_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: String,
@@ -101,6 +107,13 @@ fn run(args: Args) -> Result<()> {
         writeln!(out, "{}", grok_worker::ready_line(addr))?;
         out.flush()?;
         drop(out);
-        grok_worker::serve(listener, peer_listener, args.cluster_token, args.device).await
+        grok_worker::serve(
+            listener,
+            peer_listener,
+            args.advertise_peer,
+            args.cluster_token,
+            args.device,
+        )
+        .await
     })
 }

@@ -3,7 +3,6 @@
 use crate::engine::{Command, EngineError, Loaded, Status as EngineStatus};
 use grok_proto::worker::v1 as pb;
 use grok_proto::worker::v1::worker_server::Worker;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -11,7 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub struct WorkerService {
     pub engine: mpsc::Sender<Command>,
-    pub peer_addr: SocketAddr,
+    /// Where peers dial this worker's collectives (`IP:PORT` or `NAME:PORT`).
+    pub peer_addr: String,
     pub device: String,
     pub status: Arc<Mutex<EngineStatus>>,
     /// Notified by Shutdown; the server stops when it fires.
@@ -62,7 +62,7 @@ impl Worker for WorkerService {
             pid: std::process::id(),
             device: self.device.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            peer_addr: self.peer_addr.to_string(),
+            peer_addr: self.peer_addr.clone(),
         }))
     }
 

@@ -26,6 +26,11 @@ fn bad_flags_are_refused_clearly() {
     assert!(!ok && err.contains("cpu"), "{err}");
     let (ok, err) = worker(&["--listen", "not-an-address"], Some("t"));
     assert!(!ok && err.contains("--listen"), "{err}");
+    let (ok, err) = worker(&["--advertise-peer", "0.0.0.0:50052"], Some("t"));
+    assert!(
+        !ok && err.contains("--advertise-peer") && err.contains("HOST:PORT"),
+        "{err}"
+    );
     for (ok, err) in [worker(&[], None), worker(&["--device", "x"], Some("t"))] {
         assert!(!ok && !err.contains("panicked"), "{err}");
     }
