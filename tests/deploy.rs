@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::text;
+use common::{text, watchdog};
 use grok_shared::test_support::tiny_a_dir;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -101,23 +101,6 @@ fn sbatch_command(dir: &Path, env: &[(&str, String)], args: &[&str]) -> Command 
         cmd.env(k, v);
     }
     cmd
-}
-
-/// Kills process `pid` unless `done` receives (or is dropped) within `secs`: no test waits
-/// forever on a process that hangs.
-fn watchdog(pid: u32, secs: u64) -> std::sync::mpsc::Sender<()> {
-    let (done, rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-            rx.recv_timeout(Duration::from_secs(secs))
-        {
-            eprintln!("process {pid} ran past {secs} s: killed");
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-    });
-    done
 }
 
 /// Runs the Slurm script to its end (as [`sbatch_command`]), within 240 s.

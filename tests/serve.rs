@@ -5,6 +5,7 @@ mod common;
 
 use common::{metric, Server};
 use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 /// `grok serve` on the fixture with 2 workers (ep 2) and `extra` flags; returns once ready.
@@ -473,6 +474,53 @@ fn workers_never_outlive_the_server() {
         }
         // SIGKILL leaves no chance to clean up: the workers see their stdin close.
         wait_until("every worker exits", 10, || {
+            workers.iter().all(|&w| exited(w))
+        });
+    }
+}
+
+#[test]
+fn a_stop_signal_at_any_moment_of_the_start_is_a_clean_stop() {
+    // Signals used to be caught only once serving began: one during loading, or just after
+    // "ready", killed the server by the default action. Each signal is sent the moment the
+    // server prints the line (its first, after it catches them; the weights, once the
+    // workers are up; ready).
+    let model = grok_shared::test_support::tiny_a_dir();
+    for (at, signal) in [
+        ("starting", "-TERM"),
+        ("rank 1:", "-INT"),
+        ("ready:", "-TERM"),
+    ] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_grok"))
+            .args(["serve", "--port", "0", "--workers", "2", "--ep", "2"])
+            .args(["--model", model.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting grok serve");
+        let pid = child.id();
+        let _done = common::watchdog(pid, 60);
+        let mut log = String::new();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            log += &format!("{line}\n");
+            if line.starts_with(at) {
+                let sent = std::process::Command::new("kill")
+                    .args([signal, &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(sent.success());
+                break;
+            }
+        }
+        let workers = workers_of(pid);
+        for line in lines.map_while(Result::ok) {
+            log += &format!("{line}\n");
+        }
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{signal} at '{at}': {status:?}\n{log}");
+        assert!(!log.contains("panicked"), "{log}");
+        wait_until("its workers exit", 10, || {
             workers.iter().all(|&w| exited(w))
         });
     }

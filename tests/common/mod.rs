@@ -84,3 +84,20 @@ pub fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// Kills process `pid` unless `done` receives (or is dropped) within `secs`: no test waits
+/// forever on a process that hangs.
+pub fn watchdog(pid: u32, secs: u64) -> std::sync::mpsc::Sender<()> {
+    let (done, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            rx.recv_timeout(Duration::from_secs(secs))
+        {
+            eprintln!("process {pid} ran past {secs} s: killed");
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    });
+    done
+}

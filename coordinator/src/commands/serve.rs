@@ -111,30 +111,64 @@ pub fn run(args: Args) -> Result<()> {
     }
     let sched_cfg = args.scheduler_config()?;
     let api_cfg = args.api_config()?;
-    let dir = args.model.dir()?;
-    let tokenizer = Arc::new(args.tokenizer.load()?);
     cluster_args::runtime()?.block_on(async {
+        // First of all: from here on, a stop signal stops the server cleanly.
+        let mut stop = StopSignal::new()?;
+        let c = &args.cluster;
+        match c.workers {
+            Some(n) => eprintln!("starting {n} worker process(es)"),
+            None => eprintln!("joining {} worker(s)", c.worker_addrs.len()),
+        }
+        let dir = args.model.dir()?;
+        let tokenizer = Arc::new(args.tokenizer.load()?);
         let addr = format!("{}:{}", args.host, args.port);
-        let server =
-            Server::start(&addr, &args.cluster, &dir, tokenizer, sched_cfg, api_cfg).await?;
-        server.serve_until_signal().await
+        let start = Server::start(&addr, &args.cluster, &dir, tokenizer, sched_cfg, api_cfg);
+        let server = tokio::select! {
+            server = start => server?,
+            _ = stop.recv() => {
+                // Dropping the start drops its worker processes' stdin: they exit too.
+                eprintln!("stopped while starting");
+                return Ok(());
+            }
+        };
+        server.serve_until(stop).await
     })
 }
 
-/// Ctrl-C, or SIGTERM (what service managers and container runtimes send).
-async fn stop_signal() {
+/// Ctrl-C, or SIGTERM (what service managers and container runtimes send), caught from the
+/// moment this is made: a signal before anything waits on it is kept for the next wait
+/// instead of killing the process by the default action (one right after "ready" did).
+pub struct StopSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignal {
+    /// Must be called inside the tokio runtime.
+    pub fn new() -> Result<StopSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(StopSignal {
+                interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+                terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(StopSignal {})
     }
-    let _ = tokio::signal::ctrl_c().await;
+
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// The cluster, its scheduler and the HTTP API, running in this process.
@@ -206,10 +240,10 @@ impl Server {
         Self::served(self.served.await)
     }
 
-    /// Serves until Ctrl-C or SIGTERM (then stops) or until the HTTP server fails.
-    pub async fn serve_until_signal(mut self) -> Result<()> {
+    /// Serves until `stop` (then stops) or until the HTTP server fails.
+    pub async fn serve_until(mut self, mut stop: StopSignal) -> Result<()> {
         tokio::select! {
-            _ = stop_signal() => {
+            _ = stop.recv() => {
                 eprintln!("shutting down");
                 self.stop().await
             }
