@@ -266,6 +266,20 @@ async fn spawn_worker(
     Ok((child, addr))
 }
 
+/// A worker of another release may speak another protocol (its messages, the peers' wire
+/// format, the kernels' numerics): mixed images in a rollout must fail at the start, clearly.
+fn same_release(worker: &str, addr: &str) -> Result<(), String> {
+    let ours = env!("CARGO_PKG_VERSION");
+    if worker == ours {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr} runs grok-worker {worker:?} and this coordinator is {ours}: run one release \
+             on every node"
+        ))
+    }
+}
+
 /// Where the other ranks reach a worker's collectives: the address it reports, resolved here
 /// when it is a name (`--advertise-peer node7:50052`: peers need no DNS), except that a worker
 /// listening on every interface (`0.0.0.0`, `::`, as in a container or on a node of several
@@ -398,6 +412,7 @@ impl Cluster {
         .map_err(|_| rank_err(rank)(format!("{addr}: no answer to Describe within 10 s")))?
         .map_err(|s| rank_err(rank)(format!("{addr}: {}", s.message())))?
         .into_inner();
+        same_release(&info.version, &addr).map_err(rank_err(rank))?;
         let peer_addr = peer_address(&info.peer_addr, &addr)
             .await
             .map_err(rank_err(rank))?;
@@ -848,7 +863,21 @@ impl Cluster {
 
 #[cfg(test)]
 mod tests {
-    use super::peer_address;
+    use super::{peer_address, same_release};
+
+    #[test]
+    fn a_worker_of_another_release_is_refused_with_both_versions() {
+        assert_eq!(same_release(env!("CARGO_PKG_VERSION"), "w0:1"), Ok(()));
+        for other in ["0.0.9", "", "0.1.0-rc1"] {
+            let e = same_release(other, "w0:1").expect_err(other);
+            assert!(
+                e.contains("w0:1")
+                    && e.contains(&format!("{other:?}"))
+                    && e.contains("one release"),
+                "{e}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_worker_on_every_interface_is_reached_where_the_coordinator_reached_it() {
