@@ -569,8 +569,8 @@ impl<B: StepBackend> Scheduler<B> {
                 );
                 self.end_running(|s| s.failed_alone >= MAX_FAILED_ALONE, Some(&alone));
                 let batched = format!(
-                    "the cluster failed on {MAX_FAILED_STEPS} steps with this request \
-                     (never alone): {e}"
+                    "the cluster failed on {MAX_FAILED_STEPS} steps with this request, fewer \
+                     than {MAX_FAILED_ALONE} of them with it alone: {e}"
                 );
                 self.end_running(|s| s.failed_steps >= MAX_FAILED_STEPS, Some(&batched));
                 if !recovered || cluster_at_fault || self.failures >= MAX_FAILURES_IN_A_ROW {
