@@ -184,7 +184,7 @@ struct Scheduler<B> {
     /// Preempted sequences first, then new arrivals, in order.
     waiting: VecDeque<Sequence>,
     next_id: u64,
-    /// Steps that failed in a row.
+    /// Steps that failed in a row (until one succeeds, whatever ended in between).
     failures: u32,
     /// The sequence that was alone in the last step, if that step failed: when the next lone
     /// sequence fails too, the cluster is at fault, not the requests.
@@ -574,10 +574,10 @@ impl<B: StepBackend> Scheduler<B> {
                 );
                 self.end_running(|s| s.failed_steps >= MAX_FAILED_STEPS, Some(&batched));
                 if !recovered || cluster_at_fault || self.failures >= MAX_FAILURES_IN_A_ROW {
+                    // The counts stay: until a step succeeds, a request that arrives next
+                    // fails on its first failed step instead of starting them over.
                     let msg = format!("the cluster failed: {e}");
                     self.end_running(|_| true, Some(&msg));
-                    self.failures = 0;
-                    self.last_lone_failure = None;
                 }
                 return;
             }
