@@ -48,6 +48,7 @@ pub struct Metrics {
     pub expert_tokens: Family<ExpertLabels, Counter>,
     pub collective_seconds: Family<RankLabels, Counter<f64, AtomicU64>>,
     pub step_seconds: Histogram,
+    pub failed_steps: Counter,
 }
 
 impl Default for Metrics {
@@ -87,6 +88,7 @@ impl Metrics {
             expert_tokens: Family::default(),
             collective_seconds: Family::default(),
             step_seconds: latency(),
+            failed_steps: Counter::default(),
         }
     }
 
@@ -182,6 +184,12 @@ impl Metrics {
             "Wall time of one batch step on the cluster, as the scheduler sees it",
             self.step_seconds.clone(),
         );
+        r.register(
+            "failed_steps",
+            "Batch steps that failed on the cluster (each followed by recovery and a recompute; \
+             the failed step's sequences then run one per step until they pass where it failed)",
+            self.failed_steps.clone(),
+        );
         r
     }
 
@@ -232,6 +240,7 @@ mod tests {
             "grok_e2e_request_latency_seconds",
             "grok_prompt_tokens_total",
             "grok_generation_tokens_total",
+            "grok_failed_steps_total",
         ] {
             assert!(text.contains(name), "{name} missing");
         }

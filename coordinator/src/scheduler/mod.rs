@@ -543,6 +543,7 @@ impl<B: StepBackend> Scheduler<B> {
             }
             Err(e) => {
                 tracing::warn!("step failed: {e}");
+                self.metrics.failed_steps.inc();
                 self.failures += 1;
                 // A failed batch does not say which request broke it (a worker that crashes
                 // on one request's input takes the whole step down): its sequences then run

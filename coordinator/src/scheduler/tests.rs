@@ -421,7 +421,8 @@ async fn run_failing(
         failed: failed.clone(),
     };
     let (stop, stop_rx) = watch::channel(false);
-    let (handle, task) = start(backend, cfg, tokenizer(), Metrics::new(), stop_rx);
+    let metrics = Metrics::new();
+    let (handle, task) = start(backend, cfg, tokenizer(), metrics.clone(), stop_rx);
     let rxs: Vec<_> = requests
         .into_iter()
         .map(|r| handle.submit(r).expect("queued"))
@@ -434,7 +435,13 @@ async fn run_failing(
     .expect("every request ends");
     let _ = stop.send(true);
     let _ = task.await;
-    (ended, failed.load(Ordering::Relaxed))
+    let failed = failed.load(Ordering::Relaxed);
+    assert_eq!(
+        metrics.failed_steps.get(),
+        failed as u64,
+        "the metric counts them"
+    );
+    (ended, failed)
 }
 
 fn error_of(end: &Event) -> &str {
