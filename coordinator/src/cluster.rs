@@ -269,7 +269,7 @@ async fn spawn_worker(
 /// A worker of another release may speak another protocol (its messages, the peers' wire
 /// format, the kernels' numerics): mixed images in a rollout must fail at the start, clearly.
 fn same_release(worker: &str, addr: &str) -> Result<(), String> {
-    let ours = env!("CARGO_PKG_VERSION");
+    let ours = grok_proto::release();
     if worker == ours {
         Ok(())
     } else {
@@ -867,8 +867,11 @@ mod tests {
 
     #[test]
     fn a_worker_of_another_release_is_refused_with_both_versions() {
-        assert_eq!(same_release(env!("CARGO_PKG_VERSION"), "w0:1"), Ok(()));
-        for other in ["0.0.9", "", "0.1.0-rc1"] {
+        let ours = grok_proto::release();
+        assert_eq!(same_release(&ours, "w0:1"), Ok(()));
+        assert!(ours.starts_with(env!("CARGO_PKG_VERSION")) && ours.contains("protocol"));
+        let other_protocol = format!("{} (protocol 0000000000000000)", env!("CARGO_PKG_VERSION"));
+        for other in ["0.0.9", "", env!("CARGO_PKG_VERSION"), &other_protocol] {
             let e = same_release(other, "w0:1").expect_err(other);
             assert!(
                 e.contains("w0:1")

@@ -15,3 +15,14 @@ pub mod worker {
         tonic::include_proto!("grok.worker.v1");
     }
 }
+
+/// This build's release and protocol, as a worker reports it (`WorkerInfo.version`) and the
+/// coordinator requires it: the workspace version and a fingerprint of the `.proto` files, so
+/// that two builds of one version with different messages do not meet mid-step.
+pub fn release() -> String {
+    format!(
+        "{} (protocol {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("GROK_PROTO_FINGERPRINT")
+    )
+}

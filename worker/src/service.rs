@@ -61,7 +61,7 @@ impl Worker for WorkerService {
         Ok(Response::new(pb::WorkerInfo {
             pid: std::process::id(),
             device: self.device.clone(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
+            version: grok_proto::release(),
             peer_addr: self.peer_addr.clone(),
         }))
     }
