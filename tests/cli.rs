@@ -274,6 +274,12 @@ fn bad_input_gets_clear_errors() {
     let o = child.wait_with_output().unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("line 2"));
+    // serve: a grace period that is not a number of seconds, refused before anything starts.
+    for bad in ["-1", "inf", "NaN", "1e9"] {
+        let grace = format!("--shutdown-grace={bad}");
+        let err = fails(&["serve", "--model", m, "--workers", "1", &grace]);
+        assert!(err.contains("--shutdown-grace must be"), "{bad}: {err}");
+    }
 }
 
 #[test]

@@ -525,3 +525,56 @@ fn a_stop_signal_at_any_moment_of_the_start_is_a_clean_stop() {
         });
     }
 }
+
+#[test]
+fn a_stop_signal_lets_the_requests_in_flight_finish() {
+    let mut s = start_server(&[]);
+    let pid = s.child.id();
+    let raws = rt().block_on(async {
+        let c = client();
+        let mut streams = Vec::new();
+        for i in 0..3 {
+            let body = json!({"model": "tiny-a", "prompt": prompt(i), "max_tokens": 180,
+                              "ignore_eos": true, "stream": true});
+            let mut r = c
+                .post(s.url("/v1/completions"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            // Its first token is out: the request is in flight when the signal comes.
+            let first = r.chunk().await.unwrap().expect("a first chunk");
+            streams.push((r, String::from_utf8_lossy(&first).into_owned()));
+        }
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let mut raws = Vec::new();
+        for (mut r, mut raw) in streams {
+            while let Some(chunk) = r.chunk().await.unwrap() {
+                raw.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            raws.push(raw);
+        }
+        raws
+    });
+    for (i, raw) in raws.iter().enumerate() {
+        assert!(
+            raw.contains("\"finish_reason\":\"length\"")
+                && raw.contains("\"completion_tokens\":180")
+                && raw.trim_end().ends_with("data: [DONE]"),
+            "request {i} was cut short: {raw}"
+        );
+    }
+    let mut status = None;
+    wait_until("the server exits", 15, || {
+        status = s.child.try_wait().unwrap();
+        status.is_some()
+    });
+    let log = s.log.lock().unwrap().clone();
+    assert!(status.unwrap().success(), "{log}");
+    assert!(log.contains("draining: 3 request(s) in flight"), "{log}");
+}

@@ -44,6 +44,11 @@ pub struct Args {
     /// Seconds between health checks of an idle cluster (a busy one is checked by its steps).
     #[arg(long, env = "GROK_HEALTH_INTERVAL", default_value_t = 1.0)]
     pub health_interval: f64,
+    /// On Ctrl-C or SIGTERM, seconds the requests in flight get to finish while new ones are
+    /// refused (503) and /ready says no; 0 stops at once. A second signal stops at once.
+    /// Under the 30 s that Kubernetes and Slurm wait before SIGKILL by default.
+    #[arg(long, env = "GROK_SHUTDOWN_GRACE", default_value_t = 20.0)]
+    pub shutdown_grace: f64,
 }
 
 impl Args {
@@ -60,12 +65,21 @@ impl Args {
         if !(self.health_interval.is_finite() && self.health_interval > 0.0) {
             bail!("--health-interval must be a positive number of seconds");
         }
+        self.grace()?;
         Ok(SchedulerConfig {
             max_running: self.max_running,
             max_step_tokens: self.max_step_tokens,
             max_queued: self.max_queued,
             health_interval: Duration::from_secs_f64(self.health_interval),
         })
+    }
+
+    fn grace(&self) -> Result<Duration> {
+        let g = self.shutdown_grace;
+        if !(g.is_finite() && (0.0..=86_400.0).contains(&g)) {
+            bail!("--shutdown-grace must be a number of seconds from 0 (stop at once) to 86400");
+        }
+        Ok(Duration::from_secs_f64(g))
     }
 
     fn api_config(&self) -> Result<ApiConfig> {
@@ -111,6 +125,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let sched_cfg = args.scheduler_config()?;
     let api_cfg = args.api_config()?;
+    let grace = args.grace()?;
     cluster_args::runtime()?.block_on(async {
         // First of all: from here on, a stop signal stops the server cleanly.
         let mut stop = StopSignal::new()?;
@@ -131,7 +146,7 @@ pub fn run(args: Args) -> Result<()> {
                 return Ok(());
             }
         };
-        server.serve_until(stop).await
+        server.serve_until(stop, grace).await
     })
 }
 
@@ -174,6 +189,7 @@ impl StopSignal {
 /// The cluster, its scheduler and the HTTP API, running in this process.
 pub struct Server {
     pub addr: std::net::SocketAddr,
+    handle: scheduler::SchedulerHandle,
     stop_tx: tokio::sync::watch::Sender<bool>,
     served: tokio::task::JoinHandle<std::io::Result<()>>,
     scheduler: tokio::task::JoinHandle<()>,
@@ -208,7 +224,7 @@ impl Server {
             metrics,
             stop_rx.clone(),
         );
-        let state = AppState::new(handle, tokenizer, api_cfg.clone());
+        let state = AppState::new(handle.clone(), tokenizer, api_cfg.clone());
         eprintln!(
             "ready: {} worker(s), tp={} ep={} (dp={}, etp={}); serving model '{}' at http://{local}/v1",
             p.world,
@@ -227,6 +243,7 @@ impl Server {
         let served = tokio::spawn(api::serve(listener, api::router(state), shutdown));
         Ok(Server {
             addr: local,
+            handle,
             stop_tx,
             served,
             scheduler,
@@ -240,10 +257,12 @@ impl Server {
         Self::served(self.served.await)
     }
 
-    /// Serves until `stop` (then stops) or until the HTTP server fails.
-    pub async fn serve_until(mut self, mut stop: StopSignal) -> Result<()> {
+    /// Serves until `stop` (then drains for up to `grace` and stops) or until the HTTP
+    /// server fails.
+    pub async fn serve_until(mut self, mut stop: StopSignal, grace: Duration) -> Result<()> {
         tokio::select! {
             _ = stop.recv() => {
+                self.drain(&mut stop, grace).await;
                 eprintln!("shutting down");
                 self.stop().await
             }
@@ -252,6 +271,33 @@ impl Server {
                 let _ = self.scheduler.await;
                 Self::served(r)
             }
+        }
+    }
+
+    /// Refuses new requests and waits until those in flight end, `grace` passes, or `stop`
+    /// comes again: a rolling update must not cut the generations it can let finish.
+    async fn drain(&self, stop: &mut StopSignal, grace: Duration) {
+        self.handle.drain();
+        let n = self.handle.live();
+        if n == 0 || grace.is_zero() {
+            return;
+        }
+        eprintln!(
+            "draining: {n} request(s) in flight, refusing new ones; stopping when they end or \
+             in {:.0} s (a second signal stops now)",
+            grace.as_secs_f64()
+        );
+        let ended = async {
+            while self.handle.live() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            _ = ended => {}
+            _ = tokio::time::sleep(grace) => {
+                eprintln!("grace over: {} request(s) cut short", self.handle.live());
+            }
+            _ = stop.recv() => eprintln!("second signal: {} request(s) cut short", self.handle.live()),
         }
     }
 

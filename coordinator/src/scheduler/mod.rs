@@ -24,6 +24,24 @@ use tokio::sync::{mpsc, watch};
 pub struct Submission {
     pub request: GenerationRequest,
     pub events: mpsc::UnboundedSender<Event>,
+    /// Counts the request as live until the scheduler drops it (ended, however it ends).
+    pub live: Live,
+}
+
+/// One live request in a shared count: counted while this exists.
+pub struct Live(Arc<AtomicUsize>);
+
+impl Live {
+    pub fn new(count: &Arc<AtomicUsize>) -> Live {
+        count.fetch_add(1, Ordering::AcqRel);
+        Live(count.clone())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What the API holds: submits requests, answers readiness. Cheap to clone.
@@ -34,6 +52,10 @@ pub struct SchedulerHandle {
     queued: Arc<AtomicUsize>,
     max_queued: usize,
     ready: Arc<AtomicBool>,
+    /// Set by [`Self::drain`]: new requests are refused, running ones go on.
+    draining: Arc<AtomicBool>,
+    /// Requests submitted and not yet ended.
+    live: Arc<AtomicUsize>,
     context: usize,
     vocab: usize,
     metrics: Metrics,
@@ -62,6 +84,8 @@ impl SchedulerHandle {
             queued: queued.clone(),
             max_queued,
             ready: ready.clone(),
+            draining: Arc::new(AtomicBool::new(false)),
+            live: Arc::new(AtomicUsize::new(0)),
             context,
             vocab,
             metrics,
@@ -75,6 +99,9 @@ impl SchedulerHandle {
         &self,
         request: GenerationRequest,
     ) -> Result<mpsc::UnboundedReceiver<Event>, SubmitError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(SubmitError::ShuttingDown);
+        }
         let p = request.prompt.len();
         if p == 0 {
             return Err(SubmitError::EmptyPrompt);
@@ -102,16 +129,36 @@ impl SchedulerHandle {
             return Err(SubmitError::QueueFull { waiting });
         }
         let (events, rx) = mpsc::unbounded_channel();
-        if self.tx.send(Submission { request, events }).is_err() {
+        let live = Live::new(&self.live);
+        if self
+            .tx
+            .send(Submission {
+                request,
+                events,
+                live,
+            })
+            .is_err()
+        {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::ShuttingDown);
         }
         Ok(rx)
     }
 
-    /// Whether every rank is loaded and healthy.
+    /// Whether every rank is loaded and healthy, and the server is not draining.
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    /// Refuses new requests from now on (503, `shutting_down`; not ready), while those
+    /// already submitted run to their end: the first step of a graceful stop.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Requests submitted and not yet ended (their last event sent, or abandoned).
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
     }
 
     /// The model's context length in tokens.

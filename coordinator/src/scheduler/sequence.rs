@@ -1,7 +1,7 @@
 //! One request's life inside the scheduler: its tokens, where its KV blocks are, how far the
 //! cache has computed, its sampler and text output, and the timestamps its metrics need.
 
-use super::Submission;
+use super::{Live, Submission};
 use crate::output::{token_logprob, token_text, with_texts, TextOutput};
 use crate::request::{Event, FinishReason, GenerationRequest, TokenLogprob, Usage};
 use grok_shared::sampling::{SampleSpec, Sampled};
@@ -41,6 +41,8 @@ pub(super) struct Sequence {
     /// to. Until a step reaches it, the scheduler runs the sequence alone, to learn whether
     /// it is the cause.
     pub suspect_until: Option<usize>,
+    /// Counts the request as live until this sequence is dropped.
+    _live: Live,
 }
 
 /// What happened to a sequence after it got its logits.
@@ -72,6 +74,7 @@ impl Sequence {
             failed_steps: 0,
             failed_alone: 0,
             suspect_until: None,
+            _live: sub.live,
         }
     }
 
@@ -243,7 +246,13 @@ mod tests {
                 echo: false,
                 arrived: Instant::now(),
             };
-            let mut s = Sequence::new(1, Submission { request, events }, tok.clone());
+            let live = Live::new(&Default::default());
+            let sub = Submission {
+                request,
+                events,
+                live,
+            };
+            let mut s = Sequence::new(1, sub, tok.clone());
             let mut step = || {
                 let x = Sampled {
                     token: eos,

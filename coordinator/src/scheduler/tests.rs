@@ -548,3 +548,33 @@ async fn a_cluster_that_fails_every_step_fails_every_request_within_a_few_steps(
     // on its first failed step, since no step succeeded in between.
     assert!(failed <= 7, "{failed} failed steps");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_refuses_new_requests_and_lets_the_live_ones_finish() {
+    let want = alone(&[5, 6, 7], 20, 0.0, 0).await;
+    let run = start_with(64, 16, SchedulerConfig::default());
+    let h = &run.handle;
+    assert_eq!(h.live(), 0);
+    let rx = h.submit(request(vec![5, 6, 7], 20, 0.0, 0)).unwrap();
+    let abandoned = h.submit(request(vec![8, 9], 20, 0.0, 0)).unwrap();
+    assert_eq!(h.live(), 2);
+    assert!(h.ready());
+    h.drain();
+    assert!(!h.ready(), "a draining server is not ready");
+    let refused = h.submit(request(vec![5], 4, 0.0, 0));
+    assert!(
+        matches!(refused, Err(SubmitError::ShuttingDown)),
+        "{refused:?}"
+    );
+    drop(abandoned);
+    let (ids, _, end) = collect(rx).await;
+    assert!(matches!(end, Event::Done { .. }), "{end:?}");
+    assert_eq!(ids, want, "the request runs to its end as it would have");
+    // Counted until the scheduler drops it: finished, or abandoned by its client.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.live() != 0 {
+        assert!(Instant::now() < deadline, "{} still live", h.live());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    run.end().await;
+}
