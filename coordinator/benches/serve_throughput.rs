@@ -128,13 +128,20 @@ fn main() {
             model_name: "tiny".into(),
             api_key: None,
             max_body_bytes: 1 << 20,
+            ..ApiConfig::default()
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("listen");
         let url = format!("http://{}/v1/completions", listener.local_addr().expect("addr"));
+        let client_timeout = config.client_timeout;
         let router = api::router(AppState::new(handle, tokenizer, config));
-        tokio::spawn(api::serve(listener, router, std::future::pending()));
+        tokio::spawn(api::serve(
+            listener,
+            router,
+            client_timeout,
+            std::future::pending(),
+        ));
 
         run(&url, 1, 1, 8).await; // warm-up
         println!(

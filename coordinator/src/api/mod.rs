@@ -91,6 +91,7 @@ use respond::{BodyRecords, Choice, Outcome, RecordOnDrop};
 use serde::Serialize;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How the API presents itself.
 #[derive(Clone)]
@@ -101,6 +102,10 @@ pub struct ApiConfig {
     pub api_key: Option<String>,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
+    /// Longest a client may take to send a request's headers, or its body (408), or to start
+    /// its next request on a kept-alive connection: a client that stalls holds a connection
+    /// and a task until then, never longer.
+    pub client_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -109,6 +114,7 @@ impl Default for ApiConfig {
             model_name: "grok-1".into(),
             api_key: None,
             max_body_bytes: 8 << 20,
+            client_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -120,6 +126,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("model_name", &self.model_name)
             .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("client_timeout", &self.client_timeout)
             .finish()
     }
 }
@@ -238,11 +245,49 @@ pub fn router(state: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    client_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Also runs while a kept-alive connection waits for its next request (hyper >= 1.6).
+    http.timer(TokioTimer::new())
+        .header_read_timeout(client_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: the connections open now end in time
+                    // (every wait of theirs has a deadline), so wait and go on.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        // Tokens go out as small SSE writes: no Nagle delay.
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    // Requests in flight finish; a client that stopped reading its stream is not waited for.
+    if tokio::time::timeout(client_timeout, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!("connections still open {client_timeout:?} after the shutdown: dropped");
+    }
+    Ok(())
 }
 
 /// Middleware around every route: checks the API key, and records the response's status

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Most `stop` strings a request may give (as in the OpenAI API).
 pub const MAX_STOP: usize = 4;
@@ -20,9 +21,31 @@ pub const MAX_LOGPROBS: i64 = 20;
 /// `max_tokens` of a completion that does not say.
 pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
 
-/// Reads the whole body, refusing (413) more than `limit` bytes: early from `Content-Length`,
-/// else as soon as the received chunks pass it, so an over-long body is never held whole.
-pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the whole body within `deadline` (408 after: a client trickling bytes must not hold
+/// a connection forever), refusing (413) more than `limit` bytes: early from
+/// `Content-Length`, else as soon as the received chunks pass it, so an over-long body is
+/// never held whole.
+pub async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, ApiError> {
+    tokio::time::timeout(deadline, read_body_to(headers, body, limit))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::invalid(
+                None,
+                format!(
+                    "the request body did not arrive within {} s",
+                    deadline.as_secs_f64()
+                ),
+            )
+            .with_status(StatusCode::REQUEST_TIMEOUT))
+        })
+}
+
+async fn read_body_to(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::invalid(
             None,

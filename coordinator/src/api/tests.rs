@@ -50,10 +50,11 @@ async fn start(opts: Options) -> Server {
     let (handle, inbox) =
         SchedulerHandle::channel(opts.max_queued, CONTEXT, tok.vocab_size(), metrics.clone());
     inbox.ready.store(opts.ready, Ordering::Release);
+    let client_timeout = opts.config.client_timeout;
     let app = router(AppState::new(handle, tok, opts.config));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
-    tokio::spawn(serve(listener, app, std::future::pending()));
+    tokio::spawn(serve(listener, app, client_timeout, std::future::pending()));
     Server {
         addr,
         inbox,
@@ -1531,4 +1532,65 @@ fn config_debug_hides_the_key() {
         ..ApiConfig::default()
     };
     assert!(!format!("{c:?}").contains("sekret"));
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_is_cut_off_at_the_client_timeout() {
+    let timeout = Duration::from_millis(300);
+    let s = start(Options {
+        config: ApiConfig {
+            client_timeout: timeout,
+            ..ApiConfig::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    // The connection ends (the server closes it) within a bound of the timeout.
+    async fn closed(mut c: TcpStream) -> Vec<u8> {
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut raw))
+            .await
+            .expect("the server closes a stalled connection")
+            .expect("read");
+        raw
+    }
+    // A body that never completes: 408 with an OpenAI-shaped error.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\n\r\n{\"model\"",
+    )
+    .await
+    .unwrap();
+    let t = std::time::Instant::now();
+    let r = parse_reply(&closed(c).await);
+    assert!(t.elapsed() >= timeout, "{:?}", t.elapsed());
+    assert_eq!(r.status, 408);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("did not arrive")),
+        "{v}"
+    );
+    // Headers that never end, and a connection that never sends anything.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    closed(c).await;
+    closed(TcpStream::connect(s.addr).await.unwrap()).await;
+    // A kept-alive connection that sends no next request.
+    let mut c = TcpStream::connect(s.addr).await.unwrap();
+    c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let raw = closed(c).await;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&raw)
+    );
+    // None of this kept the server from answering.
+    assert_eq!(call(s.addr, "GET", "/health", &[], b"").await.status, 200);
 }

@@ -131,7 +131,7 @@ async fn start_local(a: &Args) -> Result<Server> {
     let api = ApiConfig {
         model_name: served_name(a.served_model_name.as_deref(), &model)?,
         api_key: None,
-        max_body_bytes: 8 << 20,
+        ..ApiConfig::default()
     };
     let dir = model.dir()?;
     let tokenizer = Arc::new(a.tokenizer.load()?);

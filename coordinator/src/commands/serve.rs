@@ -38,6 +38,10 @@ pub struct Args {
     /// Requests waiting for admission at most; beyond, new ones get 429 with Retry-After.
     #[arg(long, env = "GROK_MAX_QUEUED", default_value_t = 256)]
     pub max_queued: usize,
+    /// Seconds a client may take to send a request's headers or its body (408), or to start
+    /// its next request on a kept-alive connection; then its connection is closed.
+    #[arg(long, env = "GROK_CLIENT_TIMEOUT", default_value_t = 30.0)]
+    pub client_timeout: f64,
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "GROK_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
@@ -89,11 +93,16 @@ impl Args {
         if self.max_body_bytes < 1024 {
             bail!("--max-body-bytes must be at least 1024");
         }
+        let t = self.client_timeout;
+        if !(t.is_finite() && (0.1..=3600.0).contains(&t)) {
+            bail!("--client-timeout must be a number of seconds from 0.1 to 3600");
+        }
         let name = served_name(self.served_model_name.as_deref(), &self.model)?;
         Ok(ApiConfig {
             model_name: name,
             api_key: self.api_key.clone(),
             max_body_bytes: self.max_body_bytes,
+            client_timeout: Duration::from_secs_f64(t),
         })
     }
 }
@@ -240,7 +249,13 @@ impl Server {
         let shutdown = async move {
             let _ = stopped.wait_for(|s| *s).await;
         };
-        let served = tokio::spawn(api::serve(listener, api::router(state), shutdown));
+        let client_timeout = api_cfg.client_timeout;
+        let served = tokio::spawn(api::serve(
+            listener,
+            api::router(state),
+            client_timeout,
+            shutdown,
+        ));
         Ok(Server {
             addr: local,
             handle,
