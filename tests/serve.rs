@@ -578,3 +578,35 @@ fn a_stop_signal_lets_the_requests_in_flight_finish() {
     assert!(status.unwrap().success(), "{log}");
     assert!(log.contains("draining: 3 request(s) in flight"), "{log}");
 }
+
+#[test]
+fn penalties_and_logit_bias_through_the_workers_give_the_reference_tokens() {
+    // The cluster path: the API's fields, the counts the scheduler keeps, the step's proto
+    // and the worker's sampling, against the CPU model step by step.
+    let s = start_server(&[]);
+    let adjust = grok_shared::sampling::LogitAdjust {
+        presence_penalty: 0.7,
+        frequency_penalty: 0.9,
+        counts: Vec::new(),
+        bias: vec![(9, 1.5), (40, -3.0)],
+    };
+    let p = prompt(1);
+    let want = grok_shared::test_support::tiny_a_greedy_adjusted(&p, 20, &adjust);
+    let tok = grok_shared::tokenizer::Tokenizer::builtin().unwrap();
+    rt().block_on(async {
+        let c = client();
+        let body = json!({"model": "tiny-a", "prompt": p, "max_tokens": 20, "temperature": 0,
+                          "ignore_eos": true, "presence_penalty": 0.7, "frequency_penalty": 0.9,
+                          "logit_bias": {"9": 1.5, "40": -3.0}});
+        let (status, v) = complete(&c, &s, body).await;
+        assert_eq!(status, 200, "{v}");
+        let text = v["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(text, tok.decode(&want).unwrap());
+        // A bias of 100 on one token makes it every choice.
+        let body = json!({"model": "tiny-a", "prompt": p, "max_tokens": 5, "temperature": 0.9,
+                          "seed": 3, "ignore_eos": true, "logit_bias": {"300": 100}});
+        let (status, v) = complete(&c, &s, body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], tok.decode(&[300; 5]).unwrap());
+    });
+}

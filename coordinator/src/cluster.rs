@@ -712,13 +712,22 @@ impl Cluster {
                         start: w.start as u32,
                         blocks: w.blocks.clone(),
                         logits: to_pb_logits(w.logits) as i32,
-                        sampling: w.sample.map(|x| pb::Sampling {
-                            temperature: x.params.temperature,
-                            top_k: x.params.top_k.min(u32::MAX as usize) as u32,
-                            top_p: x.params.top_p,
-                            rng_state: x.rng_state,
-                            logprobs: x.logprobs.is_some(),
-                            top_logprobs: x.logprobs.unwrap_or(0).min(u32::MAX as usize) as u32,
+                        sampling: w.sample.as_ref().map(|x| {
+                            let a = &x.adjust;
+                            pb::Sampling {
+                                temperature: x.params.temperature,
+                                top_k: x.params.top_k.min(u32::MAX as usize) as u32,
+                                top_p: x.params.top_p,
+                                rng_state: x.rng_state,
+                                logprobs: x.logprobs.is_some(),
+                                top_logprobs: x.logprobs.unwrap_or(0).min(u32::MAX as usize) as u32,
+                                presence_penalty: a.presence_penalty,
+                                frequency_penalty: a.frequency_penalty,
+                                count_tokens: a.counts.iter().map(|c| c.0).collect(),
+                                count_times: a.counts.iter().map(|c| c.1).collect(),
+                                bias_tokens: a.bias.iter().map(|b| b.0).collect(),
+                                bias_values: a.bias.iter().map(|b| b.1).collect(),
+                            }
                         }),
                     },
                 )

@@ -2,7 +2,7 @@
 //! Both sides are validated types: the API checks every field before a request exists, the
 //! scheduler only checks what depends on the model (context length).
 
-use grok_shared::sampling::SamplingParams;
+use grok_shared::sampling::{LogitAdjust, SamplingParams};
 use std::time::Instant;
 
 /// One generation request, already tokenized and validated.
@@ -12,6 +12,8 @@ pub struct GenerationRequest {
     /// Tokens to generate at most (the prompt plus this must fit the context).
     pub max_tokens: usize,
     pub sampling: SamplingParams,
+    /// Penalties and logit bias (its `counts` are kept by the scheduler, empty here).
+    pub adjust: LogitAdjust,
     /// Strings that end the generation; matched across token boundaries, never included.
     pub stop: Vec<String>,
     /// `Some(n)`: return each generated token's log-probability and its `n` most likely
@@ -100,6 +102,8 @@ pub enum SubmitError {
     EmptyPrompt,
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     BadToken { id: u32, vocab: usize },
+    #[error("logit_bias: token id {id} is outside the vocabulary (size {vocab})")]
+    BadBiasToken { id: u32, vocab: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
 }

@@ -9,6 +9,8 @@ pub enum SamplingError {
     TopP(f32),
     #[error("logits are empty")]
     Empty,
+    #[error("{0}")]
+    Adjust(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -382,14 +384,103 @@ impl Sampler {
     }
 }
 
+/// Most entries of a `logit_bias` (OpenAI caps it lower; this bounds what a step carries).
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// OpenAI's `presence_penalty` and `frequency_penalty` (on the tokens generated so far, as
+/// vLLM applies them) and `logit_bias`: before a token is chosen, each logit becomes
+/// `logit[t] + bias[t] - frequency · count[t] - presence · (count[t] > 0)`. Log-probabilities
+/// are still reported from the model's own logits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogitAdjust {
+    /// In [-2, 2], as in the OpenAI API.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// (token, times generated so far), each token once; empty without penalties.
+    pub counts: Vec<(u32, u32)>,
+    /// (token, bias in [-100, 100]), each token once.
+    pub bias: Vec<(u32, f32)>,
+}
+
+impl LogitAdjust {
+    /// No change to any logit.
+    pub fn is_neutral(&self) -> bool {
+        let no_penalty = self.presence_penalty == 0.0 && self.frequency_penalty == 0.0;
+        (no_penalty || self.counts.is_empty()) && self.bias.is_empty()
+    }
+
+    /// Checks everything a peer or a request could get wrong, for a vocabulary of `vocab`.
+    pub fn validate(&self, vocab: usize) -> Result<(), SamplingError> {
+        let bad = |m: String| Err(SamplingError::Adjust(m));
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be between -2 and 2, got {v}"));
+            }
+        }
+        if self.bias.len() > MAX_LOGIT_BIAS {
+            return bad(format!(
+                "logit_bias has {} entries, at most {MAX_LOGIT_BIAS} are accepted",
+                self.bias.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for &(t, b) in &self.bias {
+            if t as usize >= vocab {
+                return bad(format!(
+                    "logit_bias: token {t} is not in the vocabulary of {vocab}"
+                ));
+            }
+            if !(-100.0..=100.0).contains(&b) {
+                return bad(format!(
+                    "logit_bias: the bias of token {t} must be between -100 and 100, got {b}"
+                ));
+            }
+            if !seen.insert(t) {
+                return bad(format!("logit_bias: token {t} given twice"));
+            }
+        }
+        seen.clear();
+        for &(t, _) in &self.counts {
+            if t as usize >= vocab || !seen.insert(t) {
+                return bad(format!(
+                    "penalty counts: token {t} out of the vocabulary or given twice"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the penalties and the bias to `row` (the logits of one position).
+    pub fn apply(&self, row: &mut [f32]) {
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            for &(t, n) in &self.counts {
+                if let Some(x) = row.get_mut(t as usize) {
+                    if n > 0 {
+                        *x -= self.frequency_penalty * n as f32 + self.presence_penalty;
+                    }
+                }
+            }
+        }
+        for &(t, b) in &self.bias {
+            if let Some(x) = row.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+    }
+}
+
 /// What a worker needs to choose one sequence's next token: the request's parameters, where
-/// its random stream stands, and how many alternatives' log-probabilities to report
-/// (`None`: no log-probabilities at all).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// its random stream stands, how many alternatives' log-probabilities to report (`None`: no
+/// log-probabilities at all), and the changes to the logits before the choice.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SampleSpec {
     pub params: SamplingParams,
     pub rng_state: u64,
     pub logprobs: Option<usize>,
+    pub adjust: LogitAdjust,
 }
 
 /// The chosen token, the random stream after it, and its log-probabilities when asked.
@@ -405,7 +496,13 @@ pub struct Sampled {
 /// Samples from one row of logits as [`Sampler`] would at `spec.rng_state`.
 pub fn sample_row(row: &[f32], spec: &SampleSpec) -> Result<Sampled, SamplingError> {
     let mut s = Sampler::resume(spec.params, spec.rng_state)?;
-    let token = s.sample(row)?;
+    let token = if spec.adjust.is_neutral() {
+        s.sample(row)?
+    } else {
+        let mut adjusted = row.to_vec();
+        spec.adjust.apply(&mut adjusted);
+        s.sample(&adjusted)?
+    };
     let (logprob, top) = match spec.logprobs {
         Some(n) => {
             let (lp, top) = crate::logprobs::token_and_top(row, token, n);
@@ -586,6 +683,7 @@ mod tests {
                 params: p,
                 rng_state: state,
                 logprobs: Some(2),
+                adjust: LogitAdjust::default(),
             };
             let s = sample_row(&logits, &spec).unwrap();
             assert_eq!(s.top.len(), 2);
@@ -594,6 +692,115 @@ mod tests {
             got.push(s.token);
         }
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn penalties_and_bias_change_the_logits_as_openai_defines_them() {
+        let adjust = LogitAdjust {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            counts: vec![(1, 2), (3, 1)],
+            bias: vec![(0, -100.0), (3, 1.5)],
+        };
+        let mut row = vec![1.0f32, 2.0, 3.0, 4.0, 5.0];
+        adjust.apply(&mut row);
+        // 1 - 100; 2 - 0.25·2 - 0.5; unchanged; 4 - 0.25 - 0.5 + 1.5; unchanged.
+        assert_eq!(row, vec![-99.0, 1.0, 3.0, 4.75, 5.0]);
+        assert!(adjust.validate(5).is_ok());
+        assert!(!adjust.is_neutral());
+        // Penalties without counts (nothing generated yet) change nothing.
+        let idle = LogitAdjust {
+            presence_penalty: 1.0,
+            ..LogitAdjust::default()
+        };
+        assert!(idle.is_neutral());
+    }
+
+    #[test]
+    fn the_choice_follows_the_adjusted_logits_and_logprobs_the_model_ones() {
+        let logits = [3.0f32, 1.0, 0.0];
+        let spec = |adjust| SampleSpec {
+            params: SamplingParams::default(),
+            rng_state: 1,
+            logprobs: Some(1),
+            adjust,
+        };
+        let plain = sample_row(&logits, &spec(LogitAdjust::default())).unwrap();
+        assert_eq!(plain.token, 0);
+        let biased = LogitAdjust {
+            bias: vec![(2, 10.0)],
+            ..LogitAdjust::default()
+        };
+        let s = sample_row(&logits, &spec(biased)).unwrap();
+        assert_eq!(s.token, 2);
+        let want = crate::logprobs::token_and_top(&logits, 2, 1);
+        assert_eq!((s.logprob, s.top), (Some(want.0), want.1));
+        // A repeated token loses to the runner-up once its penalty passes their gap.
+        let repeated = LogitAdjust {
+            frequency_penalty: 1.5,
+            counts: vec![(0, 2)],
+            ..LogitAdjust::default()
+        };
+        assert_eq!(sample_row(&logits, &spec(repeated)).unwrap().token, 1);
+    }
+
+    #[test]
+    fn adjustments_a_peer_could_get_wrong_are_refused() {
+        let ok = LogitAdjust::default();
+        for (bad, says) in [
+            (
+                LogitAdjust {
+                    presence_penalty: 2.5,
+                    ..ok.clone()
+                },
+                "presence_penalty",
+            ),
+            (
+                LogitAdjust {
+                    frequency_penalty: f32::NAN,
+                    ..ok.clone()
+                },
+                "frequency_penalty",
+            ),
+            (
+                LogitAdjust {
+                    bias: vec![(9, 1.0)],
+                    ..ok.clone()
+                },
+                "token 9",
+            ),
+            (
+                LogitAdjust {
+                    bias: vec![(1, 101.0)],
+                    ..ok.clone()
+                },
+                "between -100 and 100",
+            ),
+            (
+                LogitAdjust {
+                    bias: vec![(1, 1.0), (1, 2.0)],
+                    ..ok.clone()
+                },
+                "twice",
+            ),
+            (
+                LogitAdjust {
+                    counts: vec![(7, 1)],
+                    ..ok.clone()
+                },
+                "penalty counts",
+            ),
+            (
+                LogitAdjust {
+                    bias: (0..1025).map(|t| (t, 0.0)).collect(),
+                    ..ok.clone()
+                },
+                "at most",
+            ),
+        ] {
+            let e = bad.validate(5).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

@@ -198,6 +198,38 @@ pub fn qmatmul_reference(x: &[f32], m: usize, w: &crate::model::QMatrix) -> Vec<
     out
 }
 
+/// The `grok1-tiny-a` fixture's greedy continuation of `prompt` by `n` tokens with the
+/// penalties and bias of `adjust` (its `counts` ignored: kept here from the tokens chosen),
+/// computed step by step on the CPU model: what a server must generate for such a request.
+pub fn tiny_a_greedy_adjusted(
+    prompt: &[u32],
+    n: usize,
+    adjust: &crate::sampling::LogitAdjust,
+) -> Vec<u32> {
+    use crate::model::{LogitsMode, ModelWeights, SeqKv};
+    let dir = crate::checkpoint::open_model(&tiny_a_dir()).expect("the fixture");
+    let weights = ModelWeights::load(dir.source.as_ref(), &dir.config).expect("its weights");
+    let model = crate::cpu::CpuModel::new(weights).expect("the model");
+    let mut kv = SeqKv::new(&model);
+    let mut logits = kv
+        .step(&model, prompt, LogitsMode::Last)
+        .expect("the prompt");
+    let mut counts = std::collections::BTreeMap::<u32, u32>::new();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let step = crate::sampling::LogitAdjust {
+            counts: counts.iter().map(|(&t, &c)| (t, c)).collect(),
+            ..adjust.clone()
+        };
+        step.apply(&mut logits);
+        let t = crate::sampling::argmax(&logits).expect("a token") as u32;
+        *counts.entry(t).or_insert(0) += 1;
+        out.push(t);
+        logits = kv.step(&model, &[t], LogitsMode::Last).expect("a step");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

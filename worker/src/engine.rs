@@ -16,7 +16,7 @@ use grok_shared::model::{
     LogitsMode, ModelError, ModelWeights, PagedKv, RankBackend, SeqStep, Slices,
 };
 use grok_shared::parallel::Plan;
-use grok_shared::sampling::{sample_last_rows, SampleSpec, SamplingParams};
+use grok_shared::sampling::{sample_last_rows, LogitAdjust, SampleSpec, SamplingParams};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -329,6 +329,7 @@ impl Engine {
             None => grpc,
         };
         let rank = shard.rank();
+        let vocab = shard.config().vocab_size;
         let mut seen = std::collections::HashSet::new();
         let mut batch = Vec::with_capacity(req.seqs.len());
         let mut specs = Vec::with_capacity(req.seqs.len());
@@ -340,7 +341,7 @@ impl Engine {
                 )));
             }
             let logits = logits_mode(s)?;
-            specs.push(sample_spec(s, logits)?);
+            specs.push(sample_spec(s, logits, vocab)?);
             batch.push(SeqStep {
                 tokens: &s.tokens,
                 start: s.start as usize,
@@ -348,7 +349,6 @@ impl Engine {
                 logits,
             });
         }
-        let vocab = shard.config().vocab_size;
         match shard.step(comm, &batch) {
             Ok(out) => {
                 // Sampling happens where the logits are: a decode step then returns a token,
@@ -402,7 +402,11 @@ impl Engine {
 }
 
 /// What a sequence asked to be sampled with, checked before the step runs.
-fn sample_spec(s: &pb::SeqInput, mode: LogitsMode) -> Result<Option<SampleSpec>, EngineError> {
+fn sample_spec(
+    s: &pb::SeqInput,
+    mode: LogitsMode,
+    vocab: usize,
+) -> Result<Option<SampleSpec>, EngineError> {
     let Some(p) = &s.sampling else {
         return Ok(None);
     };
@@ -418,13 +422,35 @@ fn sample_spec(s: &pb::SeqInput, mode: LogitsMode) -> Result<Option<SampleSpec>,
         top_p: p.top_p,
         seed: 0,
     };
-    params
-        .validate()
-        .map_err(|e| EngineError::BadRequest(format!("sequence {}: {e}", s.seq_id)))?;
+    let bad = |e: String| EngineError::BadRequest(format!("sequence {}: {e}", s.seq_id));
+    params.validate().map_err(|e| bad(e.to_string()))?;
+    if p.count_tokens.len() != p.count_times.len() || p.bias_tokens.len() != p.bias_values.len() {
+        return Err(bad(
+            "penalty counts or logit_bias: arrays of different lengths".into(),
+        ));
+    }
+    let adjust = LogitAdjust {
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        counts: p
+            .count_tokens
+            .iter()
+            .copied()
+            .zip(p.count_times.iter().copied())
+            .collect(),
+        bias: p
+            .bias_tokens
+            .iter()
+            .copied()
+            .zip(p.bias_values.iter().copied())
+            .collect(),
+    };
+    adjust.validate(vocab).map_err(|e| bad(e.to_string()))?;
     Ok(Some(SampleSpec {
         params,
         rng_state: p.rng_state,
         logprobs: p.logprobs.then_some(p.top_logprobs as usize),
+        adjust,
     }))
 }
 

@@ -183,16 +183,55 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
         rng_state: 0,
         logprobs: true,
         top_logprobs: 3,
+        ..Default::default()
     };
     let mut no_logits = seq(1, &prompt, 0, &[0, 1], pb::LogitsMode::None);
-    no_logits.sampling = Some(greedy);
+    no_logits.sampling = Some(greedy.clone());
     bad(h.step(vec![no_logits]), "sampling needs logits");
-    let mut hot = seq(1, &prompt, 0, &[0, 1], last);
-    hot.sampling = Some(pb::Sampling {
-        temperature: -1.0,
-        ..greedy
-    });
-    bad(h.step(vec![hot]), "temperature");
+    for (sampling, says) in [
+        (
+            pb::Sampling {
+                temperature: -1.0,
+                ..greedy.clone()
+            },
+            "temperature",
+        ),
+        (
+            pb::Sampling {
+                presence_penalty: 3.0,
+                ..greedy.clone()
+            },
+            "presence_penalty",
+        ),
+        (
+            pb::Sampling {
+                bias_tokens: vec![1, 2],
+                bias_values: vec![1.0],
+                ..greedy.clone()
+            },
+            "different lengths",
+        ),
+        (
+            pb::Sampling {
+                bias_tokens: vec![1 << 20],
+                bias_values: vec![1.0],
+                ..greedy.clone()
+            },
+            "not in the vocabulary",
+        ),
+        (
+            pb::Sampling {
+                count_tokens: vec![3, 3],
+                count_times: vec![1, 1],
+                ..greedy.clone()
+            },
+            "given twice",
+        ),
+    ] {
+        let mut s = seq(1, &prompt, 0, &[0, 1], last);
+        s.sampling = Some(sampling);
+        bad(h.step(vec![s]), says);
+    }
 
     // After all that, the engine still serves: a chunked prefill without logits, then a
     // decode step, over scattered blocks.
@@ -223,7 +262,7 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
 
     // Sampling on the worker: a greedy LAST step returns the argmax and its logprobs, no logits.
     let mut again = seq(10, &prompt, 0, &[3, 4], last);
-    again.sampling = Some(greedy);
+    again.sampling = Some(greedy.clone());
     let r = h.step(vec![again]).unwrap();
     let x = r.logits[0].sampled.clone().expect("a sampled token");
     assert!(r.logits[0].logits_f32.is_empty());
@@ -233,4 +272,16 @@ fn bad_requests_are_errors_and_steps_match_one_process() {
     assert!(x
         .logprob
         .is_some_and(|l| l <= 0.0 && (l - x.top_logprobs[0]).abs() < 1e-6));
+    // logit_bias moves the choice; the logprobs stay the model's.
+    let forced = (x.token + 1) % 256;
+    let mut biased = seq(11, &prompt, 0, &[5, 6], last);
+    biased.sampling = Some(pb::Sampling {
+        bias_tokens: vec![forced],
+        bias_values: vec![100.0],
+        ..greedy
+    });
+    let r = h.step(vec![biased]).unwrap();
+    let y = r.logits[0].sampled.clone().expect("a sampled token");
+    assert_eq!(y.token, forced);
+    assert_eq!(y.top_ids, x.top_ids, "the alternatives are the model's");
 }

@@ -91,6 +91,7 @@ async fn run(
         prompt,
         max_tokens,
         sampling: p.common.sampling,
+        adjust: p.common.adjust.clone(),
         stop,
         logprobs: p.logprobs,
         ignore_eos: p.common.ignore_eos,

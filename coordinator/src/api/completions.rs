@@ -45,6 +45,7 @@ async fn run(
         prompt,
         max_tokens: p.max_tokens,
         sampling: p.common.sampling,
+        adjust: p.common.adjust.clone(),
         stop: p.common.stop.clone(),
         logprobs: p.logprobs,
         ignore_eos: p.common.ignore_eos,

@@ -28,9 +28,11 @@
 //! fresh random one), `stop` (a string or up to 4 non-empty strings), completions
 //! `logprobs` (0..=20) and `echo`, chat `logprobs` (bool) and `top_logprobs` (0..=20, needs
 //! `logprobs: true`), `stream`, `stream_options.include_usage` (default true: streams end with
-//! a usage chunk). Accepted only at their neutral value: `n` and `best_of` (1),
-//! `presence_penalty` and `frequency_penalty` (0), `logit_bias` (null or `{}`), `suffix`
-//! (null or ""). `user` is ignored. Any other field is refused, naming it.
+//! a usage chunk; only with `stream: true`), `presence_penalty` and `frequency_penalty`
+//! (-2..=2, on the tokens generated so far) and `logit_bias` (`{"token id": -100..=100}`, at
+//! most 1024; log-probabilities stay the model's). Accepted only at their neutral value: `n`
+//! and `best_of` (1), `suffix` (null or ""). `user` is ignored. Any other field is refused,
+//! naming it.
 //!
 //! Every error is `{"error":{"message","type","param","code"}}` with `param` naming the field
 //! at fault: 400 for bad JSON, invalid UTF-8, wrong types, bad values and prompts that do not

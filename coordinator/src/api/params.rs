@@ -6,7 +6,7 @@ use super::error::ApiError;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
 use futures_util::StreamExt;
-use grok_shared::sampling::SamplingParams;
+use grok_shared::sampling::{LogitAdjust, SamplingParams, MAX_LOGIT_BIAS};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -191,6 +191,7 @@ pub struct Common {
     /// turns it off).
     pub include_usage: bool,
     pub sampling: SamplingParams,
+    pub adjust: LogitAdjust,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
 }
@@ -246,49 +247,94 @@ fn check_model(model: Option<&str>, served: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Fields the OpenAI API has but this server supports only at their neutral value.
-struct Neutral<'a> {
-    n: Option<i64>,
-    presence_penalty: Option<f64>,
-    frequency_penalty: Option<f64>,
-    logit_bias: Option<&'a Map<String, Value>>,
-}
-
-fn check_neutral(f: Neutral<'_>) -> Result<(), ApiError> {
-    if f.n.is_some_and(|n| n != 1) {
+/// `n`: the OpenAI API has it, this server supports only 1.
+fn check_n(n: Option<i64>) -> Result<(), ApiError> {
+    if n.is_some_and(|n| n != 1) {
         return Err(ApiError::field(
             "n",
             "only n = 1 is supported: send one request per choice",
         ));
     }
-    for (name, v) in [
-        ("presence_penalty", f.presence_penalty),
-        ("frequency_penalty", f.frequency_penalty),
-    ] {
-        if v.is_some_and(|v| v != 0.0) {
-            return Err(ApiError::field(
-                name,
-                format!("{name} is not supported (only 0)"),
-            ));
-        }
-    }
-    if f.logit_bias.is_some_and(|m| !m.is_empty()) {
-        return Err(ApiError::field(
-            "logit_bias",
-            "logit_bias is not supported (only null or {})",
-        ));
-    }
     Ok(())
 }
 
-struct SamplingFields {
+/// `presence_penalty` and `frequency_penalty` (each in [-2, 2]) and `logit_bias`
+/// (`{"token id": bias in [-100, 100]}`, as the OpenAI API takes them); whether the ids are
+/// in the vocabulary is checked when the request is submitted.
+fn adjust(f: &SamplingFields) -> Result<LogitAdjust, ApiError> {
+    let mut a = LogitAdjust::default();
+    for (name, v, slot) in [
+        (
+            "presence_penalty",
+            f.presence_penalty,
+            &mut a.presence_penalty,
+        ),
+        (
+            "frequency_penalty",
+            f.frequency_penalty,
+            &mut a.frequency_penalty,
+        ),
+    ] {
+        let v = v.unwrap_or(0.0);
+        if !(-2.0..=2.0).contains(&v) {
+            return Err(ApiError::field(
+                name,
+                format!("{name} must be between -2 and 2, got {v}"),
+            ));
+        }
+        *slot = v as f32;
+    }
+    let Some(map) = f.logit_bias else {
+        return Ok(a);
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(ApiError::field(
+            "logit_bias",
+            format!(
+                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS} are accepted",
+                map.len()
+            ),
+        ));
+    }
+    for (key, v) in map {
+        let param = format!("logit_bias.{key}");
+        let token: u32 = key.parse().map_err(|_| {
+            ApiError::field(
+                &param,
+                format!("logit_bias keys must be token ids (\"1234\"), got {key:?}"),
+            )
+        })?;
+        let bias = v
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                ApiError::field(
+                    &param,
+                    format!("a logit bias must be a number between -100 and 100, got {v}"),
+                )
+            })?;
+        if a.bias.iter().any(|&(t, _)| t == token) {
+            return Err(ApiError::field(
+                &param,
+                format!("token {token} is given twice in logit_bias"),
+            ));
+        }
+        a.bias.push((token, bias as f32));
+    }
+    Ok(a)
+}
+
+struct SamplingFields<'a> {
     temperature: Option<f64>,
     top_p: Option<f64>,
     top_k: Option<i64>,
     seed: Option<u64>,
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
+    logit_bias: Option<&'a Map<String, Value>>,
 }
 
-fn sampling(f: SamplingFields) -> Result<SamplingParams, ApiError> {
+fn sampling(f: &SamplingFields<'_>) -> Result<SamplingParams, ApiError> {
     let temperature = f.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::field(
@@ -383,7 +429,7 @@ fn kind(v: &Value) -> &'static str {
 fn common(
     stream: Option<bool>,
     stream_options: Option<&StreamOptions>,
-    sampling_fields: SamplingFields,
+    sampling_fields: SamplingFields<'_>,
     stop: Option<&Value>,
     ignore_eos: Option<bool>,
 ) -> Result<Common, ApiError> {
@@ -399,7 +445,8 @@ fn common(
     Ok(Common {
         stream,
         include_usage: stream_options.and_then(|o| o.include_usage).unwrap_or(true),
-        sampling: sampling(sampling_fields)?,
+        sampling: sampling(&sampling_fields)?,
+        adjust: adjust(&sampling_fields)?,
         stop: stops(stop)?,
         ignore_eos: ignore_eos.unwrap_or(false),
     })
@@ -412,12 +459,7 @@ impl CompletionBody {
             None => return Err(ApiError::field("prompt", "you must provide a prompt")),
             Some(v) => prompt(v)?,
         };
-        check_neutral(Neutral {
-            n: self.n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            logit_bias: self.logit_bias.as_ref(),
-        })?;
+        check_n(self.n)?;
         if self.best_of.is_some_and(|b| b != 1) {
             return Err(ApiError::field("best_of", "only best_of = 1 is supported"));
         }
@@ -450,6 +492,9 @@ impl CompletionBody {
                     top_p: self.top_p,
                     top_k: self.top_k,
                     seed: self.seed,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    logit_bias: self.logit_bias.as_ref(),
                 },
                 self.stop.as_ref(),
                 self.ignore_eos,
@@ -537,12 +582,7 @@ impl ChatBody {
                 .map(|(i, m)| m.validate(i))
                 .collect::<Result<Vec<_>, _>>()?,
         };
-        check_neutral(Neutral {
-            n: self.n,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            logit_bias: self.logit_bias.as_ref(),
-        })?;
+        check_n(self.n)?;
         // `max_completion_tokens` is the current name, `max_tokens` the deprecated one.
         let (param, asked) = match (self.max_completion_tokens, self.max_tokens) {
             (Some(n), _) => ("max_completion_tokens", Some(n)),
@@ -579,6 +619,9 @@ impl ChatBody {
                     top_p: self.top_p,
                     top_k: self.top_k,
                     seed: self.seed,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    logit_bias: self.logit_bias.as_ref(),
                 },
                 self.stop.as_ref(),
                 self.ignore_eos,

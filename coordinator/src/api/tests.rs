@@ -562,25 +562,66 @@ async fn malformed_bodies_get_their_status_and_param() {
             None,
         ),
         (
-            "presence_penalty",
+            "presence_penalty above 2",
             c,
-            json!({"model":"grok-1","prompt":"a","presence_penalty":0.5}),
+            json!({"model":"grok-1","prompt":"a","presence_penalty":2.5}),
             400,
             Some("presence_penalty"),
             None,
         ),
         (
-            "frequency_penalty",
-            c,
-            json!({"model":"grok-1","prompt":"a","frequency_penalty":1}),
+            "chat: frequency_penalty below -2",
+            chat,
+            json!({"model":"grok-1","messages":[{"role":"user","content":"hi"}],
+                   "frequency_penalty":-3}),
             400,
             Some("frequency_penalty"),
             None,
         ),
         (
-            "logit_bias",
+            "logit_bias key not a token id",
             c,
-            json!({"model":"grok-1","prompt":"a","logit_bias":{"5":1}}),
+            json!({"model":"grok-1","prompt":"a","logit_bias":{"x":1}}),
+            400,
+            Some("logit_bias.x"),
+            None,
+        ),
+        (
+            "logit_bias beyond 100",
+            c,
+            json!({"model":"grok-1","prompt":"a","logit_bias":{"5":101}}),
+            400,
+            Some("logit_bias.5"),
+            None,
+        ),
+        (
+            "logit_bias not a number",
+            c,
+            json!({"model":"grok-1","prompt":"a","logit_bias":{"5":"up"}}),
+            400,
+            Some("logit_bias.5"),
+            None,
+        ),
+        (
+            "logit_bias token given twice",
+            c,
+            json!({"model":"grok-1","prompt":"a","logit_bias":{"5":1,"05":2}}),
+            400,
+            Some("logit_bias.5"),
+            None,
+        ),
+        (
+            "logit_bias token outside the vocabulary",
+            c,
+            json!({"model":"grok-1","prompt":"a","logit_bias":{"999999999":1}}),
+            400,
+            Some("logit_bias.999999999"),
+            None,
+        ),
+        (
+            "logit_bias not an object",
+            c,
+            json!({"model":"grok-1","prompt":"a","logit_bias":[1]}),
             400,
             Some("logit_bias"),
             None,
@@ -924,6 +965,7 @@ async fn completion_collects_text_finish_and_usage() {
     let sub = server.submission().await;
     assert_eq!(sub.request.prompt, tokenizer().encode("Hi"));
     assert_eq!(sub.request.sampling.temperature, 1.0);
+    assert!(sub.request.adjust.is_neutral());
     sub.events.send(text(" there")).expect("send");
     sub.events.send(text(",")).expect("send");
     sub.events
@@ -1593,4 +1635,34 @@ async fn a_client_that_stalls_is_cut_off_at_the_client_timeout() {
     );
     // None of this kept the server from answering.
     assert_eq!(call(s.addr, "GET", "/health", &[], b"").await.status, 200);
+}
+
+#[tokio::test]
+async fn penalties_and_logit_bias_reach_the_scheduler() {
+    let mut server = start(Options::default()).await;
+    let body = json!({"model":"grok-1","messages":[{"role":"user","content":"hi"}],
+                      "presence_penalty":0.5,"frequency_penalty":-1.25,
+                      "logit_bias":{"17":-100,"4":2.5}});
+    let s = send(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    let sub = server.submission().await;
+    let a = &sub.request.adjust;
+    assert_eq!((a.presence_penalty, a.frequency_penalty), (0.5, -1.25));
+    let mut bias = a.bias.clone();
+    bias.sort_by_key(|b| b.0);
+    assert_eq!(bias, vec![(4, 2.5), (17, -100.0)]);
+    assert!(
+        a.counts.is_empty(),
+        "the scheduler counts the generated tokens"
+    );
+    sub.events
+        .send(done(FinishReason::Length, 1, 0))
+        .expect("send");
+    assert_eq!(read_reply(s).await.status, 200);
 }

@@ -135,7 +135,7 @@ impl StepBackend for LocalBackend {
             drop(batch);
             let out = result.map_err(|e| e.to_string()).and_then(|o| {
                 let rows = o.logits.unwrap_or_default();
-                let specs: Vec<_> = work.iter().map(|w| w.sample).collect();
+                let specs: Vec<_> = work.iter().map(|w| w.sample.clone()).collect();
                 let sampled = sample_last_rows(&rows, &specs, vocab)
                     .map_err(|(i, e)| format!("sequence {}: {e}", work[i].seq_id))?;
                 let mut out = StepOutput {

@@ -41,6 +41,8 @@ pub(super) struct Sequence {
     /// to. Until a step reaches it, the scheduler runs the sequence alone, to learn whether
     /// it is the cause.
     pub suspect_until: Option<usize>,
+    /// Times each generated token was generated, for the penalties.
+    counts: std::collections::BTreeMap<u32, u32>,
     /// Counts the request as live until this sequence is dropped.
     _live: Live,
 }
@@ -74,6 +76,7 @@ impl Sequence {
             failed_steps: 0,
             failed_alone: 0,
             suspect_until: None,
+            counts: Default::default(),
             _live: sub.live,
         }
     }
@@ -153,10 +156,15 @@ impl Sequence {
 
     /// How the workers should choose this sequence's next token.
     pub fn sample_spec(&self) -> SampleSpec {
+        let mut adjust = self.req.adjust.clone();
+        if adjust.presence_penalty != 0.0 || adjust.frequency_penalty != 0.0 {
+            adjust.counts = self.counts.iter().map(|(&t, &n)| (t, n)).collect();
+        }
         SampleSpec {
             params: self.req.sampling,
             rng_state: self.rng_state,
             logprobs: self.req.logprobs,
+            adjust,
         }
     }
 
@@ -178,6 +186,7 @@ impl Sequence {
             top: with_texts(tok, x.top),
         };
         self.generated.push(id);
+        *self.counts.entry(id).or_insert(0) += 1;
         self.first_token.get_or_insert(now);
         self.prev_token = self.last_token.replace(now);
         if Some(id) == eos && !self.req.ignore_eos {
@@ -240,6 +249,7 @@ mod tests {
                 prompt: vec![5, 6],
                 max_tokens: 2,
                 sampling: SamplingParams::default(),
+                adjust: Default::default(),
                 stop: Vec::new(),
                 logprobs: None,
                 ignore_eos,

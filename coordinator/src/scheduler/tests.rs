@@ -29,6 +29,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, temperature: f32, seed: u64) -> 
             top_p: 1.0,
             seed,
         },
+        adjust: Default::default(),
         stop: Vec::new(),
         logprobs: None,
         ignore_eos: false,
@@ -576,5 +577,43 @@ async fn draining_refuses_new_requests_and_lets_the_live_ones_finish() {
         assert!(Instant::now() < deadline, "{} still live", h.live());
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    run.end().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn penalties_count_every_generated_token_and_bias_applies() {
+    let adjust = grok_shared::sampling::LogitAdjust {
+        presence_penalty: 0.7,
+        frequency_penalty: 0.9,
+        counts: Vec::new(),
+        bias: vec![(9, 1.5), (40, -3.0)],
+    };
+    let prompt = vec![5, 6, 7, 8];
+    let want = grok_shared::test_support::tiny_a_greedy_adjusted(&prompt, 24, &adjust);
+    let plain = grok_shared::test_support::tiny_a_greedy_adjusted(&prompt, 24, &Default::default());
+    assert_ne!(want, plain, "the adjustments must change this continuation");
+    // Preemption on a small pool makes the scheduler recompute: the counts must survive it.
+    let run = start_with(12, 4, SchedulerConfig::default());
+    let mut req = request(prompt.clone(), 24, 0.0, 0);
+    req.ignore_eos = true;
+    req.adjust = adjust;
+    let rx = run.handle.submit(req).unwrap();
+    let others: Vec<_> = (0..2)
+        .map(|i| {
+            run.handle
+                .submit(request(vec![9 + i, 10, 11], 24, 0.0, 0))
+                .unwrap()
+        })
+        .collect();
+    let (ids, _, end) = collect(rx).await;
+    for rx in others {
+        collect(rx).await;
+    }
+    assert!(matches!(end, Event::Done { .. }), "{end:?}");
+    assert_eq!(ids, want);
+    assert!(
+        run.handle.metrics().preemptions.get() > 0,
+        "no preemption happened"
+    );
     run.end().await;
 }
