@@ -58,7 +58,8 @@ async fn complete(c: &reqwest::Client, s: &Server, body: Value) -> (u16, Value) 
 }
 
 /// A streamed completion's text, finish reason and usage, read from its SSE events.
-async fn stream_text(c: &reqwest::Client, s: &Server, mut body: Value) -> (String, String, Value) {
+/// Sends a completion with `stream: true`; the answer must be a 200.
+async fn open_stream(c: &reqwest::Client, s: &Server, mut body: Value) -> reqwest::Response {
     body["stream"] = json!(true);
     let r = c
         .post(s.url("/v1/completions"))
@@ -67,7 +68,11 @@ async fn stream_text(c: &reqwest::Client, s: &Server, mut body: Value) -> (Strin
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let raw = r.text().await.unwrap();
+    r
+}
+
+async fn stream_text(c: &reqwest::Client, s: &Server, body: Value) -> (String, String, Value) {
+    let raw = open_stream(c, s, body).await.text().await.unwrap();
     let (mut text, mut finish, mut usage) = (String::new(), String::new(), Value::Null);
     let mut done = false;
     for ev in raw.split("\n\n").filter(|e| !e.trim().is_empty()) {
@@ -535,14 +540,8 @@ fn a_stop_signal_lets_the_requests_in_flight_finish() {
         let mut streams = Vec::new();
         for i in 0..3 {
             let body = json!({"model": "tiny-a", "prompt": prompt(i), "max_tokens": 180,
-                              "ignore_eos": true, "stream": true});
-            let mut r = c
-                .post(s.url("/v1/completions"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
+                              "ignore_eos": true});
+            let mut r = open_stream(&c, &s, body).await;
             // Its first token is out: the request is in flight when the signal comes.
             let first = r.chunk().await.unwrap().expect("a first chunk");
             streams.push((r, String::from_utf8_lossy(&first).into_owned()));

@@ -53,13 +53,7 @@ async fn run(
     arrived: Instant,
     outcome: Option<Outcome>,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(
-        headers,
-        body,
-        state.config().max_body_bytes,
-        state.config().client_timeout,
-    )
-    .await?;
+    let bytes = read_body(headers, body, state.config()).await?;
     let p = parse_json::<ChatBody>(&bytes)?.validate(&state.config().model_name)?;
     let prompt = state.encode(render(&p.messages)).await?;
     let context = state.scheduler().context_len();

@@ -29,13 +29,7 @@ async fn run(
     arrived: Instant,
     outcome: Option<Outcome>,
 ) -> Result<Response, ApiError> {
-    let bytes = read_body(
-        headers,
-        body,
-        state.config().max_body_bytes,
-        state.config().client_timeout,
-    )
-    .await?;
+    let bytes = read_body(headers, body, state.config()).await?;
     let p = parse_json::<CompletionBody>(&bytes)?.validate(&state.config().model_name)?;
     let prompt = match p.prompt {
         Prompt::Text(text) => state.encode(text).await?,

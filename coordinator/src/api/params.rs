@@ -3,6 +3,7 @@
 //! the field at fault in the error's `param`.
 
 use super::error::ApiError;
+use super::ApiConfig;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
 use futures_util::StreamExt;
@@ -12,7 +13,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 /// Most `stop` strings a request may give (as in the OpenAI API).
 pub const MAX_STOP: usize = 4;
@@ -21,17 +21,17 @@ pub const MAX_LOGPROBS: i64 = 20;
 /// `max_tokens` of a completion that does not say.
 pub const DEFAULT_COMPLETION_TOKENS: usize = 16;
 
-/// Reads the whole body within `deadline` (408 after: a client trickling bytes must not hold
-/// a connection forever), refusing (413) more than `limit` bytes: early from
+/// Reads the whole body within the client timeout (408 after: a client trickling bytes must
+/// not hold a connection forever), refusing (413) more than `max_body_bytes`: early from
 /// `Content-Length`, else as soon as the received chunks pass it, so an over-long body is
 /// never held whole.
 pub async fn read_body(
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
-    deadline: Duration,
+    cfg: &ApiConfig,
 ) -> Result<Bytes, ApiError> {
-    tokio::time::timeout(deadline, read_body_to(headers, body, limit))
+    let deadline = cfg.client_timeout;
+    tokio::time::timeout(deadline, read_body_to(headers, body, cfg.max_body_bytes))
         .await
         .unwrap_or_else(|_| {
             Err(ApiError::invalid(

@@ -166,6 +166,11 @@ async fn send(
     s
 }
 
+/// POSTs `body` and returns the connection, for a test to answer the submission first.
+async fn send_json(addr: SocketAddr, path: &str, body: &Value) -> TcpStream {
+    send(addr, "POST", path, &[], body.to_string().as_bytes()).await
+}
+
 async fn read_reply(mut s: TcpStream) -> Reply {
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
@@ -844,14 +849,7 @@ async fn streamed_completion_sends_each_event_at_once_then_usage_and_done() {
     let body = json!({"model":"grok-1","prompt":"The answer","max_tokens":5,"stream":true,
                       "temperature":0.5,"top_p":0.9,"top_k":-1,"seed":7,"stop":"\n",
                       "ignore_eos":true});
-    let mut s = send(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let mut s = send_json(server.addr, "/v1/completions", &body).await;
     let sub = server.submission().await;
     let r = &sub.request;
     assert_eq!(r.prompt, tokenizer().encode("The answer"));
@@ -928,14 +926,7 @@ async fn include_usage_false_omits_the_usage_chunk() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","prompt":[5,6,7],"stream":true,
                       "stream_options":{"include_usage":false}});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/completions", &body).await;
     let sub = server.submission().await;
     assert_eq!(sub.request.prompt, vec![5, 6, 7]);
     assert_eq!(sub.request.max_tokens, 16);
@@ -954,14 +945,7 @@ async fn completion_collects_text_finish_and_usage() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","prompt":["Hi"],"max_tokens":null,"user":"u1",
                       "n":1,"best_of":1,"presence_penalty":0,"logit_bias":{},"suffix":null});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/completions", &body).await;
     let sub = server.submission().await;
     assert_eq!(sub.request.prompt, tokenizer().encode("Hi"));
     assert_eq!(sub.request.sampling.temperature, 1.0);
@@ -991,14 +975,7 @@ async fn unseeded_requests_get_different_seeds() {
     let mut seeds = Vec::new();
     for _ in 0..2 {
         let body = json!({"model":"grok-1","prompt":"a"});
-        let _s = send(
-            server.addr,
-            "POST",
-            "/v1/completions",
-            &[],
-            body.to_string().as_bytes(),
-        )
-        .await;
+        let _s = send_json(server.addr, "/v1/completions", &body).await;
         seeds.push(server.submission().await.request.sampling.seed);
     }
     assert_ne!(seeds[0], seeds[1]);
@@ -1008,14 +985,7 @@ async fn unseeded_requests_get_different_seeds() {
 async fn echo_with_logprobs_has_prompt_and_completion_tokens() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","prompt":"Hi you","echo":true,"logprobs":1,"max_tokens":1});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/completions", &body).await;
     let sub = server.submission().await;
     assert!(sub.request.echo);
     assert_eq!(sub.request.logprobs, Some(1));
@@ -1062,14 +1032,7 @@ async fn echo_with_logprobs_has_prompt_and_completion_tokens() {
 async fn streamed_echo_with_logprobs_continues_text_offsets() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","prompt":"Hi","echo":true,"logprobs":0,"stream":true});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/completions", &body).await;
     let sub = server.submission().await;
     sub.events
         .send(Event::Prompt {
@@ -1117,14 +1080,7 @@ async fn chat_stream_has_role_then_deltas_then_finish_usage_done() {
         {"role":"assistant","content":"Hello."},
         {"role":"user","content":"Bye"}
     ]});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/chat/completions", &body).await;
     let sub = server.submission().await;
     let template =
         "System: Be brief.\n\nUser: Hi there\n\nAssistant: Hello.\n\nUser: Bye\n\nAssistant:";
@@ -1182,14 +1138,7 @@ async fn chat_response_with_logprobs() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","logprobs":true,"top_logprobs":1,"max_completion_tokens":4,
                       "messages":[{"role":"user","content":"Hi"}]});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/chat/completions", &body).await;
     let sub = server.submission().await;
     assert_eq!(sub.request.max_tokens, 4);
     assert_eq!(sub.request.logprobs, Some(1));
@@ -1258,14 +1207,7 @@ async fn an_error_event_fails_the_request() {
 
     // Stream: the error object as the last event, no [DONE].
     let body = json!({"model":"grok-1","messages":[{"role":"user","content":"a"}],"stream":true});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/chat/completions", &body).await;
     let sub = server.submission().await;
     sub.events.send(text("x")).expect("send");
     sub.events
@@ -1493,14 +1435,7 @@ async fn closes_in_time(sub: &Submission) {
 async fn a_dropped_stream_drops_the_receiver_and_counts_499() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","prompt":"a","stream":true});
-    let mut s = send(
-        server.addr,
-        "POST",
-        "/v1/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let mut s = send_json(server.addr, "/v1/completions", &body).await;
     let sub = server.submission().await;
     sub.events.send(text("x")).expect("send");
     let mut buf = [0u8; 1024];
@@ -1522,14 +1457,7 @@ async fn a_dropped_stream_drops_the_receiver_and_counts_499() {
 async fn a_client_leaving_a_whole_response_drops_the_receiver_and_counts_499() {
     let mut server = start(Options::default()).await;
     let body = json!({"model":"grok-1","messages":[{"role":"user","content":"a"}]});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/chat/completions", &body).await;
     let sub = server.submission().await;
     drop(s);
     closes_in_time(&sub).await;
@@ -1643,14 +1571,7 @@ async fn penalties_and_logit_bias_reach_the_scheduler() {
     let body = json!({"model":"grok-1","messages":[{"role":"user","content":"hi"}],
                       "presence_penalty":0.5,"frequency_penalty":-1.25,
                       "logit_bias":{"17":-100,"4":2.5}});
-    let s = send(
-        server.addr,
-        "POST",
-        "/v1/chat/completions",
-        &[],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let s = send_json(server.addr, "/v1/chat/completions", &body).await;
     let sub = server.submission().await;
     let a = &sub.request.adjust;
     assert_eq!((a.presence_penalty, a.frequency_penalty), (0.5, -1.25));
