@@ -2,7 +2,7 @@
 //! Both sides are validated types: the API checks every field before a request exists, the
 //! scheduler only checks what depends on the model (context length).
 
-use grok_shared::sampling::{LogitAdjust, SamplingParams};
+use grok_shared::sampling::{AdjustError, LogitAdjust, SamplingParams};
 use std::time::Instant;
 
 /// One generation request, already tokenized and validated.
@@ -102,8 +102,9 @@ pub enum SubmitError {
     EmptyPrompt,
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     BadToken { id: u32, vocab: usize },
-    #[error("logit_bias: token id {id} is outside the vocabulary (size {vocab})")]
-    BadBiasToken { id: u32, vocab: usize },
+    /// Penalties or `logit_bias` out of range, or a biased id outside the vocabulary.
+    #[error("{0}")]
+    BadAdjust(AdjustError),
     #[error("the server is shutting down")]
     ShuttingDown,
 }

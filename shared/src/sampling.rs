@@ -9,8 +9,15 @@ pub enum SamplingError {
     TopP(f32),
     #[error("logits are empty")]
     Empty,
-    #[error("{0}")]
-    Adjust(String),
+}
+
+/// Why a [`LogitAdjust`] cannot be applied, and the request field at fault as the OpenAI API
+/// names it (`logit_bias.<id>` for one entry; `counts` is a peer's, never a request's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AdjustError {
+    pub param: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -409,45 +416,60 @@ impl LogitAdjust {
         (no_penalty || self.counts.is_empty()) && self.bias.is_empty()
     }
 
-    /// Checks everything a peer or a request could get wrong, for a vocabulary of `vocab`.
-    pub fn validate(&self, vocab: usize) -> Result<(), SamplingError> {
-        let bad = |m: String| Err(SamplingError::Adjust(m));
+    /// Checks everything a request or a peer could get wrong, for a vocabulary of `vocab`:
+    /// the one check of both (the API only parses the fields).
+    pub fn validate(&self, vocab: usize) -> Result<(), AdjustError> {
+        let bad = |param: &str, message: String| {
+            Err(AdjustError {
+                param: param.to_string(),
+                message,
+            })
+        };
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
             if !(-2.0..=2.0).contains(&v) {
-                return bad(format!("{name} must be between -2 and 2, got {v}"));
+                return bad(name, format!("{name} must be between -2 and 2, got {v}"));
             }
         }
         if self.bias.len() > MAX_LOGIT_BIAS {
-            return bad(format!(
-                "logit_bias has {} entries, at most {MAX_LOGIT_BIAS} are accepted",
-                self.bias.len()
-            ));
+            return bad(
+                "logit_bias",
+                format!(
+                    "logit_bias has {} entries, at most {MAX_LOGIT_BIAS} are accepted",
+                    self.bias.len()
+                ),
+            );
         }
         let mut seen = std::collections::HashSet::new();
         for &(t, b) in &self.bias {
+            let param = format!("logit_bias.{t}");
             if t as usize >= vocab {
-                return bad(format!(
-                    "logit_bias: token {t} is not in the vocabulary of {vocab}"
-                ));
+                return bad(
+                    &param,
+                    format!("logit_bias: token {t} is not in the vocabulary of {vocab}"),
+                );
             }
             if !(-100.0..=100.0).contains(&b) {
-                return bad(format!(
-                    "logit_bias: the bias of token {t} must be between -100 and 100, got {b}"
-                ));
+                return bad(
+                    &param,
+                    format!(
+                        "logit_bias: the bias of token {t} must be between -100 and 100, got {b}"
+                    ),
+                );
             }
             if !seen.insert(t) {
-                return bad(format!("logit_bias: token {t} given twice"));
+                return bad(&param, format!("logit_bias: token {t} given twice"));
             }
         }
         seen.clear();
         for &(t, _) in &self.counts {
             if t as usize >= vocab || !seen.insert(t) {
-                return bad(format!(
-                    "penalty counts: token {t} out of the vocabulary or given twice"
-                ));
+                return bad(
+                    "counts",
+                    format!("penalty counts: token {t} out of the vocabulary or given twice"),
+                );
             }
         }
         Ok(())

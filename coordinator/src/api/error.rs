@@ -100,9 +100,7 @@ impl ApiError {
             }
             SubmitError::EmptyPrompt => Self::field(prompt_param, message),
             SubmitError::BadToken { .. } => Self::field(prompt_param, message),
-            SubmitError::BadBiasToken { id, .. } => {
-                Self::field(&format!("logit_bias.{id}"), message)
-            }
+            SubmitError::BadAdjust(e) => Self::field(&e.param, message),
             SubmitError::ShuttingDown => {
                 Self::server(StatusCode::SERVICE_UNAVAILABLE, message).with_code("shutting_down")
             }

@@ -7,7 +7,7 @@ use super::ApiConfig;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, StatusCode};
 use futures_util::StreamExt;
-use grok_shared::sampling::{LogitAdjust, SamplingParams, MAX_LOGIT_BIAS};
+use grok_shared::sampling::{LogitAdjust, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -258,45 +258,16 @@ fn check_n(n: Option<i64>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `presence_penalty` and `frequency_penalty` (each in [-2, 2]) and `logit_bias`
-/// (`{"token id": bias in [-100, 100]}`, as the OpenAI API takes them); whether the ids are
-/// in the vocabulary is checked when the request is submitted.
+/// `presence_penalty`, `frequency_penalty` and `logit_bias` (`{"token id": bias}`, as the
+/// OpenAI API takes them), parsed; their ranges, and the ids against the vocabulary, are
+/// checked when the request is submitted ([`LogitAdjust::validate`]).
 fn adjust(f: &SamplingFields) -> Result<LogitAdjust, ApiError> {
-    let mut a = LogitAdjust::default();
-    for (name, v, slot) in [
-        (
-            "presence_penalty",
-            f.presence_penalty,
-            &mut a.presence_penalty,
-        ),
-        (
-            "frequency_penalty",
-            f.frequency_penalty,
-            &mut a.frequency_penalty,
-        ),
-    ] {
-        let v = v.unwrap_or(0.0);
-        if !(-2.0..=2.0).contains(&v) {
-            return Err(ApiError::field(
-                name,
-                format!("{name} must be between -2 and 2, got {v}"),
-            ));
-        }
-        *slot = v as f32;
-    }
-    let Some(map) = f.logit_bias else {
-        return Ok(a);
+    let mut a = LogitAdjust {
+        presence_penalty: f.presence_penalty.unwrap_or(0.0) as f32,
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0) as f32,
+        ..LogitAdjust::default()
     };
-    if map.len() > MAX_LOGIT_BIAS {
-        return Err(ApiError::field(
-            "logit_bias",
-            format!(
-                "logit_bias has {} entries; at most {MAX_LOGIT_BIAS} are accepted",
-                map.len()
-            ),
-        ));
-    }
-    for (key, v) in map {
+    for (key, v) in f.logit_bias.into_iter().flatten() {
         let param = format!("logit_bias.{key}");
         let token: u32 = key.parse().map_err(|_| {
             ApiError::field(
@@ -304,21 +275,12 @@ fn adjust(f: &SamplingFields) -> Result<LogitAdjust, ApiError> {
                 format!("logit_bias keys must be token ids (\"1234\"), got {key:?}"),
             )
         })?;
-        let bias = v
-            .as_f64()
-            .filter(|b| (-100.0..=100.0).contains(b))
-            .ok_or_else(|| {
-                ApiError::field(
-                    &param,
-                    format!("a logit bias must be a number between -100 and 100, got {v}"),
-                )
-            })?;
-        if a.bias.iter().any(|&(t, _)| t == token) {
-            return Err(ApiError::field(
+        let bias = v.as_f64().ok_or_else(|| {
+            ApiError::field(
                 &param,
-                format!("token {token} is given twice in logit_bias"),
-            ));
-        }
+                format!("a logit bias must be a number between -100 and 100, got {v}"),
+            )
+        })?;
         a.bias.push((token, bias as f32));
     }
     Ok(a)

@@ -112,17 +112,10 @@ impl SchedulerHandle {
                 vocab: self.vocab,
             });
         }
-        if let Some(&(id, _)) = request
+        request
             .adjust
-            .bias
-            .iter()
-            .find(|b| b.0 as usize >= self.vocab)
-        {
-            return Err(SubmitError::BadBiasToken {
-                id,
-                vocab: self.vocab,
-            });
-        }
+            .validate(self.vocab)
+            .map_err(SubmitError::BadAdjust)?;
         if p + request.max_tokens > self.context {
             return Err(SubmitError::TooLong {
                 prompt: p,
@@ -336,8 +329,7 @@ impl<B: StepBackend> Scheduler<B> {
     fn accept(&mut self, sub: Submission) {
         self.next_id += 1;
         // The API validates sampling parameters; this is a second line of defence.
-        let valid = sub.request.sampling.validate();
-        if let Err(e) = valid.and_then(|()| sub.request.adjust.validate(self.vocab)) {
+        if let Err(e) = sub.request.sampling.validate() {
             self.inbox.queued.fetch_sub(1, Ordering::AcqRel);
             let _ = sub.events.send(Event::Error(e.to_string()));
             return;
